@@ -1,0 +1,43 @@
+# svid-bridge developer entry points. CI runs `make test` (.ci/run).
+#
+#   make peers   install the real peers the integration tests run (SPIRE, Envoy, csi-sanity)
+#                into target/peers/ (cached: a second run takes seconds)
+#   make test    peers, then formatting, clippy and every test
+#                (extra `cargo test` arguments: make test CARGO_TEST_ARGS='-- --nocapture')
+#   make demo    not yet: arrives with the SDS server (issue 4)
+#   make bench   not yet: the side-by-side benchmarks
+
+SHELL := bash
+CARGO ?= cargo
+CARGO_TEST_ARGS ?=
+
+.PHONY: all peers test fmt-check clippy cargo-test rust-components demo bench
+
+all: test
+
+peers:
+	bash tests/peers/install.sh
+
+test: peers fmt-check clippy cargo-test
+
+# rustfmt and clippy ship as rustup components; install them when a toolchain lacks them.
+rust-components:
+	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
+
+fmt-check: rust-components
+	$(CARGO) fmt --check
+
+clippy: rust-components
+	$(CARGO) clippy --all-targets -- -D warnings
+
+cargo-test:
+	$(CARGO) test $(CARGO_TEST_ARGS)
+
+demo:
+	@echo "make demo is not implemented yet: it arrives with the SDS server (issue 4)" >&2
+	@exit 1
+
+bench:
+	@echo "make bench is not implemented yet: it arrives with the benchmarks (benches/)" >&2
+	@exit 1

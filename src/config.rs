@@ -1,0 +1,569 @@
+//! Flags and environment → one validated [`Config`].
+//!
+//! Every flag also reads `SVID_BRIDGE_<FLAG>`; the defaults fit a DaemonSet installed beside
+//! the SPIRE Helm chart. Validation is pure (it only looks at the filesystem), so tests build
+//! a [`RunArgs`] by hand and never touch the process environment.
+
+use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
+
+use clap::{Args, ValueEnum};
+
+/// The SPIRE agent socket the SPIRE Helm chart shares with workloads.
+pub const DEFAULT_AGENT_SOCKET: &str = "/run/spire/agent-sockets/spire-agent.sock";
+/// Where the SPIRE agent's admin API (Delegated Identity) listens.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/spire/admin-sockets/admin.sock";
+/// The bridge's SDS socket: file name `socket` so an Istio sidecar finds it in the mounted
+/// `workload-spiffe-uds` directory (envoy-and-istio.md I1).
+pub const DEFAULT_SDS_SOCKET: &str = "/run/spire/agent-sockets/socket";
+pub const DEFAULT_CSI_SOCKET: &str = "/var/lib/kubelet/plugins/csi.spiffe.io/csi.sock";
+pub const DEFAULT_KUBELET_ROOT: &str = "/var/lib/kubelet";
+pub const DEFAULT_PLUGIN_NAME: &str = "csi.spiffe.io";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("{flag} must be an absolute path, got {path:?}")]
+    RelativePath { flag: &'static str, path: PathBuf },
+    #[error("{flag}: directory {dir:?} does not exist")]
+    MissingDirectory { flag: &'static str, dir: PathBuf },
+    #[error("{flag}: {path:?} exists but is not a directory")]
+    NotADirectory { flag: &'static str, path: PathBuf },
+    #[error(
+        "node ID is required when the CSI plugin is on: set --node-id, or the environment \
+         variable named by --node-id-env ({env_var}), or turn CSI off with --csi-socket ''"
+    )]
+    MissingNodeId { env_var: String },
+    #[error("{flag} must not be empty")]
+    EmptyName { flag: &'static str },
+    #[error(
+        "--csi-plugin-name {0:?} is not a valid CSI driver name (at most 63 characters of \
+         letters, digits, '-', '.' and '_', starting and ending with a letter)"
+    )]
+    BadPluginName(String),
+    #[error("secret names must differ: {first} and {second} are both {name:?}")]
+    DuplicateSecretName { first: &'static str, second: &'static str, name: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum IdentitySourceKind {
+    /// Each Envoy gets its own workload's SVIDs through the agent's Delegated Identity API.
+    #[default]
+    Delegated,
+    /// The bridge serves its own SVIDs from the Workload API (sidecar or VM deployment).
+    WorkloadApi,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `svid-bridge run` flags. Field docs are the `--help` text.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Where SVIDs come from.
+    #[arg(long, value_enum, default_value_t, env = "SVID_BRIDGE_IDENTITY_SOURCE")]
+    pub identity_source: IdentitySourceKind,
+
+    /// SPIRE agent admin socket (Delegated Identity API).
+    #[arg(long, default_value = DEFAULT_ADMIN_SOCKET, env = "SVID_BRIDGE_ADMIN_SOCKET")]
+    pub admin_socket: PathBuf,
+
+    /// SPIRE agent Workload API socket; also read from SPIFFE_ENDPOINT_SOCKET (unix:// form).
+    #[arg(long, env = "SVID_BRIDGE_AGENT_SOCKET")]
+    pub agent_socket: Option<PathBuf>,
+
+    /// Where Envoy connects for SDS.
+    #[arg(long, default_value = DEFAULT_SDS_SOCKET, env = "SVID_BRIDGE_SDS_SOCKET")]
+    pub sds_socket: PathBuf,
+
+    /// CSI endpoint; an empty value turns the CSI plugin off.
+    #[arg(
+        long,
+        alias = "csi-socket-path",
+        default_value = DEFAULT_CSI_SOCKET,
+        env = "SVID_BRIDGE_CSI_SOCKET"
+    )]
+    pub csi_socket: String,
+
+    /// CSI driver name, as in the pod spec's `csi.driver`.
+    #[arg(
+        long,
+        alias = "plugin-name",
+        default_value = DEFAULT_PLUGIN_NAME,
+        env = "SVID_BRIDGE_CSI_PLUGIN_NAME"
+    )]
+    pub csi_plugin_name: String,
+
+    /// Directory bind-mounted into pods; default: the directory of --sds-socket.
+    #[arg(long, alias = "workload-api-socket-dir", env = "SVID_BRIDGE_CSI_MOUNT_DIR")]
+    pub csi_mount_dir: Option<PathBuf>,
+
+    /// CSI node ID; default: the value of the variable named by --node-id-env.
+    #[arg(long, env = "SVID_BRIDGE_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Environment variable holding the node ID.
+    #[arg(long, default_value = "MY_NODE_NAME", env = "SVID_BRIDGE_NODE_ID_ENV")]
+    pub node_id_env: String,
+
+    /// Kubelet root directory (registration under plugins_registry/, targets under pods/).
+    #[arg(long, default_value = DEFAULT_KUBELET_ROOT, env = "SVID_BRIDGE_KUBELET_ROOT")]
+    pub kubelet_root: PathBuf,
+
+    /// SDS name of the workload's default X.509-SVID.
+    #[arg(long, default_value = "default", env = "SVID_BRIDGE_DEFAULT_SVID_NAME")]
+    pub default_svid_name: String,
+
+    /// SDS name of the workload's own trust domain bundle.
+    #[arg(long, default_value = "ROOTCA", env = "SVID_BRIDGE_DEFAULT_BUNDLE_NAME")]
+    pub default_bundle_name: String,
+
+    /// SDS name of all bundles the workload may see.
+    #[arg(long, default_value = "ALL", env = "SVID_BRIDGE_DEFAULT_ALL_BUNDLES_NAME")]
+    pub default_all_bundles_name: String,
+
+    /// Serve `trusted_ca` instead of Envoy's SPIFFE certificate validator.
+    #[arg(long, env = "SVID_BRIDGE_DISABLE_SPIFFE_CERT_VALIDATION")]
+    pub disable_spiffe_cert_validation: bool,
+
+    /// Prometheus metrics listen address; empty turns it off.
+    #[arg(long, default_value = "0.0.0.0:9988", env = "SVID_BRIDGE_METRICS_ADDR")]
+    pub metrics_addr: String,
+
+    /// Health endpoints (/healthz, /readyz) listen address; empty turns it off.
+    #[arg(long, default_value = "127.0.0.1:9989", env = "SVID_BRIDGE_HEALTH_ADDR")]
+    pub health_addr: String,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t, env = "SVID_BRIDGE_LOG_FORMAT", global = true)]
+    pub log_format: LogFormat,
+
+    /// Log filter (a level, or RUST_LOG-style directives); RUST_LOG wins when set.
+    #[arg(long, default_value = "info", env = "SVID_BRIDGE_LOG_LEVEL", global = true)]
+    pub log_level: String,
+}
+
+/// The validated configuration `svid-bridge run` works from.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub identity_source: IdentitySourceKind,
+    pub admin_socket: PathBuf,
+    pub agent_socket: PathBuf,
+    pub sds: SdsConfig,
+    pub csi: Option<CsiConfig>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub health_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SdsConfig {
+    pub socket: PathBuf,
+    pub default_svid_name: String,
+    pub default_bundle_name: String,
+    pub default_all_bundles_name: String,
+    pub disable_spiffe_cert_validation: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct CsiConfig {
+    pub socket: PathBuf,
+    pub plugin_name: String,
+    pub mount_dir: PathBuf,
+    pub node_id: String,
+    pub kubelet_root: PathBuf,
+}
+
+impl CsiConfig {
+    /// `<kubelet-root>/plugins_registry/<plugin-name>-reg.sock`, where the kubelet's plugin
+    /// watcher looks (csi.md §6).
+    pub fn registration_socket(&self) -> PathBuf {
+        self.kubelet_root
+            .join("plugins_registry")
+            .join(format!("{}-reg.sock", self.plugin_name))
+    }
+
+    /// Publish targets must live under here (csi.md R-4).
+    pub fn pods_dir(&self) -> PathBuf {
+        self.kubelet_root.join("pods")
+    }
+}
+
+/// What validation needs from the process environment, so tests can supply their own.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl RunArgs {
+    pub fn validate(&self, env: &dyn Env) -> Result<Config, ConfigError> {
+        let sds_socket = absolute_socket("--sds-socket", &self.sds_socket)?;
+        let agent_socket = self.resolve_agent_socket(env)?;
+        let admin_socket = absolute("--admin-socket", &self.admin_socket)?;
+        let sds = SdsConfig {
+            socket: sds_socket,
+            default_svid_name: non_empty("--default-svid-name", &self.default_svid_name)?,
+            default_bundle_name: non_empty("--default-bundle-name", &self.default_bundle_name)?,
+            default_all_bundles_name: non_empty(
+                "--default-all-bundles-name",
+                &self.default_all_bundles_name,
+            )?,
+            disable_spiffe_cert_validation: self.disable_spiffe_cert_validation,
+        };
+        distinct_names(&sds)?;
+        let csi = self.validate_csi(&sds.socket, env)?;
+        Ok(Config {
+            identity_source: self.identity_source,
+            admin_socket,
+            agent_socket,
+            sds,
+            csi,
+            metrics_addr: optional_addr(&self.metrics_addr)?,
+            health_addr: optional_addr(&self.health_addr)?,
+        })
+    }
+
+    fn resolve_agent_socket(&self, env: &dyn Env) -> Result<PathBuf, ConfigError> {
+        let from_env = env
+            .var("SPIFFE_ENDPOINT_SOCKET")
+            .map(|v| PathBuf::from(v.strip_prefix("unix://").unwrap_or(&v)));
+        let path = self
+            .agent_socket
+            .clone()
+            .or(from_env)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_AGENT_SOCKET));
+        absolute("--agent-socket", &path)
+    }
+
+    fn validate_csi(&self, sds_socket: &Path, env: &dyn Env) -> Result<Option<CsiConfig>, ConfigError> {
+        if self.csi_socket.is_empty() {
+            return Ok(None);
+        }
+        let socket = absolute_socket("--csi-socket", Path::new(&self.csi_socket))?;
+        let plugin_name = self.csi_plugin_name.clone();
+        if !is_valid_plugin_name(&plugin_name) {
+            return Err(ConfigError::BadPluginName(plugin_name));
+        }
+        let mount_dir = match &self.csi_mount_dir {
+            Some(dir) => existing_dir("--csi-mount-dir", &absolute("--csi-mount-dir", dir)?)?,
+            None => parent_dir(sds_socket),
+        };
+        let kubelet_root = existing_dir("--kubelet-root", &absolute("--kubelet-root", &self.kubelet_root)?)?;
+        let node_id = self
+            .node_id
+            .clone()
+            .filter(|id| !id.is_empty())
+            .or_else(|| env.var(&self.node_id_env).filter(|id| !id.is_empty()))
+            .ok_or_else(|| ConfigError::MissingNodeId { env_var: self.node_id_env.clone() })?;
+        Ok(Some(CsiConfig { socket, plugin_name, mount_dir, node_id, kubelet_root }))
+    }
+}
+
+/// GetPluginInfo's name rule as csi-sanity checks it (csi.md §7): starts and ends with a
+/// letter, at most 63 characters.
+pub fn is_valid_plugin_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    let (Some(first), Some(last)) = (bytes.first(), bytes.last()) else {
+        return false;
+    };
+    bytes.len() <= 63
+        && first.is_ascii_alphabetic()
+        && last.is_ascii_alphabetic()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+}
+
+fn absolute(flag: &'static str, path: &Path) -> Result<PathBuf, ConfigError> {
+    if path.is_absolute() {
+        Ok(normalize(path))
+    } else {
+        Err(ConfigError::RelativePath { flag, path: path.to_path_buf() })
+    }
+}
+
+/// An absolute socket path whose directory exists; the socket file itself is (re)created.
+fn absolute_socket(flag: &'static str, path: &Path) -> Result<PathBuf, ConfigError> {
+    let path = absolute(flag, path)?;
+    existing_dir(flag, &parent_dir(&path))?;
+    Ok(path)
+}
+
+fn existing_dir(flag: &'static str, dir: &Path) -> Result<PathBuf, ConfigError> {
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => Ok(dir.to_path_buf()),
+        Ok(_) => Err(ConfigError::NotADirectory { flag, path: dir.to_path_buf() }),
+        Err(_) => Err(ConfigError::MissingDirectory { flag, dir: dir.to_path_buf() }),
+    }
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    path.parent().map_or_else(|| PathBuf::from("/"), Path::to_path_buf)
+}
+
+/// Lexical normalisation (`.` and `..`), without touching the filesystem.
+pub fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+fn non_empty(flag: &'static str, value: &str) -> Result<String, ConfigError> {
+    if value.is_empty() {
+        Err(ConfigError::EmptyName { flag })
+    } else {
+        Ok(value.to_owned())
+    }
+}
+
+/// SPIRE only warns when the bundle names collide (spire-sds.md B-11); a collision makes one
+/// of the two names unreachable, so we refuse it.
+fn distinct_names(sds: &SdsConfig) -> Result<(), ConfigError> {
+    let names = [
+        ("--default-svid-name", &sds.default_svid_name),
+        ("--default-bundle-name", &sds.default_bundle_name),
+        ("--default-all-bundles-name", &sds.default_all_bundles_name),
+    ];
+    for (i, (first, a)) in names.iter().enumerate() {
+        for (second, b) in &names[i + 1..] {
+            if a == b {
+                return Err(ConfigError::DuplicateSecretName { first, second, name: (*a).clone() });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn optional_addr(value: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value
+        .parse()
+        .map(Some)
+        .map_err(|_| ConfigError::EmptyName { flag: "listen address (host:port)" })
+}
+
+/// spiffe-csi-driver is configured with Go-style single-dash flags (csi.md S-8) and no
+/// subcommand; rewrite such an argument list into ours so the bridge is a drop-in.
+pub fn normalize_args<I: IntoIterator<Item = String>>(args: I) -> Vec<String> {
+    const SINGLE_DASH: &[&str] = &[
+        "workload-api-socket-dir",
+        "plugin-name",
+        "csi-socket-path",
+        "node-id",
+        "node-id-env",
+    ];
+    let mut args: Vec<String> = args.into_iter().collect();
+    for arg in args.iter_mut().skip(1) {
+        let Some(rest) = arg.strip_prefix('-') else { continue };
+        if rest.starts_with('-') {
+            continue;
+        }
+        let name = rest.split('=').next().unwrap_or(rest);
+        if SINGLE_DASH.contains(&name) {
+            *arg = format!("-{arg}");
+        }
+    }
+    let first_is_flag = args.get(1).is_some_and(|a| {
+        a.starts_with("--") && !matches!(a.as_str(), "--help" | "--version")
+    });
+    if first_is_flag {
+        args.insert(1, "run".to_owned());
+    }
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use std::collections::HashMap;
+
+    #[derive(Parser)]
+    #[command(args_override_self = true)]
+    struct TestCli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    struct MapEnv(HashMap<&'static str, &'static str>);
+    impl Env for MapEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.0.get(name).map(|v| (*v).to_owned())
+        }
+    }
+
+    fn args(dir: &Path, extra: &[&str]) -> RunArgs {
+        let sds = dir.join("socket");
+        let csi = dir.join("csi.sock");
+        let mut argv = vec![
+            "t".to_owned(),
+            format!("--sds-socket={}", sds.display()),
+            format!("--csi-socket={}", csi.display()),
+            format!("--kubelet-root={}", dir.display()),
+        ];
+        argv.extend(extra.iter().map(|s| (*s).to_owned()));
+        TestCli::parse_from(argv).run
+    }
+
+    fn no_env() -> MapEnv {
+        MapEnv(HashMap::new())
+    }
+
+    #[test]
+    fn defaults_validate_with_node_id_from_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = MapEnv(HashMap::from([("MY_NODE_NAME", "node-a")]));
+        let config = args(dir.path(), &[]).validate(&env).unwrap();
+        let csi = config.csi.unwrap();
+        assert_eq!(csi.node_id, "node-a");
+        assert_eq!(csi.mount_dir, dir.path(), "mount dir defaults to the SDS socket's directory");
+        assert_eq!(csi.plugin_name, "csi.spiffe.io");
+        assert_eq!(
+            csi.registration_socket(),
+            dir.path().join("plugins_registry/csi.spiffe.io-reg.sock")
+        );
+        assert_eq!(config.identity_source, IdentitySourceKind::Delegated);
+    }
+
+    #[test]
+    fn relative_socket_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = args(dir.path(), &["--sds-socket=run/socket", "--node-id=n"])
+            .validate(&no_env())
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::RelativePath { flag: "--sds-socket", path: "run/socket".into() }
+        );
+        assert!(err.to_string().contains("must be an absolute path"));
+    }
+
+    #[test]
+    fn missing_socket_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope/socket");
+        let err = args(dir.path(), &[&format!("--sds-socket={}", missing.display()), "--node-id=n"])
+            .validate(&no_env())
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::MissingDirectory { flag: "--sds-socket", .. }));
+        assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn empty_node_id_with_csi_on_is_refused_and_names_the_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = MapEnv(HashMap::from([("MY_NODE_NAME", "")]));
+        let err = args(dir.path(), &[]).validate(&env).unwrap_err();
+        assert_eq!(err, ConfigError::MissingNodeId { env_var: "MY_NODE_NAME".into() });
+        assert!(err.to_string().contains("MY_NODE_NAME"));
+    }
+
+    #[test]
+    fn empty_csi_socket_turns_csi_off_and_needs_no_node_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = args(dir.path(), &["--csi-socket="]).validate(&no_env()).unwrap();
+        assert!(config.csi.is_none());
+    }
+
+    #[test]
+    fn agent_socket_falls_back_to_spiffe_endpoint_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = MapEnv(HashMap::from([("SPIFFE_ENDPOINT_SOCKET", "unix:///run/agent.sock")]));
+        let config = args(dir.path(), &["--csi-socket="]).validate(&env).unwrap();
+        assert_eq!(config.agent_socket, PathBuf::from("/run/agent.sock"));
+    }
+
+    #[test]
+    fn colliding_secret_names_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = args(dir.path(), &["--csi-socket=", "--default-all-bundles-name=ROOTCA"])
+            .validate(&no_env())
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::DuplicateSecretName { .. }), "{err}");
+    }
+
+    #[test]
+    fn plugin_names_follow_csi_sanity_rule() {
+        assert!(is_valid_plugin_name("csi.spiffe.io"));
+        assert!(is_valid_plugin_name("upstream.csi.spiffe.io"));
+        assert!(!is_valid_plugin_name("csi.spiffe.io1"));
+        assert!(!is_valid_plugin_name(""));
+        assert!(!is_valid_plugin_name(&"a".repeat(64)));
+        assert!(!is_valid_plugin_name("a/b"));
+    }
+
+    #[test]
+    fn bad_listen_address_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = args(dir.path(), &["--csi-socket=", "--metrics-addr=nonsense"])
+            .validate(&no_env())
+            .unwrap_err();
+        assert!(err.to_string().contains("listen address"));
+    }
+
+    #[test]
+    fn spiffe_csi_driver_flags_become_ours() {
+        let argv = normalize_args(
+            [
+                "svid-bridge",
+                "-workload-api-socket-dir",
+                "/run/spire",
+                "-plugin-name=x.spiffe.io",
+                "--csi-socket-path",
+                "/p/csi.sock",
+                "-node-id-env",
+                "NODE",
+            ]
+            .map(String::from),
+        );
+        assert_eq!(
+            argv,
+            [
+                "svid-bridge",
+                "run",
+                "--workload-api-socket-dir",
+                "/run/spire",
+                "--plugin-name=x.spiffe.io",
+                "--csi-socket-path",
+                "/p/csi.sock",
+                "--node-id-env",
+                "NODE"
+            ]
+        );
+        let untouched = normalize_args(["svid-bridge", "run", "-h"].map(String::from));
+        assert_eq!(untouched, ["svid-bridge", "run", "-h"]);
+    }
+
+    #[test]
+    fn normalize_resolves_dot_dot_lexically() {
+        assert_eq!(normalize(Path::new("/a/b/../c/./d")), PathBuf::from("/a/c/d"));
+        assert_eq!(normalize(Path::new("/../../x")), PathBuf::from("/x"));
+    }
+}

@@ -1,0 +1,232 @@
+//! CSI Node service for ephemeral inline volumes (csi.md §2.3–2.6, R-1…R-6).
+//!
+//! Handlers validate, confine the path, take the per-target lock and run the blocking mount
+//! work on tokio's blocking pool; [`super::mount`] holds the syscalls.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use super::locks::{TargetGuard, TargetLocks};
+use super::mount::{self, MountError, Published};
+use super::target::{Target, quote};
+use super::validate;
+use crate::config::CsiConfig;
+use crate::proto::csi::node_server::Node;
+use crate::proto::csi::node_service_capability::{Rpc, Type as CapabilityType, rpc::Type as RpcType};
+use crate::proto::csi::volume_usage::Unit;
+use crate::proto::csi::{
+    NodeGetCapabilitiesRequest, NodeGetCapabilitiesResponse, NodeGetInfoRequest,
+    NodeGetInfoResponse, NodeGetVolumeStatsRequest, NodeGetVolumeStatsResponse,
+    NodePublishVolumeRequest, NodePublishVolumeResponse, NodeServiceCapability,
+    NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse, VolumeCondition, VolumeUsage,
+};
+
+/// `volume_context` keys the kubelet adds with `podInfoOnMount: true` (csi.md §4).
+const POD_NAME_KEY: &str = "csi.storage.k8s.io/pod.name";
+const POD_NAMESPACE_KEY: &str = "csi.storage.k8s.io/pod.namespace";
+const POD_UID_KEY: &str = "csi.storage.k8s.io/pod.uid";
+
+#[derive(Clone)]
+pub struct NodeService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    node_id: String,
+    /// The socket directory bind-mounted into pods.
+    mount_dir: PathBuf,
+    /// `<kubelet-root>/pods`: every target must be below it.
+    pods_dir: PathBuf,
+    locks: TargetLocks,
+}
+
+impl NodeService {
+    pub fn new(config: &CsiConfig) -> Self {
+        NodeService {
+            inner: Arc::new(Inner {
+                node_id: config.node_id.clone(),
+                mount_dir: config.mount_dir.clone(),
+                pods_dir: config.pods_dir(),
+                locks: TargetLocks::default(),
+            }),
+        }
+    }
+
+    async fn publish(&self, req: NodePublishVolumeRequest) -> Result<NodePublishVolumeResponse, Status> {
+        validate::publish(&req).map_err(Status::invalid_argument)?;
+        // R-4 after P-1…P-9, so spiffe's messages keep their precedence.
+        let target = Target::confine(&req.target_path, &self.inner.pods_dir, "target path")
+            .map_err(|err| Status::invalid_argument(err.to_string()))?;
+        let guard = self.inner.locks.lock(target.path()).await;
+        let (source, pods_dir) = (self.inner.mount_dir.clone(), self.inner.pods_dir.clone());
+        match locked(guard, move || mount::publish(&source, &pods_dir, &target)).await? {
+            Published::Mounted => tracing::info!("volume published"),
+            // P-11: a kubelet restart republishes every volume; mounting again is what
+            // multiplied mounts on spiffe-csi-driver < 0.2.12 (K-3).
+            Published::AlreadyMounted => tracing::info!("volume already published"),
+        }
+        Ok(NodePublishVolumeResponse {})
+    }
+
+    async fn unpublish(&self, req: NodeUnpublishVolumeRequest) -> Result<NodeUnpublishVolumeResponse, Status> {
+        validate::unpublish(&req).map_err(Status::invalid_argument)?;
+        let target = Target::confine(&req.target_path, &self.inner.pods_dir, "target path")
+            .map_err(|err| Status::invalid_argument(err.to_string()))?;
+        let guard = self.inner.locks.lock(target.path()).await;
+        let pods_dir = self.inner.pods_dir.clone();
+        let done = locked(guard, move || mount::unpublish(&pods_dir, &target)).await?;
+        match (done.unmounted, done.removed) {
+            (0, false) => tracing::info!("volume already unpublished"), // U-6
+            (0 | 1, _) => tracing::info!("volume unpublished"),
+            (stacked, _) => tracing::warn!(stacked, "volume unpublished; removed stacked mounts (R-1)"),
+        }
+        Ok(NodeUnpublishVolumeResponse {})
+    }
+
+    async fn volume_stats(&self, req: NodeGetVolumeStatsRequest) -> Result<NodeGetVolumeStatsResponse, Status> {
+        validate::volume_stats(&req).map_err(Status::invalid_argument)?;
+        // Anything that is not a confined path cannot be one of our volumes: NotFound, which
+        // is also what csi-sanity expects for "some/path".
+        let target = Target::confine(&req.volume_path, &self.inner.pods_dir, "volume path")
+            .map_err(|err| Status::not_found(format!("not a published volume: {err}")))?;
+        let (source, pods_dir) = (self.inner.mount_dir.clone(), self.inner.pods_dir.clone());
+        let status = tokio::task::spawn_blocking(move || mount::inspect(&source, &pods_dir, &target))
+            .await
+            .map_err(|err| Status::internal(format!("volume stats task failed: {err}")))?
+            .map_err(to_status)?;
+        if status.abnormal {
+            tracing::warn!(condition = %status.message, "volume abnormal");
+        }
+        let entry = |usage: mount::Usage, unit: Unit| VolumeUsage {
+            available: usage.available,
+            total: usage.total,
+            used: usage.used,
+            unit: unit as i32,
+        };
+        // V-3: the kubelet drops a response without usage before it reads the condition.
+        Ok(NodeGetVolumeStatsResponse {
+            usage: vec![entry(status.bytes, Unit::Bytes), entry(status.inodes, Unit::Inodes)],
+            volume_condition: Some(VolumeCondition { abnormal: status.abnormal, message: status.message }),
+        })
+    }
+}
+
+/// Runs `op` on the blocking pool while holding the target's lock; the guard travels with
+/// the task so it outlives a cancelled request.
+async fn locked<T: Send + 'static>(
+    guard: TargetGuard,
+    op: impl FnOnce() -> Result<T, MountError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(move || {
+        let _guard = guard;
+        op()
+    })
+    .await
+    .map_err(|err| Status::internal(format!("mount task failed: {err}")))?
+    .map_err(to_status)
+}
+
+fn to_status(err: MountError) -> Status {
+    Status::new(err.code(), err.to_string())
+}
+
+/// Logs a failed call in its span: client mistakes at warn, our failures at error (G-2).
+fn log_failure(status: &Status) {
+    match status.code() {
+        tonic::Code::Internal | tonic::Code::Unknown => {
+            tracing::error!(code = ?status.code(), message = status.message(), "CSI call failed");
+        }
+        _ => tracing::warn!(code = ?status.code(), message = status.message(), "CSI call refused"),
+    }
+}
+
+/// The span every volume call runs in. `secrets` is never recorded.
+fn volume_span(
+    method: &'static str,
+    volume_id: &str,
+    path: &str,
+    context: Option<&std::collections::HashMap<String, String>>,
+) -> tracing::Span {
+    let field = |key: &str| context.and_then(|c| c.get(key)).map(|v| quote(v));
+    tracing::info_span!(
+        "csi",
+        method,
+        volume_id = %quote(volume_id),
+        target_path = %quote(path),
+        pod.name = field(POD_NAME_KEY).as_deref(),
+        pod.namespace = field(POD_NAMESPACE_KEY).as_deref(),
+        pod.uid = field(POD_UID_KEY).as_deref(),
+    )
+}
+
+async fn logged<T>(span: tracing::Span, call: impl Future<Output = Result<T, Status>>) -> Result<Response<T>, Status> {
+    async move {
+        let result = call.await;
+        if let Err(status) = &result {
+            log_failure(status);
+        }
+        result.map(Response::new)
+    }
+    .instrument(span)
+    .await
+}
+
+fn capability(rpc: RpcType) -> NodeServiceCapability {
+    NodeServiceCapability { r#type: Some(CapabilityType::Rpc(Rpc { r#type: rpc as i32 })) }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn node_publish_volume(
+        &self,
+        request: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let span = volume_span("NodePublishVolume", &req.volume_id, &req.target_path, Some(&req.volume_context));
+        logged(span, self.publish(req)).await
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let span = volume_span("NodeUnpublishVolume", &req.volume_id, &req.target_path, None);
+        logged(span, self.unpublish(req)).await
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        let req = request.into_inner();
+        let span = volume_span("NodeGetVolumeStats", &req.volume_id, &req.volume_path, None);
+        logged(span, self.volume_stats(req)).await
+    }
+
+    /// N-1: exactly spiffe-csi-driver's list and order. No STAGE_UNSTAGE_VOLUME, so the
+    /// kubelet never calls NodeStageVolume.
+    async fn node_get_capabilities(
+        &self,
+        _request: Request<NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        Ok(Response::new(NodeGetCapabilitiesResponse {
+            capabilities: vec![capability(RpcType::VolumeCondition), capability(RpcType::GetVolumeStats)],
+        }))
+    }
+
+    /// N-2: no volume limit, no topology.
+    async fn node_get_info(
+        &self,
+        _request: Request<NodeGetInfoRequest>,
+    ) -> Result<Response<NodeGetInfoResponse>, Status> {
+        Ok(Response::new(NodeGetInfoResponse {
+            node_id: self.inner.node_id.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: None,
+        }))
+    }
+}

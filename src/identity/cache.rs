@@ -1,0 +1,364 @@
+//! One upstream subscription per workload, shared by all of its SDS streams.
+//!
+//! Envoy opens one SDS stream per secret name (envoy-and-istio.md E6, E7), so an Istio
+//! sidecar holds at least two; SPIRE attests and subscribes once per stream (spire-sds.md
+//! H-4). Here every stream of a workload reads the same `watch` channel, fed by one
+//! supervisor task that reconnects with capped, jittered backoff, keeps the last good SVIDs
+//! while the agent is away (until they expire), and publishes only real changes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures::StreamExt;
+use rand::Rng;
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::process::ProcRoot;
+use super::source::{Source, Workload};
+use super::types::{BundleSet, SharedBundles, SharedSvids, WorkloadSvids};
+use super::IdentityError;
+
+/// What a workload's streams see.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SvidState {
+    /// No answer from the agent yet.
+    Pending,
+    /// The agent's latest answer (possibly no SVIDs at all: not registered yet).
+    Ready(SharedSvids),
+    /// The process behind this key exited or its PID now belongs to another process:
+    /// nothing may be served for it any more.
+    Gone,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    /// Capped low enough that streams resume within about two seconds of the agent's
+    /// return; the agent is a local socket, so a fast retry costs little.
+    fn default() -> Self {
+        Self { initial: Duration::from_millis(100), max: Duration::from_millis(1500) }
+    }
+}
+
+impl Backoff {
+    /// Exponential in `attempt`, capped, with jitter in [50 %, 100 %] of the delay so that
+    /// many workloads reconnecting after an agent restart do not arrive in lockstep.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = self.initial.saturating_mul(1u32 << attempt.min(16));
+        let capped = exp.min(self.max);
+        capped.mul_f64(rand::rng().random_range(0.5..=1.0))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct CacheOptions {
+    /// How long a workload's subscription outlives its last stream (Envoy reconnects,
+    /// listener churn).
+    pub linger: Duration,
+    pub backoff: Backoff,
+    pub proc_root: ProcRoot,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        Self { linger: Duration::from_secs(10), backoff: Backoff::default(), proc_root: ProcRoot::default() }
+    }
+}
+
+pub struct Cache {
+    source: Arc<dyn Source>,
+    options: CacheOptions,
+    workloads: Mutex<HashMap<Workload, Entry>>,
+    bundles: watch::Receiver<Option<SharedBundles>>,
+    shutdown: CancellationToken,
+}
+
+struct Entry {
+    state: watch::Sender<SvidState>,
+    streams: usize,
+    /// Bumped on each re-use so a linger timer from an earlier idle period does nothing.
+    generation: u64,
+    supervisor: AbortHandle,
+}
+
+/// A stream's hold on its workload's SVIDs; dropping it releases the subscription.
+pub struct Subscription {
+    workload: Workload,
+    svids: watch::Receiver<SvidState>,
+    cache: Weak<Cache>,
+}
+
+impl Subscription {
+    pub fn workload(&self) -> Workload {
+        self.workload
+    }
+
+    pub fn svids(&mut self) -> &mut watch::Receiver<SvidState> {
+        &mut self.svids
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(cache) = self.cache.upgrade() {
+            cache.release(self.workload);
+        }
+    }
+}
+
+impl Cache {
+    /// Starts the bundle subscription at once: bundles are node-wide, needed by every stream.
+    pub fn new(source: Arc<dyn Source>, options: CacheOptions, shutdown: CancellationToken) -> Arc<Self> {
+        let (bundles_tx, bundles) = watch::channel(None);
+        tokio::spawn(supervise_bundles(Arc::clone(&source), options.backoff, bundles_tx, shutdown.clone()));
+        Arc::new(Self { source, options, workloads: Mutex::new(HashMap::new()), bundles, shutdown })
+    }
+
+    pub fn bundles(&self) -> watch::Receiver<Option<SharedBundles>> {
+        self.bundles.clone()
+    }
+
+    pub fn api(&self) -> &'static str {
+        self.source.api()
+    }
+
+    /// Joins (or starts) the upstream subscription for `workload`.
+    pub fn subscribe(self: &Arc<Self>, workload: Workload) -> Subscription {
+        let mut workloads = self.lock();
+        let entry = workloads.entry(workload).or_insert_with(|| self.start_supervisor(workload));
+        entry.streams += 1;
+        entry.generation += 1;
+        Subscription { workload, svids: entry.state.subscribe(), cache: Arc::downgrade(self) }
+    }
+
+    /// Number of workloads with a live upstream subscription (for metrics and tests).
+    pub fn workload_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn start_supervisor(&self, workload: Workload) -> Entry {
+        let (state, _) = watch::channel(SvidState::Pending);
+        let task = tokio::spawn(supervise_svids(
+            Arc::clone(&self.source),
+            workload,
+            state.clone(),
+            self.options.clone(),
+            self.shutdown.clone(),
+        ));
+        Entry { state, streams: 0, generation: 0, supervisor: task.abort_handle() }
+    }
+
+    fn release(self: Arc<Self>, workload: Workload) {
+        let generation = {
+            let mut workloads = self.lock();
+            let Some(entry) = workloads.get_mut(&workload) else { return };
+            entry.streams = entry.streams.saturating_sub(1);
+            if entry.streams > 0 {
+                return;
+            }
+            entry.generation
+        };
+        let linger = self.options.linger;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.forget_if_idle(workload, generation);
+            return;
+        };
+        runtime.spawn(async move {
+            tokio::time::sleep(linger).await;
+            self.forget_if_idle(workload, generation);
+        });
+    }
+
+    fn forget_if_idle(&self, workload: Workload, generation: u64) {
+        let mut workloads = self.lock();
+        let idle = workloads.get(&workload).is_some_and(|e| e.streams == 0 && e.generation == generation);
+        if idle && let Some(entry) = workloads.remove(&workload) {
+            entry.supervisor.abort();
+            tracing::debug!(?workload, "dropped idle workload subscription");
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Workload, Entry>> {
+        // A panic while holding this lock leaves the map consistent (every update is a
+        // single insert/remove/counter change), so a poisoned lock is safe to reuse.
+        self.workloads.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Replaces the state only when the content changed: an agent update that changes nothing
+/// (another entry rotated, spire-sds.md D-9, DI-5) reaches no stream.
+fn publish_svids(state: &watch::Sender<SvidState>, svids: WorkloadSvids) -> bool {
+    state.send_if_modified(|current| {
+        if matches!(current, SvidState::Ready(old) if **old == svids) {
+            return false;
+        }
+        *current = SvidState::Ready(Arc::new(svids));
+        true
+    })
+}
+
+/// While the agent is away, stop serving what expired meanwhile.
+fn drop_expired(state: &watch::Sender<SvidState>) {
+    let now = unix_now();
+    state.send_if_modified(|current| {
+        let SvidState::Ready(svids) = current else { return false };
+        if svids.svids.iter().all(|s| !s.is_expired_at(now)) {
+            return false;
+        }
+        tracing::warn!("the agent is unreachable and cached SVIDs expired; no longer serving them");
+        *current = SvidState::Ready(Arc::new(svids.without_expired(now)));
+        true
+    });
+}
+
+async fn supervise_svids(
+    source: Arc<dyn Source>,
+    workload: Workload,
+    state: watch::Sender<SvidState>,
+    options: CacheOptions,
+    shutdown: CancellationToken,
+) {
+    let mut attempt = 0u32;
+    let mut failing = false;
+    loop {
+        if !process_alive(&options.proc_root, workload) {
+            tracing::info!(?workload, "workload process exited; ending its subscription");
+            state.send_replace(SvidState::Gone);
+            return;
+        }
+        let outcome = follow_svids(&*source, workload, &state, &options.proc_root, &mut attempt, &mut failing).await;
+        match outcome {
+            Ok(Follow::ProcessGone) => {
+                tracing::info!(?workload, "workload process was replaced; ending its subscription");
+                state.send_replace(SvidState::Gone);
+                return;
+            }
+            Ok(Follow::Ended) => {
+                if !failing {
+                    tracing::warn!(?workload, api = source.api(), "agent closed the SVID subscription; reconnecting");
+                }
+                failing = true;
+            }
+            Err(err) => {
+                if !failing {
+                    tracing::warn!(?workload, api = source.api(), %err, "SVID subscription failed; retrying with backoff, serving the last good SVIDs meanwhile");
+                }
+                failing = true;
+            }
+        }
+        drop_expired(&state);
+        let delay = options.backoff.delay(attempt);
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+enum Follow {
+    Ended,
+    ProcessGone,
+}
+
+/// Follows one upstream subscription until it ends. Resets `attempt` once data flows, so
+/// the backoff only grows while the agent keeps failing.
+async fn follow_svids(
+    source: &dyn Source,
+    workload: Workload,
+    state: &watch::Sender<SvidState>,
+    proc_root: &ProcRoot,
+    attempt: &mut u32,
+    failing: &mut bool,
+) -> Result<Follow, IdentityError> {
+    let mut stream = source.subscribe_svids(workload).await?;
+    while let Some(update) = stream.next().await {
+        let svids = update?;
+        // The agent attests whatever holds the PID *now* (spire-sds.md DI-4): an update
+        // that arrives after the process was replaced may describe the new process.
+        if !process_alive(proc_root, workload) {
+            return Ok(Follow::ProcessGone);
+        }
+        let now = unix_now();
+        if svids.svids.iter().any(|s| s.is_expired_at(now)) {
+            tracing::warn!(?workload, "agent sent an expired SVID; ignoring the update");
+            continue;
+        }
+        *attempt = 0;
+        if std::mem::take(failing) {
+            tracing::info!(?workload, "SVID subscription recovered");
+        }
+        if publish_svids(state, svids) {
+            tracing::debug!(?workload, "SVIDs updated");
+        }
+    }
+    Ok(Follow::Ended)
+}
+
+fn process_alive(proc_root: &ProcRoot, workload: Workload) -> bool {
+    match workload {
+        Workload::Process(key) => proc_root.is_alive(key),
+        Workload::Bridge => true,
+    }
+}
+
+async fn supervise_bundles(
+    source: Arc<dyn Source>,
+    backoff: Backoff,
+    state: watch::Sender<Option<SharedBundles>>,
+    shutdown: CancellationToken,
+) {
+    let mut attempt = 0u32;
+    let mut failing = false;
+    loop {
+        match follow_bundles(&*source, &state, &mut attempt, &mut failing).await {
+            Ok(()) if !failing => tracing::warn!(api = source.api(), "agent closed the bundle subscription; reconnecting"),
+            Err(err) if !failing => tracing::warn!(api = source.api(), %err, "bundle subscription failed; retrying, serving the last good bundles meanwhile"),
+            _ => {}
+        }
+        failing = true;
+        let delay = backoff.delay(attempt);
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn follow_bundles(
+    source: &dyn Source,
+    state: &watch::Sender<Option<SharedBundles>>,
+    attempt: &mut u32,
+    failing: &mut bool,
+) -> Result<(), IdentityError> {
+    let mut stream = source.subscribe_bundles().await?;
+    while let Some(update) = stream.next().await {
+        let bundles: BundleSet = update?;
+        *attempt = 0;
+        if std::mem::take(failing) {
+            tracing::info!("bundle subscription recovered");
+        }
+        state.send_if_modified(|current| {
+            if current.as_deref() == Some(&bundles) {
+                return false;
+            }
+            *current = Some(Arc::new(bundles));
+            true
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! The caller's process, as seen through `/proc`, to guard against PID reuse.
+//!
+//! SPIRE's Delegated Identity API attests whatever process holds a PID when it looks, with no
+//! liveness or reuse check (spire-sds.md DI-4): the delegate must pin the process. We pin it
+//! by its start time (field 22 of `/proc/<pid>/stat`), as SPIRE's own peer tracker does for
+//! its public socket.
+
+use std::path::{Path, PathBuf};
+
+/// A process: its PID plus start time, so a later process on the same PID differs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ProcessKey {
+    pub pid: i32,
+    pub start_time: u64,
+}
+
+/// Where to read process information; tests point it at a fake tree.
+#[derive(Clone, Debug)]
+pub struct ProcRoot(PathBuf);
+
+impl Default for ProcRoot {
+    fn default() -> Self {
+        Self(PathBuf::from("/proc"))
+    }
+}
+
+impl ProcRoot {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self(path.into())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// The process now on `pid`, or `None` if there is none.
+    pub fn process(&self, pid: i32) -> Option<ProcessKey> {
+        let stat = std::fs::read_to_string(self.0.join(pid.to_string()).join("stat")).ok()?;
+        let start_time = start_time_from_stat(&stat)?;
+        Some(ProcessKey { pid, start_time })
+    }
+
+    /// True while the very process `key` names still runs.
+    pub fn is_alive(&self, key: ProcessKey) -> bool {
+        self.process(key.pid) == Some(key)
+    }
+}
+
+/// Field 22 of `/proc/<pid>/stat`. The command name (field 2) is in parentheses and may
+/// itself contain spaces and parentheses, so count fields after the last `)`.
+fn start_time_from_stat(stat: &str) -> Option<u64> {
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    // after_comm starts with field 3 (state); field 22 is the 20th from there.
+    after_comm.split_whitespace().nth(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_survives_hostile_command_names() {
+        let stat = "42 (a) b) (c) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 200";
+        assert_eq!(start_time_from_stat(stat), Some(987_654));
+        assert_eq!(start_time_from_stat("42 (x) S 1"), None);
+    }
+
+    #[test]
+    fn our_own_process_is_alive_and_a_changed_start_time_is_not() {
+        let proc = ProcRoot::default();
+        let me = proc.process(std::process::id() as i32).unwrap();
+        assert!(proc.is_alive(me));
+        let reused = ProcessKey { start_time: me.start_time + 1, ..me };
+        assert!(!proc.is_alive(reused), "same PID, other start time: another process");
+    }
+
+    #[test]
+    fn fake_proc_root_models_pid_reuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |start: u64| {
+            std::fs::create_dir_all(dir.path().join("77")).unwrap();
+            let stat = format!("77 (envoy) S 1 77 77 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {start} 0 0");
+            std::fs::write(dir.path().join("77/stat"), stat).unwrap();
+        };
+        let proc = ProcRoot::new(dir.path());
+        write(1000);
+        let first = proc.process(77).unwrap();
+        write(2000); // the first process exited; another now holds PID 77
+        assert!(!proc.is_alive(first));
+        std::fs::remove_dir_all(dir.path().join("77")).unwrap();
+        assert_eq!(proc.process(77), None);
+    }
+}

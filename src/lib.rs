@@ -1,0 +1,18 @@
+//! svid-bridge: an Envoy SDS server and Kubernetes CSI node plugin backed by a SPIRE agent.
+//!
+//! Modules are cut by domain, each with its own error type: [`identity`] (where SVIDs come
+//! from and the per-workload cache), [`sds`] (Envoy's Secret Discovery Service), [`csi`] (the
+//! node plugin and kubelet registration), [`uds`] (Unix listeners) and [`telemetry`].
+
+pub mod bridge;
+pub mod config;
+pub mod csi;
+pub mod identity;
+pub mod inspect;
+pub mod proto;
+pub mod sds;
+pub mod telemetry;
+pub mod uds;
+
+/// The crate version, reported by `svid-bridge version` and CSI `GetPluginInfo`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

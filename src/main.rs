@@ -1,0 +1,101 @@
+//! The `svid-bridge` command line: `run`, `healthcheck`, `inspect`, `version`.
+#![expect(clippy::print_stdout, reason = "printing is what `version` and `inspect` are for")]
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use svid_bridge::config::{self, LogArgs, ProcessEnv, RunArgs};
+
+#[derive(Debug, Parser)]
+#[command(name = "svid-bridge", version = svid_bridge::VERSION, about = "Envoy SDS server and \
+    Kubernetes CSI node plugin backed by a SPIRE agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once at start-up")]
+enum Command {
+    /// Serve SDS and the CSI node plugin (both by default).
+    Run(RunArgs),
+    /// Exit 0 when the running bridge is healthy.
+    Healthcheck {
+        /// The bridge's health endpoint.
+        #[arg(long, default_value = "127.0.0.1:9989", env = "SVID_BRIDGE_HEALTH_ADDR")]
+        health_addr: String,
+    },
+    /// Ask for secrets as Envoy would and print SPIFFE IDs, trust domains, serials, expiry.
+    Inspect {
+        /// The SDS socket to ask.
+        #[arg(long, default_value = config::DEFAULT_SDS_SOCKET, env = "SVID_BRIDGE_SDS_SOCKET")]
+        sds_socket: std::path::PathBuf,
+        /// How long to wait for each secret.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Secret names (default, ROOTCA, ALL, a SPIFFE ID, spiffe://<td>); none asks for
+        /// everything.
+        names: Vec<String>,
+        #[command(flatten)]
+        log: LogArgs,
+    },
+    /// Print the version.
+    Version,
+}
+
+fn parse_duration(value: &str) -> Result<Duration, String> {
+    let (number, unit) = value.split_at(value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len()));
+    let n: u64 = number.parse().map_err(|_| format!("invalid duration {value:?} (e.g. 10s, 500ms, 2m)"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("invalid duration unit in {value:?} (ms, s or m)")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_from(config::normalize_args(std::env::args()));
+    match cli.command {
+        Command::Version => {
+            println!("svid-bridge {}", svid_bridge::VERSION);
+            ExitCode::SUCCESS
+        }
+        Command::Run(args) => report(run(args)),
+        Command::Inspect { sds_socket, timeout, names, log } => report(inspect(sds_socket, timeout, names, log)),
+        Command::Healthcheck { .. } => {
+            eprintln!("svid-bridge healthcheck: not implemented yet");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("svid-bridge: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    svid_bridge::telemetry::init_logging(&args.log)?;
+    let config = args.validate(&ProcessEnv).context("invalid configuration")?;
+    runtime()?.block_on(svid_bridge::bridge::run(config))?;
+    Ok(())
+}
+
+fn inspect(socket: std::path::PathBuf, timeout: Duration, names: Vec<String>, log: LogArgs) -> anyhow::Result<()> {
+    let _ = svid_bridge::telemetry::init_logging(&LogArgs { log_level: "warn".into(), ..log });
+    let report = runtime()?.block_on(svid_bridge::inspect::inspect(socket, &names, timeout))?;
+    print!("{report}");
+    Ok(())
+}

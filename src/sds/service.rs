@@ -1,0 +1,335 @@
+//! The tonic `SecretDiscoveryService`: who is calling, and the per-stream event loop.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService;
+use futures::Stream;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use super::secrets::{View, Waiting};
+use super::stream::{DeltaStream, Reaction, SotwStream, StreamSettings};
+use crate::identity::types::SharedBundles;
+use crate::identity::{Cache, ProcRoot, Subscription, SvidState, Workload};
+
+/// How a caller is mapped to a workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallerIdentity {
+    /// By the connecting process (Delegated Identity API).
+    Process,
+    /// Everyone gets the bridge's own identity (Workload API mode).
+    Bridge,
+}
+
+pub struct SdsService {
+    cache: Arc<Cache>,
+    settings: Arc<StreamSettings>,
+    caller_identity: CallerIdentity,
+    proc_root: ProcRoot,
+    shutdown: CancellationToken,
+    fetch_timeout: Duration,
+}
+
+impl SdsService {
+    pub fn new(
+        cache: Arc<Cache>,
+        settings: StreamSettings,
+        caller_identity: CallerIdentity,
+        proc_root: ProcRoot,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            cache,
+            settings: Arc::new(settings),
+            caller_identity,
+            proc_root,
+            shutdown,
+            fetch_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// The workload behind a request: the process on the other end of the Unix socket,
+    /// pinned by its start time (spire-sds.md A-2, DI-4).
+    fn workload_of<T>(&self, request: &Request<T>) -> Result<Workload, Status> {
+        if self.caller_identity == CallerIdentity::Bridge {
+            return Ok(Workload::Bridge);
+        }
+        let pid = request
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|info| info.peer_cred)
+            .and_then(|cred| cred.pid())
+            .unwrap_or(0);
+        if pid <= 0 {
+            return Err(Status::unavailable(
+                "cannot identify the caller: its PID is not visible in svid-bridge's PID namespace \
+                 (run svid-bridge with hostPID, beside the SPIRE agent)",
+            ));
+        }
+        let process = self
+            .proc_root
+            .process(pid)
+            .ok_or_else(|| Status::unavailable(format!("caller process {pid} exited before it could be identified")))?;
+        Ok(Workload::Process(process))
+    }
+
+    fn context(&self, workload: Workload) -> StreamContext {
+        StreamContext {
+            subscription: self.cache.subscribe(workload),
+            bundles: self.cache.bundles(),
+            settings: Arc::clone(&self.settings),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SecretDiscoveryService for SdsService {
+    type StreamSecretsStream = ResponseStream<DiscoveryResponse>;
+    type DeltaSecretsStream = ResponseStream<DeltaDiscoveryResponse>;
+
+    async fn stream_secrets(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        let workload = self.workload_of(&request)?;
+        let (tx, rx) = mpsc::channel(4);
+        let span = tracing::info_span!("sds_stream", pid = pid_of(workload), api = "sotw");
+        let context = self.context(workload);
+        tokio::spawn(run_sotw(context, request.into_inner(), tx).instrument(span));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_secrets(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        let workload = self.workload_of(&request)?;
+        let (tx, rx) = mpsc::channel(4);
+        let span = tracing::info_span!("sds_stream", pid = pid_of(workload), api = "delta");
+        let context = self.context(workload);
+        tokio::spawn(run_delta(context, request.into_inner(), tx).instrument(span));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    /// Unary, for tools: waits briefly for the names to resolve (a first call creates the
+    /// workload's subscription), then answers with all of them or says what is missing.
+    async fn fetch_secrets(&self, request: Request<DiscoveryRequest>) -> Result<Response<DiscoveryResponse>, Status> {
+        let workload = self.workload_of(&request)?;
+        let mut context = self.context(workload);
+        let mut stream = SotwStream::default();
+        stream.on_request(request.get_ref(), &self.settings)?;
+        let wanted = stream.requested().map_or(0, BTreeMap::len);
+        let deadline = tokio::time::sleep(self.fetch_timeout);
+        tokio::pin!(deadline);
+        let mut last_waiting = BTreeMap::new();
+        loop {
+            if let Some(snapshot) = context.snapshot()? {
+                let (response, waiting) = stream.respond(&snapshot.view(), &self.settings);
+                match response {
+                    Some(response) if waiting.is_empty() || wanted == 0 => return Ok(Response::new(response)),
+                    _ => last_waiting = waiting,
+                }
+            }
+            tokio::select! {
+                () = &mut deadline => return Err(still_waiting(&last_waiting)),
+                changed = context.changed() => changed?,
+            }
+        }
+    }
+}
+
+fn still_waiting(waiting: &BTreeMap<String, Waiting>) -> Status {
+    if waiting.is_empty() {
+        return Status::unavailable("no answer from the SPIRE agent yet");
+    }
+    let reasons: Vec<String> = waiting.iter().map(|(name, why)| format!("{}: {}", super::names::Quoted::new(name), why.0)).collect();
+    Status::unavailable(format!("still waiting for {}", reasons.join("; ")))
+}
+
+fn pid_of(workload: Workload) -> i32 {
+    match workload {
+        Workload::Process(p) => p.pid,
+        Workload::Bridge => 0,
+    }
+}
+
+/// What one stream reads: its workload's SVIDs and the node's bundles.
+struct StreamContext {
+    subscription: Subscription,
+    bundles: watch::Receiver<Option<SharedBundles>>,
+    settings: Arc<StreamSettings>,
+    shutdown: CancellationToken,
+}
+
+struct Snapshot {
+    svids: crate::identity::types::SharedSvids,
+    bundles: SharedBundles,
+}
+
+impl Snapshot {
+    fn view(&self) -> View<'_> {
+        View { svids: &self.svids, bundles: &self.bundles }
+    }
+}
+
+impl StreamContext {
+    /// The current SVIDs and bundles, once both have arrived.
+    fn snapshot(&mut self) -> Result<Option<Snapshot>, Status> {
+        let svids = match &*self.subscription.svids().borrow_and_update() {
+            SvidState::Pending => return Ok(None),
+            SvidState::Gone => return Err(Status::unavailable("the calling process exited")),
+            SvidState::Ready(svids) => Arc::clone(svids),
+        };
+        let Some(bundles) = self.bundles.borrow_and_update().clone() else { return Ok(None) };
+        Ok(Some(Snapshot { svids, bundles }))
+    }
+
+    /// Waits for the next identity change.
+    async fn changed(&mut self) -> Result<(), Status> {
+        let svids = self.subscription.svids();
+        tokio::select! {
+            r = svids.changed() => r.map_err(|_| Status::unavailable("svid-bridge is shutting down")),
+            r = self.bundles.changed() => r.map_err(|_| Status::unavailable("svid-bridge is shutting down")),
+        }
+    }
+}
+
+/// Logs each name once when it starts waiting and once when it resolves, never per retry.
+#[derive(Default)]
+struct WaitLog {
+    waiting: BTreeMap<String, Waiting>,
+}
+
+impl WaitLog {
+    fn update(&mut self, now: BTreeMap<String, Waiting>) {
+        for (name, why) in &now {
+            if !self.waiting.contains_key(name) {
+                tracing::warn!(secret = %name, reason = why.0, "waiting for a secret that cannot be served yet");
+            }
+        }
+        for name in self.waiting.keys() {
+            if !now.contains_key(name) {
+                tracing::info!(secret = %name, "secret resolved; pushed");
+            }
+        }
+        self.waiting = now;
+    }
+}
+
+enum Event<R> {
+    Request(R),
+    IdentityChanged,
+    Closed,
+}
+
+async fn next_event<R>(context: &mut StreamContext, inbound: &mut Streaming<R>) -> Result<Event<R>, Status> {
+    let shutdown = context.shutdown.clone();
+    tokio::select! {
+        request = inbound.next() => match request {
+            Some(Ok(request)) => Ok(Event::Request(request)),
+            // Client closed or cancelled (E15): a clean end, not an error (D-11).
+            Some(Err(_)) | None => Ok(Event::Closed),
+        },
+        changed = context.changed() => changed.map(|()| Event::IdentityChanged),
+        () = shutdown.cancelled() => Err(Status::unavailable("svid-bridge is shutting down")),
+    }
+}
+
+async fn run_sotw(mut context: StreamContext, mut inbound: Streaming<DiscoveryRequest>, tx: mpsc::Sender<Result<DiscoveryResponse, Status>>) {
+    let mut stream = SotwStream::default();
+    let mut waits = WaitLog::default();
+    loop {
+        let event = match next_event(&mut context, &mut inbound).await {
+            Ok(event) => event,
+            Err(status) => return finish(&tx, status).await,
+        };
+        match event {
+            Event::Closed => return,
+            Event::IdentityChanged => {}
+            Event::Request(request) => match stream.on_request(&request, &context.settings) {
+                Ok(reaction) => log_reaction(&reaction, &request.resource_names),
+                Err(status) => {
+                    tracing::warn!(error = %status.message(), "refused SDS request");
+                    return finish(&tx, status).await;
+                }
+            },
+        }
+        let snapshot = match context.snapshot() {
+            Ok(Some(snapshot)) => snapshot,
+            Ok(None) => continue,
+            Err(status) => return finish(&tx, status).await,
+        };
+        let (response, waiting) = stream.respond(&snapshot.view(), &context.settings);
+        waits.update(waiting);
+        if let Some(response) = response {
+            tracing::debug!(version = %response.version_info, resources = response.resources.len(), "pushing secrets");
+            if tx.send(Ok(response)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn run_delta(mut context: StreamContext, mut inbound: Streaming<DeltaDiscoveryRequest>, tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>) {
+    let mut stream = DeltaStream::default();
+    let mut waits = WaitLog::default();
+    loop {
+        let event = match next_event(&mut context, &mut inbound).await {
+            Ok(event) => event,
+            Err(status) => return finish(&tx, status).await,
+        };
+        match event {
+            Event::Closed => return,
+            Event::IdentityChanged => {}
+            Event::Request(request) => match stream.on_request(&request, &context.settings) {
+                Ok(reaction) => log_reaction(&reaction, &request.resource_names_subscribe),
+                Err(status) => {
+                    tracing::warn!(error = %status.message(), "refused SDS request");
+                    return finish(&tx, status).await;
+                }
+            },
+        }
+        let snapshot = match context.snapshot() {
+            Ok(Some(snapshot)) => snapshot,
+            Ok(None) => continue,
+            Err(status) => return finish(&tx, status).await,
+        };
+        let (response, waiting) = stream.respond(&snapshot.view(), &context.settings);
+        waits.update(waiting);
+        if let Some(response) = response {
+            let names: Vec<&str> = response.resources.iter().map(|r| r.name.as_str()).collect();
+            tracing::debug!(secrets = ?names, "pushing secrets");
+            if tx.send(Ok(response)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn log_reaction(reaction: &Reaction, names: &[String]) {
+    match reaction {
+        Reaction::Nacked(message) => {
+            tracing::error!(secrets = ?names, envoy_error = %message, "Envoy rejected the secrets we sent (NACK); not resending until they change");
+        }
+        Reaction::Stale => tracing::debug!("ignoring a request with a stale nonce"),
+        Reaction::Answer | Reaction::Acked => {}
+    }
+}
+
+async fn finish<T>(tx: &mpsc::Sender<Result<T, Status>>, status: Status) {
+    let _ = tx.send(Err(status)).await;
+}

@@ -1,0 +1,151 @@
+//! Unix-domain listeners: stale-socket replacement, explicit permissions, peer credentials.
+//!
+//! Every socket the bridge serves (SDS, CSI, kubelet registration) is created here, so the
+//! rules live in one place: a leftover socket from a previous run is replaced, anything else
+//! at the path is refused (never delete a user's file), and the mode is set explicitly
+//! rather than inherited from the umask.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use tokio::net::{UnixListener, UnixStream};
+
+mod h2_authority;
+
+pub use h2_authority::AuthorityFixingStream;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UdsError {
+    #[error("{path:?} exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("removing stale socket {path:?}: {source}")]
+    RemoveStale {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("binding {path:?}: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("setting mode {mode:o} on {path:?}: {source}")]
+    Chmod {
+        path: PathBuf,
+        mode: u32,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Who may connect to a socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketAccess {
+    /// Any local user (pods run Envoy under arbitrary UIDs, e.g. Istio's 1337). The socket
+    /// file is 0666 but the directory stays non-writable for others, so pods can connect but
+    /// not replace it; in a pod the CSI mount is read-only on top.
+    World,
+    /// Only the owner (root): the CSI and registration sockets, which the kubelet dials as
+    /// root. Mirrors node-driver-registrar's umask 0077 (csi.md §6, R-5).
+    Owner,
+}
+
+impl SocketAccess {
+    fn mode(self) -> u32 {
+        match self {
+            SocketAccess::World => 0o666,
+            SocketAccess::Owner => 0o600,
+        }
+    }
+}
+
+/// Binds `path`, replacing a stale socket left by a previous run, and sets its mode.
+///
+/// `run` sets the process umask to 0077 before binding anything, so between `bind` and
+/// `chmod` the socket is never looser than its final mode.
+pub fn bind(path: &Path, access: SocketAccess) -> Result<UnixListener, UdsError> {
+    remove_stale_socket(path)?;
+    let listener = UnixListener::bind(path).map_err(|source| UdsError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mode = access.mode();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+        UdsError::Chmod { path: path.to_path_buf(), mode, source }
+    })?;
+    Ok(listener)
+}
+
+/// The connections a gRPC server built with `serve_with_incoming` accepts on `listener`.
+/// Each carries the peer's credentials (`tonic::transport::server::UdsConnectInfo`) and
+/// accepts requests whose `:authority` hyper would refuse, as gRPC C-core clients send
+/// (see [`AuthorityFixingStream`]).
+pub fn incoming(
+    listener: UnixListener,
+) -> impl futures::Stream<Item = io::Result<AuthorityFixingStream<UnixStream>>> + Send + Unpin + 'static {
+    use futures::StreamExt as _;
+    tokio_stream::wrappers::UnixListenerStream::new(listener)
+        .map(|conn| conn.map(AuthorityFixingStream::new))
+}
+
+/// Removes `path` if it is a socket; fine if absent; refuses any other kind of file.
+pub fn remove_stale_socket(path: &Path) -> Result<(), UdsError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|source| UdsError::RemoveStale {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        Ok(_) => Err(UdsError::NotASocket { path: path.to_path_buf() }),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(UdsError::RemoveStale { path: path.to_path_buf(), source }),
+    }
+}
+
+/// Removes our socket at shutdown; errors are only worth a log line.
+pub fn remove_socket_on_shutdown(path: &Path) {
+    if let Err(err) = remove_stale_socket(path) {
+        tracing::warn!(path = %path.display(), %err, "could not remove socket at shutdown");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stale_socket_is_replaced_and_mode_is_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let first = bind(&path, SocketAccess::World).unwrap();
+        drop(first); // leaves the file behind, as a crashed process would
+        assert!(path.exists());
+        let _second = bind(&path, SocketAccess::Owner).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        tokio::net::UnixStream::connect(&path).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_regular_file_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("important");
+        std::fs::write(&path, b"user data").unwrap();
+        let err = bind(&path, SocketAccess::World).unwrap_err();
+        assert!(matches!(err, UdsError::NotASocket { .. }), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"user data");
+    }
+
+    #[tokio::test]
+    async fn world_sockets_are_connectable_by_anyone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sds.sock");
+        let _l = bind(&path, SocketAccess::World).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o666);
+    }
+}

@@ -1,0 +1,256 @@
+//! Shared by the `tests/csi_*.rs` suites: an in-process CSI plugin on temporary sockets,
+//! kubelet-shaped requests, mount counting, and running a test in a private mount namespace.
+#![allow(dead_code)] // each suite uses a different part
+
+use std::os::unix::net::UnixListener as StdUnixListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use svid_bridge::config::CsiConfig;
+use svid_bridge::csi::{self, CsiError, RegistrationStatus};
+use svid_bridge::proto::csi::identity_client::IdentityClient;
+use svid_bridge::proto::csi::node_client::NodeClient;
+use svid_bridge::proto::csi::volume_capability::access_mode::Mode;
+use svid_bridge::proto::csi::volume_capability::{AccessMode, AccessType, MountVolume};
+use svid_bridge::proto::csi::{NodePublishVolumeRequest, NodeUnpublishVolumeRequest, VolumeCapability};
+use tempfile::TempDir;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// Set for the re-executed test binary running inside `unshare -m`.
+pub const MOUNT_NS_ENV: &str = "SVID_BRIDGE_TEST_IN_PRIVATE_MOUNT_NS";
+pub const PLUGIN_NAME: &str = "csi.spiffe.io";
+pub const NODE_ID: &str = "node-a";
+/// The socket file inside the socket directory (the bridge's SDS socket in production).
+pub const SOCKET_NAME: &str = "socket";
+const STARTUP_DEADLINE: Duration = Duration::from_secs(20);
+
+pub fn in_private_mount_ns() -> bool {
+    std::env::var_os(MOUNT_NS_ENV).is_some()
+}
+
+/// Re-runs this test binary's test `name` under `unshare -m --propagation private`, so its
+/// mounts live and die in a namespace of their own, and asserts it ran and passed.
+/// (unshare(CLONE_NEWNS) is refused to a multi-threaded process such as the test harness.)
+pub fn run_in_private_mount_ns(name: &str) {
+    let exe = std::env::current_exe().expect("test binary path");
+    let output = Command::new("unshare")
+        .args(["--mount", "--propagation", "private"])
+        .arg(exe)
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(MOUNT_NS_ENV, "1")
+        .output()
+        .expect("util-linux unshare must be installed");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success()
+            && stdout.contains(&format!("test {name} ... ok"))
+            && stdout.contains("1 passed"),
+        "{name} in a private mount namespace: {}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        output.status
+    );
+}
+
+/// A test whose body runs in a private mount namespace: `NAME::in_private_mount_namespace`
+/// re-executes the binary to run `NAME::inner` there; `inner` returns at once elsewhere.
+#[macro_export]
+macro_rules! mount_ns_test {
+    ($(#[doc = $doc:expr])* async fn $name:ident() $body:block) => {
+        $(#[doc = $doc])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[test]
+            fn in_private_mount_namespace() {
+                $crate::csi_support::run_in_private_mount_ns(concat!(stringify!($name), "::inner"));
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn inner() {
+                if !$crate::csi_support::in_private_mount_ns() {
+                    return; // only meaningful when run by in_private_mount_namespace
+                }
+                $body
+            }
+        }
+    };
+}
+
+/// An in-process `csi::serve` on a temporary node layout:
+/// `<root>/kubelet/{pods,plugins_registry}`, `<root>/plugins/csi.sock`, and the socket
+/// directory `<root>/sockets` holding a listening socket.
+pub struct Plugin {
+    _root: TempDir,
+    pub root: PathBuf,
+    pub kubelet_root: PathBuf,
+    pub pods_dir: PathBuf,
+    pub mount_dir: PathBuf,
+    pub csi_socket: PathBuf,
+    pub config: CsiConfig,
+    /// Listening in `mount_dir`, so tests can connect() through a published volume.
+    pub listener: Option<StdUnixListener>,
+    pub sds_serving: watch::Sender<bool>,
+    pub registration: watch::Receiver<RegistrationStatus>,
+    pub shutdown: CancellationToken,
+    server: Option<JoinHandle<Result<(), CsiError>>>,
+}
+
+impl Plugin {
+    /// Serving, with SDS reported ready and a socket in the socket directory.
+    pub async fn start() -> Plugin {
+        Self::start_with(true).await
+    }
+
+    pub async fn start_with(socket_in_mount_dir: bool) -> Plugin {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Real path: mountinfo shows real paths, and the bridge confines by real path.
+        let root = dir.path().canonicalize().expect("canonical tempdir");
+        let kubelet_root = root.join("kubelet");
+        let pods_dir = kubelet_root.join("pods");
+        let mount_dir = root.join("sockets");
+        let plugins = root.join("plugins");
+        for d in [&pods_dir, &mount_dir, &plugins] {
+            std::fs::create_dir_all(d).expect("layout");
+        }
+        let listener = socket_in_mount_dir
+            .then(|| StdUnixListener::bind(mount_dir.join(SOCKET_NAME)).expect("socket in mount dir"));
+        let config = CsiConfig {
+            socket: plugins.join("csi.sock"),
+            plugin_name: PLUGIN_NAME.to_owned(),
+            mount_dir: mount_dir.clone(),
+            node_id: NODE_ID.to_owned(),
+            kubelet_root: kubelet_root.clone(),
+        };
+        let (sds_serving, sds_rx) = watch::channel(true);
+        let (status_tx, mut registration) = watch::channel(RegistrationStatus::NotStarted);
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(csi::serve_with_registration(
+            config.clone(),
+            sds_rx,
+            shutdown.clone(),
+            status_tx,
+        ));
+        // The registration step starts only once the CSI socket answered: no polling needed.
+        tokio::time::timeout(
+            STARTUP_DEADLINE,
+            registration.wait_for(|s| *s != RegistrationStatus::NotStarted),
+        )
+        .await
+        .expect("CSI plugin did not start in time")
+        .expect("CSI plugin stopped during startup");
+        Plugin {
+            _root: dir,
+            root,
+            kubelet_root,
+            pods_dir,
+            mount_dir,
+            csi_socket: config.socket.clone(),
+            config,
+            listener,
+            sds_serving,
+            registration,
+            shutdown,
+            server: Some(server),
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        csi::connect_uds(&self.csi_socket).await.expect("connect to CSI socket")
+    }
+
+    pub async fn node(&self) -> NodeClient<Channel> {
+        NodeClient::new(self.channel().await)
+    }
+
+    pub async fn identity(&self) -> IdentityClient<Channel> {
+        IdentityClient::new(self.channel().await)
+    }
+
+    /// The kubelet's target for an inline volume, with the parent the kubelet creates.
+    pub fn target(&self, pod_uid: &str, volume: &str) -> PathBuf {
+        let parent = self.pods_dir.join(pod_uid).join("volumes/kubernetes.io~csi").join(volume);
+        std::fs::create_dir_all(&parent).expect("target parent");
+        parent.join("mount")
+    }
+
+    /// Stops the server and returns its result.
+    pub async fn stop(mut self) -> Result<(), CsiError> {
+        self.shutdown.cancel();
+        let server = self.server.take().expect("server running");
+        tokio::time::timeout(STARTUP_DEADLINE, server)
+            .await
+            .expect("CSI plugin did not stop in time")
+            .expect("CSI plugin task panicked")
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// What the kubelet sends for `csi: {driver: csi.spiffe.io, readOnly: true}` with
+/// `podInfoOnMount: true` (csi.md §4).
+pub fn publish_request(volume_id: &str, target: &Path) -> NodePublishVolumeRequest {
+    NodePublishVolumeRequest {
+        volume_id: volume_id.to_owned(),
+        target_path: target.to_string_lossy().into_owned(),
+        volume_capability: Some(VolumeCapability {
+            access_type: Some(AccessType::Mount(MountVolume::default())),
+            access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+        }),
+        readonly: true,
+        volume_context: [
+            ("csi.storage.k8s.io/ephemeral", "true"),
+            ("csi.storage.k8s.io/pod.name", "web-0"),
+            ("csi.storage.k8s.io/pod.namespace", "default"),
+            ("csi.storage.k8s.io/pod.uid", "c3a32fc0"),
+            ("csi.storage.k8s.io/serviceAccount.name", "web"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect(),
+        secrets: [("token".to_owned(), "never-logged".to_owned())].into(),
+        ..Default::default()
+    }
+}
+
+pub fn unpublish_request(volume_id: &str, target: &Path) -> NodeUnpublishVolumeRequest {
+    NodeUnpublishVolumeRequest {
+        volume_id: volume_id.to_owned(),
+        target_path: target.to_string_lossy().into_owned(),
+    }
+}
+
+/// Mounts stacked exactly at `path` in this namespace.
+pub fn mounts_at(path: &Path) -> usize {
+    let table = csi::mountinfo::read_own().expect("mountinfo");
+    csi::mountinfo::mounts_at(&table, path)
+}
+
+/// Every mount point in this namespace at or below `dir`.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let table = csi::mountinfo::read_own().expect("mountinfo");
+    table.into_iter().map(|m| m.mount_point).filter(|p| p.starts_with(dir)).collect()
+}
+
+pub fn total_mounts() -> usize {
+    csi::mountinfo::read_own().expect("mountinfo").len()
+}
+
+/// csi-sanity, built by `make peers` / `tests/peers/install.sh` into `target/peers/bin`.
+pub fn csi_sanity_path() -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/peers/bin/csi-sanity");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `make peers` (or `bash tests/peers/install.sh`)",
+        path.display()
+    );
+    path
+}

