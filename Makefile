@@ -4,7 +4,7 @@
 #                into target/peers/ (cached: a second run takes seconds)
 #   make test    peers, then formatting, clippy and every test
 #                (extra `cargo test` arguments: make test CARGO_TEST_ARGS='-- --nocapture')
-#   make demo    not yet: arrives with the SDS server (issue 4)
+#   make demo    SPIRE server + agent, svid-bridge and two Envoys doing mTLS, on this machine
 #   make bench   not yet: the side-by-side benchmarks
 
 SHELL := bash
@@ -34,9 +34,9 @@ clippy: rust-components
 cargo-test:
 	$(CARGO) test $(CARGO_TEST_ARGS)
 
-demo:
-	@echo "make demo is not implemented yet: it arrives with the SDS server (issue 4)" >&2
-	@exit 1
+demo: peers
+	$(CARGO) build
+	bash demo/demo.sh
 
 bench:
 	@echo "make bench is not implemented yet: it arrives with the benchmarks (benches/)" >&2

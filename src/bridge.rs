@@ -16,8 +16,8 @@ use crate::sds::names::SpecialNames;
 pub enum BridgeError {
     #[error(transparent)]
     Sds(#[from] SdsError),
-    #[error("CSI plugin: {0}")]
-    Csi(String),
+    #[error(transparent)]
+    Csi(#[from] crate::csi::CsiError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -48,12 +48,14 @@ pub async fn run(config: Config) -> Result<(), BridgeError> {
             all_bundles: config.sds.default_all_bundles_name.clone(),
         },
         validation_disabled: config.sds.disable_spiffe_cert_validation,
+        extra_trust_anchors: config.sds.extra_trust_anchors.clone(),
         ..StreamSettings::default()
     };
     let (serving_tx, serving_rx) = watch::channel(false);
     let sds = SdsServer::new(config.sds.socket.clone(), cache, settings, caller_identity, proc_root, shutdown.clone());
     let sds_task = tokio::spawn(sds.serve(serving_tx, shutdown.clone()));
-    let csi_task = config.csi.clone().map(|csi| tokio::spawn(start_csi(csi, serving_rx, shutdown.clone())));
+    let (registration_tx, _registration) = watch::channel(crate::csi::RegistrationStatus::NotStarted);
+    let csi_task = config.csi.clone().map(|csi| tokio::spawn(start_csi(csi, serving_rx, shutdown.clone(), registration_tx)));
     let result = wait_for_servers(sds_task, csi_task, &shutdown).await;
     tracing::info!("svid-bridge stopped");
     result
@@ -103,9 +105,8 @@ async fn start_csi(
     config: crate::config::CsiConfig,
     sds_serving: watch::Receiver<bool>,
     shutdown: CancellationToken,
+    registration: watch::Sender<crate::csi::RegistrationStatus>,
 ) -> Result<(), BridgeError> {
-    let _ = (config, sds_serving);
-    // WIRING PENDING: the CSI node plugin lands in its own change (issue 5).
-    shutdown.cancelled().await;
+    crate::csi::serve_with_registration(config, sds_serving, shutdown, registration).await?;
     Ok(())
 }

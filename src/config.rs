@@ -41,6 +41,8 @@ pub enum ConfigError {
          letters, digits, '-', '.' and '_', starting and ending with a letter)"
     )]
     BadPluginName(String),
+    #[error("--extra-trust-anchors {path:?}: {reason}")]
+    TrustAnchors { path: PathBuf, reason: String },
     #[error("secret names must differ: {first} and {second} are both {name:?}")]
     DuplicateSecretName { first: &'static str, second: &'static str, name: String },
 }
@@ -76,9 +78,10 @@ pub struct RunArgs {
     #[arg(long, env = "SVID_BRIDGE_AGENT_SOCKET")]
     pub agent_socket: Option<PathBuf>,
 
-    /// Where Envoy connects for SDS.
-    #[arg(long, default_value = DEFAULT_SDS_SOCKET, env = "SVID_BRIDGE_SDS_SOCKET")]
-    pub sds_socket: PathBuf,
+    /// Where Envoy connects for SDS [default: `socket` in --csi-mount-dir when that is given,
+    /// else /run/spire/agent-sockets/socket].
+    #[arg(long, env = "SVID_BRIDGE_SDS_SOCKET")]
+    pub sds_socket: Option<PathBuf>,
 
     /// CSI endpoint; an empty value turns the CSI plugin off.
     #[arg(
@@ -97,6 +100,15 @@ pub struct RunArgs {
         env = "SVID_BRIDGE_CSI_PLUGIN_NAME"
     )]
     pub csi_plugin_name: String,
+
+    /// The CSI socket's path as the kubelet sees it (host mount namespace), reported at
+    /// registration; default: --csi-socket (the DaemonSet mounts it at the same path).
+    #[arg(long, alias = "kubelet-registration-path", env = "SVID_BRIDGE_CSI_REGISTRATION_PATH")]
+    pub csi_registration_path: Option<PathBuf>,
+
+    /// Do not register with the kubelet (when a node-driver-registrar sidecar does it).
+    #[arg(long, env = "SVID_BRIDGE_DISABLE_KUBELET_REGISTRATION")]
+    pub disable_kubelet_registration: bool,
 
     /// Directory bind-mounted into pods; default: the directory of --sds-socket.
     #[arg(long, alias = "workload-api-socket-dir", env = "SVID_BRIDGE_CSI_MOUNT_DIR")]
@@ -125,6 +137,11 @@ pub struct RunArgs {
     /// SDS name of all bundles the workload may see.
     #[arg(long, default_value = "ALL", env = "SVID_BRIDGE_DEFAULT_ALL_BUNDLES_NAME")]
     pub default_all_bundles_name: String,
+
+    /// PEM file of extra root certificates added to the own trust domain in ROOTCA and ALL,
+    /// e.g. istiod's root while a mesh migrates from istiod's CA to SPIRE (istio/istio#50783).
+    #[arg(long, env = "SVID_BRIDGE_EXTRA_TRUST_ANCHORS")]
+    pub extra_trust_anchors: Option<PathBuf>,
 
     /// Serve `trusted_ca` instead of Envoy's SPIFFE certificate validator.
     #[arg(long, env = "SVID_BRIDGE_DISABLE_SPIFFE_CERT_VALIDATION")]
@@ -172,6 +189,8 @@ pub struct SdsConfig {
     pub default_bundle_name: String,
     pub default_all_bundles_name: String,
     pub disable_spiffe_cert_validation: bool,
+    /// DER certificates from --extra-trust-anchors.
+    pub extra_trust_anchors: Vec<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
@@ -180,7 +199,11 @@ pub struct CsiConfig {
     pub plugin_name: String,
     pub mount_dir: PathBuf,
     pub node_id: String,
+    /// Must equal the kubelet's `--root-dir` as a string: targets are confined under it.
     pub kubelet_root: PathBuf,
+    /// The CSI socket as the kubelet dials it, reported in registration GetInfo.
+    pub registration_endpoint: PathBuf,
+    pub register_with_kubelet: bool,
 }
 
 impl CsiConfig {
@@ -214,7 +237,7 @@ impl Env for ProcessEnv {
 
 impl RunArgs {
     pub fn validate(&self, env: &dyn Env) -> Result<Config, ConfigError> {
-        let sds_socket = absolute_socket("--sds-socket", &self.sds_socket)?;
+        let sds_socket = absolute_socket("--sds-socket", &self.sds_socket_path())?;
         let agent_socket = self.resolve_agent_socket(env)?;
         let admin_socket = absolute("--admin-socket", &self.admin_socket)?;
         let sds = SdsConfig {
@@ -226,6 +249,10 @@ impl RunArgs {
                 &self.default_all_bundles_name,
             )?,
             disable_spiffe_cert_validation: self.disable_spiffe_cert_validation,
+            extra_trust_anchors: match &self.extra_trust_anchors {
+                Some(path) => load_trust_anchors(path)?,
+                None => Vec::new(),
+            },
         };
         distinct_names(&sds)?;
         let csi = self.validate_csi(&sds.socket, env)?;
@@ -238,6 +265,16 @@ impl RunArgs {
             metrics_addr: optional_addr(&self.metrics_addr)?,
             health_addr: optional_addr(&self.health_addr)?,
         })
+    }
+
+    /// spiffe-csi-driver's flags name only the directory it mounts into pods; a drop-in
+    /// serves SDS in that directory, as `socket` (the name Istio looks for, I1).
+    fn sds_socket_path(&self) -> PathBuf {
+        match (&self.sds_socket, &self.csi_mount_dir) {
+            (Some(path), _) => path.clone(),
+            (None, Some(dir)) => dir.join("socket"),
+            (None, None) => PathBuf::from(DEFAULT_SDS_SOCKET),
+        }
     }
 
     fn resolve_agent_socket(&self, env: &dyn Env) -> Result<PathBuf, ConfigError> {
@@ -272,7 +309,19 @@ impl RunArgs {
             .filter(|id| !id.is_empty())
             .or_else(|| env.var(&self.node_id_env).filter(|id| !id.is_empty()))
             .ok_or_else(|| ConfigError::MissingNodeId { env_var: self.node_id_env.clone() })?;
-        Ok(Some(CsiConfig { socket, plugin_name, mount_dir, node_id, kubelet_root }))
+        let registration_endpoint = match &self.csi_registration_path {
+            Some(path) => absolute("--csi-registration-path", path)?,
+            None => socket.clone(),
+        };
+        Ok(Some(CsiConfig {
+            socket,
+            plugin_name,
+            mount_dir,
+            node_id,
+            kubelet_root,
+            registration_endpoint,
+            register_with_kubelet: !self.disable_kubelet_registration,
+        }))
     }
 }
 
@@ -304,6 +353,26 @@ fn absolute_socket(flag: &'static str, path: &Path) -> Result<PathBuf, ConfigErr
     let path = absolute(flag, path)?;
     existing_dir(flag, &parent_dir(&path))?;
     Ok(path)
+}
+
+/// Reads a PEM file of CA certificates; at least one, and each must parse.
+fn load_trust_anchors(path: &Path) -> Result<Vec<Vec<u8>>, ConfigError> {
+    let fail = |reason: String| ConfigError::TrustAnchors { path: path.to_path_buf(), reason };
+    let text = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+    let blocks = pem::parse_many(&text).map_err(|e| fail(format!("not PEM: {e}")))?;
+    let certs: Vec<Vec<u8>> = blocks
+        .into_iter()
+        .filter(|b| b.tag() == "CERTIFICATE")
+        .map(pem::Pem::into_contents)
+        .collect();
+    if certs.is_empty() {
+        return Err(fail("no CERTIFICATE block".into()));
+    }
+    for (i, der) in certs.iter().enumerate() {
+        x509_parser::parse_x509_certificate(der)
+            .map_err(|e| fail(format!("certificate {} does not parse: {e}", i + 1)))?;
+    }
+    Ok(certs)
 }
 
 fn existing_dir(flag: &'static str, dir: &Path) -> Result<PathBuf, ConfigError> {
@@ -420,11 +489,10 @@ mod tests {
     }
 
     fn args(dir: &Path, extra: &[&str]) -> RunArgs {
-        let sds = dir.join("socket");
         let csi = dir.join("csi.sock");
         let mut argv = vec![
             "t".to_owned(),
-            format!("--sds-socket={}", sds.display()),
+            format!("--sds-socket={}", dir.join("socket").display()),
             format!("--csi-socket={}", csi.display()),
             format!("--kubelet-root={}", dir.display()),
         ];
@@ -450,6 +518,27 @@ mod tests {
             dir.path().join("plugins_registry/csi.spiffe.io-reg.sock")
         );
         assert_eq!(config.identity_source, IdentitySourceKind::Delegated);
+    }
+
+    #[test]
+    fn spiffe_csi_driver_flags_alone_serve_sds_in_the_mounted_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let argv = normalize_args(
+            [
+                "svid-bridge".to_owned(),
+                format!("-workload-api-socket-dir={}", dir.path().display()),
+                format!("-csi-socket-path={}", dir.path().join("csi.sock").display()),
+                "-node-id=n1".to_owned(),
+                format!("--kubelet-root={}", dir.path().display()),
+            ],
+        );
+        let cli = TestCli::parse_from(argv.iter().filter(|a| *a != "run"));
+        let config = cli.run.validate(&no_env()).unwrap();
+        assert_eq!(config.sds.socket, dir.path().join("socket"));
+        let csi = config.csi.unwrap();
+        assert_eq!(csi.mount_dir, dir.path());
+        assert_eq!(csi.registration_endpoint, dir.path().join("csi.sock"));
+        assert!(csi.register_with_kubelet);
     }
 
     #[test]
@@ -517,6 +606,25 @@ mod tests {
         assert!(!is_valid_plugin_name(""));
         assert!(!is_valid_plugin_name(&"a".repeat(64)));
         assert!(!is_valid_plugin_name("a/b"));
+    }
+
+    #[test]
+    fn extra_trust_anchors_must_be_pem_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("roots.pem");
+        let cert = rcgen::generate_simple_self_signed(vec!["istiod".into()]).unwrap().cert;
+        std::fs::write(&good, cert.pem()).unwrap();
+        let flag = format!("--extra-trust-anchors={}", good.display());
+        let config = args(dir.path(), &["--csi-socket=", &flag]).validate(&no_env()).unwrap();
+        assert_eq!(config.sds.extra_trust_anchors, vec![cert.der().to_vec()]);
+
+        let bad = dir.path().join("bad.pem");
+        std::fs::write(&bad, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").unwrap();
+        let flag = format!("--extra-trust-anchors={}", bad.display());
+        let err = args(dir.path(), &["--csi-socket=", &flag]).validate(&no_env()).unwrap_err();
+        assert!(err.to_string().contains("no CERTIFICATE block"), "{err}");
+        let missing = format!("--extra-trust-anchors={}", dir.path().join("nope").display());
+        assert!(args(dir.path(), &["--csi-socket=", &missing]).validate(&no_env()).is_err());
     }
 
     #[test]

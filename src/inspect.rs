@@ -162,5 +162,7 @@ fn describe_cert(der: &[u8]) -> String {
     let id = if uris.is_empty() { cert.subject().to_string() } else { uris.join(",") };
     let not_after = cert.validity().not_after;
     let remaining = cert.validity().time_to_expiration().map_or_else(|| "expired".into(), |d| format!("in {}s", d.whole_seconds()));
-    format!("{id}  serial {}  expires {} ({remaining})", cert.raw_serial_as_string(), not_after)
+    // Lowercase hex without separators: the form Envoy's /certs shows, so the two compare.
+    let serial: String = cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect();
+    format!("{id}  serial {serial}  expires {not_after} ({remaining})")
 }

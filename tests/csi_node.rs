@@ -5,24 +5,43 @@
 mod csi_support;
 
 use std::io::{Read, Write};
-use std::os::unix::fs::{PermissionsExt, symlink};
+use std::os::unix::fs::symlink;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
-use csi_support::{Plugin, SOCKET_NAME, mounts_at, mounts_under, publish_request, total_mounts, unpublish_request};
+use csi_support::{
+    Plugin, SOCKET_NAME, mounts_at, mounts_under, publish_request, total_mounts, unpublish_request,
+};
 use svid_bridge::proto::csi::volume_capability::access_mode::Mode;
-use svid_bridge::proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use svid_bridge::proto::csi::volume_capability::{
+    AccessMode, AccessType, BlockVolume, MountVolume,
+};
 use svid_bridge::proto::csi::volume_usage::Unit;
-use svid_bridge::proto::csi::{NodeGetVolumeStatsRequest, NodePublishVolumeRequest, VolumeCapability};
+use svid_bridge::proto::csi::{
+    NodeGetVolumeStatsRequest, NodePublishVolumeRequest, VolumeCapability,
+};
 use tonic::Code;
 
 fn bind(source: &Path, target: &Path) {
     rustix::mount::mount_bind(source, target).expect("test bind mount");
 }
 
-async fn stats(plugin: &Plugin, volume_id: &str, path: &str) -> Result<svid_bridge::proto::csi::NodeGetVolumeStatsResponse, tonic::Status> {
-    let req = NodeGetVolumeStatsRequest { volume_id: volume_id.into(), volume_path: path.into(), ..Default::default() };
-    plugin.node().await.node_get_volume_stats(req).await.map(tonic::Response::into_inner)
+async fn stats(
+    plugin: &Plugin,
+    volume_id: &str,
+    path: &str,
+) -> Result<svid_bridge::proto::csi::NodeGetVolumeStatsResponse, tonic::Status> {
+    let req = NodeGetVolumeStatsRequest {
+        volume_id: volume_id.into(),
+        volume_path: path.into(),
+        ..Default::default()
+    };
+    plugin
+        .node()
+        .await
+        .node_get_volume_stats(req)
+        .await
+        .map(tonic::Response::into_inner)
 }
 
 mount_ns_test! {
@@ -245,14 +264,18 @@ struct BadInput {
     message: String,
 }
 
-fn with(target: &Path, edit: impl FnOnce(&mut NodePublishVolumeRequest)) -> NodePublishVolumeRequest {
+fn with(
+    target: &Path,
+    edit: impl FnOnce(&mut NodePublishVolumeRequest),
+) -> NodePublishVolumeRequest {
     let mut req = publish_request("csi-bad", target);
     edit(&mut req);
     req
 }
 
 fn capability(req: &mut NodePublishVolumeRequest) -> &mut VolumeCapability {
-    req.volume_capability.get_or_insert_with(VolumeCapability::default)
+    req.volume_capability
+        .get_or_insert_with(VolumeCapability::default)
 }
 
 fn mount_with(fs_type: &str, flags: &[&str]) -> Option<AccessType> {
@@ -266,7 +289,12 @@ fn mount_with(fs_type: &str, flags: &[&str]) -> Option<AccessType> {
 /// The reference's error table (P-1…P-9, messages verbatim, R-6) and hostile target paths
 /// (R-4, a spiffe-csi-driver gap, P-14).
 fn bad_inputs(plugin: &Plugin, target: &Path, outside: &Path) -> Vec<BadInput> {
-    let invalid = |name, request, message: &str| BadInput { name, request, code: Code::InvalidArgument, message: message.to_owned() };
+    let invalid = |name, request, message: &str| BadInput {
+        name,
+        request,
+        code: Code::InvalidArgument,
+        message: message.to_owned(),
+    };
     let pods = plugin.pods_dir.to_str().unwrap();
     let outside_target = outside.join("mount");
     // pods/evil -> outside: lexically inside, really outside.
@@ -274,24 +302,105 @@ fn bad_inputs(plugin: &Plugin, target: &Path, outside: &Path) -> Vec<BadInput> {
     let dot_dot = format!("{pods}/pod-1/../../../outside/mount");
     let long = format!("{pods}/{}", "d/".repeat(32 * 1024));
     vec![
-        invalid("P-1", with(target, |r| r.volume_id.clear()), "request missing required volume id"),
-        invalid("P-2", with(target, |r| r.target_path.clear()), "request missing required target path"),
-        invalid("P-3", with(target, |r| r.volume_capability = None), "request missing required volume capability"),
-        invalid("P-4", with(target, |r| capability(r).access_type = None), "request missing required volume capability access type"),
-        invalid("P-5 block", with(target, |r| capability(r).access_type = Some(AccessType::Block(BlockVolume {}))), "request volume capability access type must be a simple mount"),
-        invalid("P-5 fs_type", with(target, |r| capability(r).access_type = mount_with("ext4", &[])), "request volume capability access type must be a simple mount"),
-        invalid("P-5 mount_flags", with(target, |r| capability(r).access_type = mount_with("", &["ro"])), "request volume capability access type must be a simple mount"),
-        invalid("P-6", with(target, |r| capability(r).access_mode = None), "request missing required volume capability access mode"),
-        invalid("P-7", with(target, |r| capability(r).access_mode = Some(AccessMode { mode: Mode::SingleNodeReaderOnly as i32 })), "request volume capability access mode is not valid"),
-        invalid("P-8", with(target, |r| r.readonly = false), "pod.spec.volumes[].csi.readOnly must be set to 'true'"),
-        invalid("P-9 absent", with(target, |r| r.volume_context.clear()), "only ephemeral volumes are supported"),
-        invalid("P-9 false", with(target, |r| { r.volume_context.insert("csi.storage.k8s.io/ephemeral".into(), "false".into()); }), "only ephemeral volumes are supported"),
-        invalid("outside the kubelet root", with(&outside_target, |_| {}), "is not under the kubelet pods directory"),
-        invalid("dot-dot", with(Path::new(&dot_dot), |_| {}), "must be normalised"),
-        invalid("through a symlink", with(&through_symlink, |_| {}), "outside the kubelet pods directory"),
-        invalid("relative", with(Path::new("pods/pod-1/mount"), |_| {}), "must be absolute"),
+        invalid(
+            "P-1",
+            with(target, |r| r.volume_id.clear()),
+            "request missing required volume id",
+        ),
+        invalid(
+            "P-2",
+            with(target, |r| r.target_path.clear()),
+            "request missing required target path",
+        ),
+        invalid(
+            "P-3",
+            with(target, |r| r.volume_capability = None),
+            "request missing required volume capability",
+        ),
+        invalid(
+            "P-4",
+            with(target, |r| capability(r).access_type = None),
+            "request missing required volume capability access type",
+        ),
+        invalid(
+            "P-5 block",
+            with(target, |r| {
+                capability(r).access_type = Some(AccessType::Block(BlockVolume {}))
+            }),
+            "request volume capability access type must be a simple mount",
+        ),
+        invalid(
+            "P-5 fs_type",
+            with(target, |r| {
+                capability(r).access_type = mount_with("ext4", &[])
+            }),
+            "request volume capability access type must be a simple mount",
+        ),
+        invalid(
+            "P-5 mount_flags",
+            with(target, |r| {
+                capability(r).access_type = mount_with("", &["ro"])
+            }),
+            "request volume capability access type must be a simple mount",
+        ),
+        invalid(
+            "P-6",
+            with(target, |r| capability(r).access_mode = None),
+            "request missing required volume capability access mode",
+        ),
+        invalid(
+            "P-7",
+            with(target, |r| {
+                capability(r).access_mode = Some(AccessMode {
+                    mode: Mode::SingleNodeReaderOnly as i32,
+                })
+            }),
+            "request volume capability access mode is not valid",
+        ),
+        invalid(
+            "P-8",
+            with(target, |r| r.readonly = false),
+            "pod.spec.volumes[].csi.readOnly must be set to 'true'",
+        ),
+        invalid(
+            "P-9 absent",
+            with(target, |r| r.volume_context.clear()),
+            "only ephemeral volumes are supported",
+        ),
+        invalid(
+            "P-9 false",
+            with(target, |r| {
+                r.volume_context
+                    .insert("csi.storage.k8s.io/ephemeral".into(), "false".into());
+            }),
+            "only ephemeral volumes are supported",
+        ),
+        invalid(
+            "outside the kubelet root",
+            with(&outside_target, |_| {}),
+            "is not under the kubelet pods directory",
+        ),
+        invalid(
+            "dot-dot",
+            with(Path::new(&dot_dot), |_| {}),
+            "must be normalised",
+        ),
+        invalid(
+            "through a symlink",
+            with(&through_symlink, |_| {}),
+            "outside the kubelet pods directory",
+        ),
+        invalid(
+            "relative",
+            with(Path::new("pods/pod-1/mount"), |_| {}),
+            "must be absolute",
+        ),
         invalid("64 KiB", with(Path::new(&long), |_| {}), "is too long"),
-        invalid("symlink at the target", with(&plugin.pods_dir.join("pod-1/link"), |_| {}), "exists and is not a directory"),
+        invalid(
+            "symlink at the target",
+            with(&plugin.pods_dir.join("pod-1/link"), |_| {}),
+            "exists and is not a directory",
+        ),
     ]
 }
 
@@ -333,8 +442,6 @@ mount_ns_test! {
         // Still serving, on the same connection.
         node.node_publish_volume(publish_request("csi-1", &target)).await.unwrap();
         assert_eq!(mounts_at(&target), 1);
-        let mode = std::fs::metadata(plugin.mount_dir.join(SOCKET_NAME)).unwrap().permissions().mode();
-        assert_ne!(mode, 0, "socket reachable");
         node.node_unpublish_volume(unpublish_request("csi-1", &target)).await.unwrap();
         assert_eq!(total_mounts(), mounts_before);
         plugin.stop().await.unwrap();
@@ -351,6 +458,52 @@ mount_ns_test! {
         assert_eq!(err.code(), Code::Internal);
         assert!(err.message().starts_with("unable to create target path"), "{}", err.message());
         assert!(err.message().contains("No such file or directory"), "{}", err.message());
+
+        // P-12: a socket directory that is gone is Internal "unable to mount", and is
+        // checked before anything is created.
+        let target = plugin.target("pod-1", "spiffe");
+        let moved = plugin.root.join("sockets-moved");
+        std::fs::rename(&plugin.mount_dir, &moved).unwrap();
+        let err = plugin.node().await.node_publish_volume(publish_request("csi-1", &target)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Internal);
+        assert!(err.message().starts_with("unable to mount"), "{}", err.message());
+        assert!(err.message().contains("socket directory"), "{}", err.message());
+        assert!(!target.exists());
+        std::fs::rename(&moved, &plugin.mount_dir).unwrap();
         plugin.stop().await.unwrap();
+    }
+}
+
+mount_ns_test! {
+    /// Logs name the volume, target and pod (from podInfoOnMount's volume_context), say
+    /// why a call failed, and never contain `secrets`.
+    async fn logs_carry_the_pod_and_never_the_secrets() {
+        let logs = csi_support::LogCapture::install();
+        let plugin = Plugin::start().await;
+        let mut node = plugin.node().await;
+        let target = plugin.target("pod-1", "spiffe");
+        node.node_publish_volume(publish_request("csi-1", &target)).await.unwrap();
+        node.node_publish_volume(publish_request("csi-1", &target)).await.unwrap();
+        let mut writable = publish_request("csi-2", &target);
+        writable.readonly = false;
+        node.node_publish_volume(writable).await.unwrap_err();
+        node.node_unpublish_volume(unpublish_request("csi-1", &target)).await.unwrap();
+        plugin.stop().await.unwrap();
+
+        let text = logs.text();
+        for expected in [
+            "volume published",
+            "volume already published",
+            "volume unpublished",
+            "volume_id=\"csi-1\"",
+            "pod.name=\"web-0\"",
+            "pod.namespace=\"default\"",
+            "pod.uid=\"c3a32fc0\"",
+            "pod.spec.volumes[].csi.readOnly must be set to 'true'",
+            &format!("target_path={:?}", target.to_str().unwrap()),
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in logs:\n{text}");
+        }
+        assert!(!text.contains("never-logged"), "secrets leaked into logs:\n{text}");
     }
 }

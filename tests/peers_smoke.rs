@@ -27,7 +27,7 @@ fn spire_issues_svids_by_workload_path_and_survives_restarts() {
     let fetched = spire.wait_for_svid(&workload_a, &id_a);
     assert_eq!(fetched.spiffe_ids, vec![id_a.clone()]);
     assert_eq!(
-        fetched.lifetime(0),
+        fetched.ttl(0),
         Duration::from_secs(600),
         "the entry's x509SVIDTTL"
     );
@@ -78,7 +78,7 @@ fn federated_entry_gets_the_other_trust_domains_bundle() {
 
     let fetched = a.wait_for_svid(&workload, &id);
     assert_eq!(
-        fetched.lifetime(0),
+        fetched.ttl(0),
         Duration::from_secs(300),
         "default_x509_svid_ttl"
     );

@@ -18,16 +18,34 @@ pub struct IdentityService {
 }
 
 impl IdentityService {
-    pub fn new(plugin_name: String, mount_dir: PathBuf, sds_serving: watch::Receiver<bool>) -> Self {
-        IdentityService { plugin_name, mount_dir, sds_serving }
+    pub fn new(
+        plugin_name: String,
+        mount_dir: PathBuf,
+        sds_serving: watch::Receiver<bool>,
+    ) -> Self {
+        IdentityService {
+            plugin_name,
+            mount_dir,
+            sds_serving,
+        }
     }
 
     /// Probe's verdict: Ok(true) ready, Ok(false) still starting, Err(reason) cannot serve.
     fn readiness(&self) -> Result<bool, String> {
         match std::fs::metadata(&self.mount_dir) {
             Ok(meta) if meta.is_dir() => {}
-            Ok(_) => return Err(format!("socket directory {:?} is not a directory", self.mount_dir)),
-            Err(err) => return Err(format!("socket directory {:?} is unavailable: {err}", self.mount_dir)),
+            Ok(_) => {
+                return Err(format!(
+                    "socket directory {:?} is not a directory",
+                    self.mount_dir
+                ));
+            }
+            Err(err) => {
+                return Err(format!(
+                    "socket directory {:?} is unavailable: {err}",
+                    self.mount_dir
+                ));
+            }
         }
         if self.sds_serving.has_changed().is_err() {
             // The sender is gone: the SDS server stopped and will not come back.
@@ -56,13 +74,18 @@ impl Identity for IdentityService {
         &self,
         _request: Request<GetPluginCapabilitiesRequest>,
     ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
-        Ok(Response::new(GetPluginCapabilitiesResponse { capabilities: Vec::new() }))
+        Ok(Response::new(GetPluginCapabilitiesResponse {
+            capabilities: Vec::new(),
+        }))
     }
 
     /// Unlike spiffe-csi-driver (I-3, always ready), ready means what a pod needs: the SDS
     /// socket serves and the socket directory exists. Starting → `ready=false`; cannot
     /// serve → FAILED_PRECONDITION with the reason (CSI spec, Probe).
-    async fn probe(&self, _request: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+    async fn probe(
+        &self,
+        _request: Request<ProbeRequest>,
+    ) -> Result<Response<ProbeResponse>, Status> {
         match self.readiness() {
             Ok(ready) => Ok(Response::new(ProbeResponse { ready: Some(ready) })),
             Err(reason) => {
@@ -82,7 +105,10 @@ mod tests {
     }
 
     async fn probe(service: &IdentityService) -> Result<Option<bool>, Status> {
-        service.probe(Request::new(ProbeRequest {})).await.map(|r| r.into_inner().ready)
+        service
+            .probe(Request::new(ProbeRequest {}))
+            .await
+            .map(|r| r.into_inner().ready)
     }
 
     #[tokio::test]
@@ -97,7 +123,11 @@ mod tests {
         drop(tx);
         let err = probe(&service).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::FailedPrecondition);
-        assert!(err.message().contains("SDS server is not running"), "{}", err.message());
+        assert!(
+            err.message().contains("SDS server is not running"),
+            "{}",
+            err.message()
+        );
     }
 
     #[tokio::test]
@@ -107,7 +137,11 @@ mod tests {
         let service = service(dir.path().join("missing"), rx);
         let err = probe(&service).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::FailedPrecondition);
-        assert!(err.message().contains("socket directory"), "{}", err.message());
+        assert!(
+            err.message().contains("socket directory"),
+            "{}",
+            err.message()
+        );
     }
 
     #[tokio::test]
@@ -115,7 +149,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_tx, rx) = watch::channel(true);
         let service = service(dir.path().to_path_buf(), rx);
-        let info = service.get_plugin_info(Request::new(GetPluginInfoRequest {})).await.unwrap();
+        let info = service
+            .get_plugin_info(Request::new(GetPluginInfoRequest {}))
+            .await
+            .unwrap();
         assert_eq!(info.get_ref().name, "csi.spiffe.io");
         assert_eq!(info.get_ref().vendor_version, crate::VERSION);
         let caps = service

@@ -35,12 +35,20 @@ impl TargetLocks {
             Arc::clone(map.entry(target.to_path_buf()).or_default())
         };
         let guard = Arc::clone(&entry).lock_owned().await;
-        TargetGuard { map: Arc::clone(&self.map), key: target.to_path_buf(), entry, guard: Some(guard) }
+        TargetGuard {
+            map: Arc::clone(&self.map),
+            key: target.to_path_buf(),
+            entry,
+            guard: Some(guard),
+        }
     }
 
     /// Targets with a call in flight or waiting (for tests).
     pub fn len(&self) -> usize {
-        self.map.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -70,7 +78,10 @@ mod tests {
         let locks = TargetLocks::default();
         let first = locks.lock(Path::new("/t")).await;
         let blocked = tokio::time::timeout(Duration::from_millis(50), locks.lock(Path::new("/t")));
-        assert!(blocked.await.is_err(), "a second call for the same target must wait");
+        assert!(
+            blocked.await.is_err(),
+            "a second call for the same target must wait"
+        );
         drop(first);
         let second = tokio::time::timeout(Duration::from_secs(5), locks.lock(Path::new("/t")))
             .await
@@ -94,7 +105,9 @@ mod tests {
     async fn a_guard_dropped_on_another_thread_releases() {
         let locks = TargetLocks::default();
         let guard = locks.lock(Path::new("/t")).await;
-        tokio::task::spawn_blocking(move || drop(guard)).await.unwrap();
+        tokio::task::spawn_blocking(move || drop(guard))
+            .await
+            .unwrap();
         assert!(locks.is_empty());
         let _again = locks.lock(Path::new("/t")).await;
     }

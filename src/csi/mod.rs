@@ -26,10 +26,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint, Server, Uri};
 
 use crate::config::CsiConfig;
+use crate::proto::csi::GetPluginInfoRequest;
 use crate::proto::csi::identity_client::IdentityClient;
 use crate::proto::csi::identity_server::IdentityServer;
 use crate::proto::csi::node_server::NodeServer;
-use crate::proto::csi::GetPluginInfoRequest;
 use crate::proto::pluginregistration::registration_server::RegistrationServer;
 use crate::uds::{self, SocketAccess, UdsError};
 
@@ -132,8 +132,13 @@ fn server_ended(
     ended: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
 ) -> CsiError {
     match ended {
-        Ok(Ok(())) => CsiError::Stopped { path: path.to_path_buf() },
-        Ok(Err(source)) => CsiError::Serve { path: path.to_path_buf(), source },
+        Ok(Ok(())) => CsiError::Stopped {
+            path: path.to_path_buf(),
+        },
+        Ok(Err(source)) => CsiError::Serve {
+            path: path.to_path_buf(),
+            source,
+        },
         Err(join) => CsiError::Task(join),
     }
 }
@@ -148,7 +153,10 @@ async fn drain(
         Ok(Ok(Ok(()))) => Ok(()),
         Ok(ended) => Err(server_ended(path, ended)),
         Err(_) => {
-            tracing::warn!(csi_socket = %path.display(), "CSI calls still running at shutdown; abandoning them");
+            tracing::warn!(
+                csi_socket = %path.display(),
+                "CSI calls still running at shutdown; abandoning them"
+            );
             abort.abort();
             Ok(())
         }
@@ -166,6 +174,11 @@ async fn register_until_shutdown(
     tokio::select! {
         answered = wait_until_answering(&config.socket) => answered?,
         () = shutdown.cancelled() => return Ok(()),
+    }
+    if !config.register_with_kubelet {
+        tracing::info!("kubelet registration disabled (--disable-kubelet-registration)");
+        shutdown.cancelled().await;
+        return Ok(());
     }
     let registration = RunningRegistration::start(config, status);
     shutdown.cancelled().await;
@@ -188,7 +201,10 @@ async fn wait_until_answering(socket: &Path) -> Result<(), CsiError> {
         match tokio::time::timeout_at(deadline, attempt).await {
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(reason)) if tokio::time::Instant::now() >= deadline => {
-                return Err(CsiError::NotAnswering { path: socket.to_path_buf(), reason });
+                return Err(CsiError::NotAnswering {
+                    path: socket.to_path_buf(),
+                    reason,
+                });
             }
             Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
             Err(_) => {
@@ -227,15 +243,26 @@ impl RunningRegistration {
             }
         };
         status.send_replace(RegistrationStatus::AwaitingKubelet);
-        let service = registration::RegistrationService::new(&config.plugin_name, &config.socket, status);
+        let service =
+            registration::RegistrationService::new(&config.plugin_name, &config.registration_endpoint, status);
         let stop = CancellationToken::new();
         let task = tokio::spawn(
             Server::builder()
                 .add_service(RegistrationServer::new(service))
-                .serve_with_incoming_shutdown(uds::incoming(listener), stop.clone().cancelled_owned()),
+                .serve_with_incoming_shutdown(
+                    uds::incoming(listener),
+                    stop.clone().cancelled_owned(),
+                ),
         );
-        tracing::info!(registration_socket = %socket.display(), "kubelet registration socket serving");
-        Some(RunningRegistration { socket, stop, task: Some(task) })
+        tracing::info!(
+            registration_socket = %socket.display(),
+            "kubelet registration socket serving"
+        );
+        Some(RunningRegistration {
+            socket,
+            stop,
+            task: Some(task),
+        })
     }
 
     /// Removes the socket first (deregistration), then stops the server.

@@ -34,8 +34,14 @@ const TARGET_MODE: u32 = 0o750;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MountError {
-    #[error("target path {target} resolves to {real:?}, outside the kubelet pods directory {pods_dir:?}")]
-    Escapes { target: String, real: PathBuf, pods_dir: PathBuf },
+    #[error(
+        "target path {target} resolves to {real:?}, outside the kubelet pods directory {pods_dir:?}"
+    )]
+    Escapes {
+        target: String,
+        real: PathBuf,
+        pods_dir: PathBuf,
+    },
     #[error("target path {target} exists and is not a directory")]
     NotADirectory { target: String },
     #[error("unable to create target path {target}: {source}")]
@@ -43,7 +49,11 @@ pub enum MountError {
     #[error("unable to verify mount point {target}: {source}")]
     Verify { target: String, source: io::Error },
     #[error("unable to mount {target}: socket directory {dir:?}: {source}")]
-    SourceUnavailable { target: String, dir: PathBuf, source: io::Error },
+    SourceUnavailable {
+        target: String,
+        dir: PathBuf,
+        source: io::Error,
+    },
     #[error("unable to mount {target}: {source}")]
     Mount { target: String, source: io::Error },
     #[error(
@@ -53,7 +63,9 @@ pub enum MountError {
     MountedElsewhere { target: String, dir: PathBuf },
     #[error("unable to unmount {target}: {source}")]
     Unmount { target: String, source: io::Error },
-    #[error("unable to unmount {target}: still a mount point after {count} unmounts; retry to continue")]
+    #[error(
+        "unable to unmount {target}: still a mount point after {count} unmounts; retry to continue"
+    )]
     StillMounted { target: String, count: usize },
     #[error("unable to remove target path {target}: {source}")]
     RemoveTarget { target: String, source: io::Error },
@@ -70,7 +82,7 @@ impl MountError {
         match self {
             MountError::Escapes { .. } | MountError::NotADirectory { .. } => Code::InvalidArgument,
             MountError::MountedElsewhere { .. } => Code::AlreadyExists,
-            MountError::NotPublished { .. } => Code::NotFound,
+            MountError::NotPublished { .. } => Code::NotFound,
             _ => Code::Internal,
         }
     }
@@ -120,7 +132,11 @@ struct DirId {
 
 impl From<&Statx> for DirId {
     fn from(stx: &Statx) -> Self {
-        DirId { dev_major: stx.stx_dev_major, dev_minor: stx.stx_dev_minor, ino: stx.stx_ino }
+        DirId {
+            dev_major: stx.stx_dev_major,
+            dev_minor: stx.stx_dev_minor,
+            ino: stx.stx_ino,
+        }
     }
 }
 
@@ -134,13 +150,12 @@ impl From<&Statx> for DirId {
 /// not propagate to the host's copy of the mount, so it would only change our namespace;
 /// the mount inherits the source mount's own flags instead.
 pub fn publish(source: &Path, pods_dir: &Path, target: &Target) -> Result<Published, MountError> {
-    let source_id = dir_id(CWD, source, AtFlags::empty()).map_err(|err| {
-        MountError::SourceUnavailable {
+    let source_id =
+        dir_id(CWD, source, AtFlags::empty()).map_err(|err| MountError::SourceUnavailable {
             target: target.quoted(),
             dir: source.to_path_buf(),
             source: err,
-        }
-    })?;
+        })?;
     let parent = open_dir(target.parent()).map_err(|source| MountError::CreateTarget {
         target: target.quoted(),
         source,
@@ -153,7 +168,10 @@ pub fn publish(source: &Path, pods_dir: &Path, target: &Target) -> Result<Publis
         return if DirId::from(&stx) == source_id {
             Ok(Published::AlreadyMounted)
         } else {
-            Err(MountError::MountedElsewhere { target: target.quoted(), dir: source.to_path_buf() })
+            Err(MountError::MountedElsewhere {
+                target: target.quoted(),
+                dir: source.to_path_buf(),
+            })
         };
     }
     rustix::mount::mount_bind(source, proc_fd_path(&dir)).map_err(|err| MountError::Mount {
@@ -169,7 +187,10 @@ pub fn unpublish(pods_dir: &Path, target: &Target) -> Result<Unpublished, MountE
     let parent = match open_dir(target.parent()) {
         Ok(parent) => parent,
         Err(err) if err.kind() == io::ErrorKind::NotFound => {
-            return Ok(Unpublished { unmounted: 0, removed: false });
+            return Ok(Unpublished {
+                unmounted: 0,
+                removed: false,
+            });
         }
         Err(source) => return Err(verify_error(target, source)),
     };
@@ -180,12 +201,20 @@ pub fn unpublish(pods_dir: &Path, target: &Target) -> Result<Unpublished, MountE
 }
 
 /// Usage and condition of a published volume; NotPublished when `target` is not one.
-pub fn inspect(source: &Path, pods_dir: &Path, target: &Target) -> Result<VolumeStatus, MountError> {
-    let not_published =
-        |reason: &str| MountError::NotPublished { target: target.quoted(), reason: reason.to_owned() };
+pub fn inspect(
+    source: &Path,
+    pods_dir: &Path,
+    target: &Target,
+) -> Result<VolumeStatus, MountError> {
+    let not_published = |reason: &str| MountError::NotPublished {
+        target: target.quoted(),
+        reason: reason.to_owned(),
+    };
     let parent = match open_dir(target.parent()) {
         Ok(parent) => parent,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Err(not_published("no such directory")),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            return Err(not_published("no such directory"));
+        }
         Err(source) => return Err(verify_error(target, source)),
     };
     match ensure_inside(&parent, pods_dir, target) {
@@ -201,7 +230,10 @@ pub fn inspect(source: &Path, pods_dir: &Path, target: &Target) -> Result<Volume
         Some(true) => {}
     }
     let dir = open_target_dir(&parent, target)?;
-    let stats_error = |source: io::Error| MountError::Stats { target: target.quoted(), source };
+    let stats_error = |source: io::Error| MountError::Stats {
+        target: target.quoted(),
+        source,
+    };
     let stx = statx_fd(&dir).map_err(stats_error)?;
     let vfs = rustix::fs::statvfs(proc_fd_path(&dir)).map_err(|err| stats_error(err.into()))?;
     let (abnormal, message) = condition(source, DirId::from(&stx), &dir);
@@ -227,14 +259,24 @@ fn condition(source: &Path, mounted: DirId, dir: &OwnedFd) -> (bool, String) {
                 ),
             );
         }
-        Err(err) => return (true, format!("the socket directory {source:?} is unavailable: {err}")),
+        Err(err) => {
+            return (
+                true,
+                format!("the socket directory {source:?} is unavailable: {err}"),
+            );
+        }
     }
     match count_sockets(&proc_fd_path(dir)) {
         Ok(0) => (
             true,
-            format!("the socket directory {source:?} holds no socket: is the server behind it running?"),
+            format!(
+                "the socket directory {source:?} holds no socket: is the server behind it running?"
+            ),
         ),
-        Ok(n) => (false, format!("mounted; {n} socket(s) in the socket directory")),
+        Ok(n) => (
+            false,
+            format!("mounted; {n} socket(s) in the socket directory"),
+        ),
         Err(err) => (true, format!("unable to list the socket directory: {err}")),
     }
 }
@@ -259,12 +301,19 @@ fn usage(total: u64, free: u64, available: u64, unit: u64) -> Usage {
 }
 
 fn verify_error(target: &Target, source: io::Error) -> MountError {
-    MountError::Verify { target: target.quoted(), source }
+    MountError::Verify {
+        target: target.quoted(),
+        source,
+    }
 }
 
 /// `O_PATH` descriptor of a directory; symlinks on the way are followed and checked after.
 fn open_dir(path: &Path) -> io::Result<OwnedFd> {
-    Ok(rustix::fs::open(path, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?)
+    Ok(rustix::fs::open(
+        path,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
 }
 
 /// `/proc/self/fd/N`: names exactly the directory we hold, for calls that take a path.
@@ -275,23 +324,36 @@ fn proc_fd_path(fd: &impl AsRawFd) -> PathBuf {
 /// R-4 on the real path: the parent we hold must be inside the real pods directory, so
 /// neither `..` nor a symlinked component can lead the mount elsewhere.
 fn ensure_inside(parent: &OwnedFd, pods_dir: &Path, target: &Target) -> Result<(), MountError> {
-    let real = fs::read_link(proc_fd_path(parent)).map_err(|source| verify_error(target, source))?;
+    let real =
+        fs::read_link(proc_fd_path(parent)).map_err(|source| verify_error(target, source))?;
     let real_pods = fs::canonicalize(pods_dir).map_err(|source| verify_error(target, source))?;
     if real.starts_with(&real_pods) {
         Ok(())
     } else {
-        Err(MountError::Escapes { target: target.quoted(), real, pods_dir: pods_dir.to_path_buf() })
+        Err(MountError::Escapes {
+            target: target.quoted(),
+            real,
+            pods_dir: pods_dir.to_path_buf(),
+        })
     }
 }
 
 /// `mkdir(target, 0750)`; an existing entry is fine (P-10), and checked by the open after.
 fn create_target_dir(parent: &OwnedFd, target: &Target) -> Result<(), MountError> {
-    let create_error = |err: Errno| MountError::CreateTarget { target: target.quoted(), source: err.into() };
+    let create_error = |err: Errno| MountError::CreateTarget {
+        target: target.quoted(),
+        source: err.into(),
+    };
     match rustix::fs::mkdirat(parent, target.name(), Mode::from_raw_mode(TARGET_MODE)) {
         Ok(()) => {
             // mkdir applies the umask (0077 under `svid-bridge run`); spiffe's dirs are 0750.
-            rustix::fs::chmodat(parent, target.name(), Mode::from_raw_mode(TARGET_MODE), AtFlags::empty())
-                .map_err(create_error)
+            rustix::fs::chmodat(
+                parent,
+                target.name(),
+                Mode::from_raw_mode(TARGET_MODE),
+                AtFlags::empty(),
+            )
+            .map_err(create_error)
         }
         Err(Errno::EXIST) => Ok(()),
         Err(err) => Err(create_error(err)),
@@ -303,7 +365,9 @@ fn open_target_dir(parent: &OwnedFd, target: &Target) -> Result<OwnedFd, MountEr
     let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     match rustix::fs::openat(parent, target.name(), flags, Mode::empty()) {
         Ok(fd) => Ok(fd),
-        Err(Errno::NOTDIR | Errno::LOOP) => Err(MountError::NotADirectory { target: target.quoted() }),
+        Err(Errno::NOTDIR | Errno::LOOP) => Err(MountError::NotADirectory {
+            target: target.quoted(),
+        }),
         Err(err) => Err(verify_error(target, err.into())),
     }
 }
@@ -312,7 +376,12 @@ fn open_target_dir(parent: &OwnedFd, target: &Target) -> Result<OwnedFd, MountEr
 /// symlink at the target (it cannot be a mount point; it is left for rmdir to refuse).
 fn mount_state(parent: &OwnedFd, target: &Target) -> io::Result<Option<bool>> {
     let flags = AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT;
-    match rustix::fs::statx(parent, target.name(), flags, StatxFlags::TYPE | StatxFlags::INO) {
+    match rustix::fs::statx(
+        parent,
+        target.name(),
+        flags,
+        StatxFlags::TYPE | StatxFlags::INO,
+    ) {
         Ok(stx) => {
             if let Some(known) = mount_root_attribute(&stx) {
                 return Ok(Some(known));
@@ -327,7 +396,12 @@ fn mount_state(parent: &OwnedFd, target: &Target) -> io::Result<Option<bool>> {
 
 fn statx_fd(fd: &OwnedFd) -> io::Result<Statx> {
     let flags = AtFlags::EMPTY_PATH | AtFlags::NO_AUTOMOUNT;
-    Ok(rustix::fs::statx(fd, "", flags, StatxFlags::TYPE | StatxFlags::INO)?)
+    Ok(rustix::fs::statx(
+        fd,
+        "",
+        flags,
+        StatxFlags::TYPE | StatxFlags::INO,
+    )?)
 }
 
 fn dir_id(dirfd: impl AsFd, path: &Path, flags: AtFlags) -> io::Result<DirId> {
@@ -355,13 +429,19 @@ fn mount_root_attribute(stx: &Statx) -> Option<bool> {
 fn unmount_all(parent: &OwnedFd, target: &Target) -> Result<usize, MountError> {
     let path = proc_fd_path(parent).join(target.name());
     let mut unmounted = 0;
-    while mount_state(parent, target).map_err(|source| verify_error(target, source))? == Some(true) {
+    while mount_state(parent, target).map_err(|source| verify_error(target, source))? == Some(true)
+    {
         if unmounted == MAX_UNMOUNTS {
-            return Err(MountError::StillMounted { target: target.quoted(), count: unmounted });
+            return Err(MountError::StillMounted {
+                target: target.quoted(),
+                count: unmounted,
+            });
         }
-        rustix::mount::unmount(&path, UnmountFlags::NOFOLLOW).map_err(|err| MountError::Unmount {
-            target: target.quoted(),
-            source: err.into(),
+        rustix::mount::unmount(&path, UnmountFlags::NOFOLLOW).map_err(|err| {
+            MountError::Unmount {
+                target: target.quoted(),
+                source: err.into(),
+            }
         })?;
         unmounted += 1;
     }
@@ -373,7 +453,10 @@ fn remove_target_dir(parent: &OwnedFd, target: &Target) -> Result<bool, MountErr
     match rustix::fs::unlinkat(parent, target.name(), AtFlags::REMOVEDIR) {
         Ok(()) => Ok(true),
         Err(Errno::NOENT) => Ok(false),
-        Err(err) => Err(MountError::RemoveTarget { target: target.quoted(), source: err.into() }),
+        Err(err) => Err(MountError::RemoveTarget {
+            target: target.quoted(),
+            source: err.into(),
+        }),
     }
 }
 
@@ -383,7 +466,14 @@ mod tests {
 
     #[test]
     fn usage_scales_blocks_and_saturates() {
-        assert_eq!(usage(100, 40, 30, 4096), Usage { total: 409_600, used: 245_760, available: 122_880 });
+        assert_eq!(
+            usage(100, 40, 30, 4096),
+            Usage {
+                total: 409_600,
+                used: 245_760,
+                available: 122_880
+            }
+        );
         assert_eq!(usage(u64::MAX, 0, 0, 4096).total, i64::MAX);
         assert_eq!(usage(1, 2, 0, 1).used, 0);
     }
@@ -392,15 +482,32 @@ mod tests {
     fn codes_follow_the_spec() {
         let target = "\"/t\"".to_owned();
         assert_eq!(
-            MountError::MountedElsewhere { target: target.clone(), dir: "/s".into() }.code(),
+            MountError::MountedElsewhere {
+                target: target.clone(),
+                dir: "/s".into()
+            }
+            .code(),
             tonic::Code::AlreadyExists
         );
         assert_eq!(
-            MountError::NotPublished { target: target.clone(), reason: String::new() }.code(),
+            MountError::NotPublished {
+                target: target.clone(),
+                reason: String::new()
+            }
+            .code(),
             tonic::Code::NotFound
         );
-        assert_eq!(MountError::NotADirectory { target: target.clone() }.code(), tonic::Code::InvalidArgument);
-        assert_eq!(MountError::StillMounted { target, count: 1 }.code(), tonic::Code::Internal);
+        assert_eq!(
+            MountError::NotADirectory {
+                target: target.clone()
+            }
+            .code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            MountError::StillMounted { target, count: 1 }.code(),
+            tonic::Code::Internal
+        );
     }
 
     #[test]

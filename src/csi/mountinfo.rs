@@ -34,7 +34,14 @@ impl MountInfo {
         let root = decode_path(fields.next()?);
         let mount_point = decode_path(fields.next()?);
         let options = fields.next()?.to_owned();
-        Some(MountInfo { mount_id, parent_id, device, root, mount_point, options })
+        Some(MountInfo {
+            mount_id,
+            parent_id,
+            device,
+            root,
+            mount_point,
+            options,
+        })
     }
 }
 
@@ -62,7 +69,9 @@ fn octal_escape_at(bytes: &[u8], i: usize) -> Option<u8> {
     if escape[0] != b'\\' || !escape[1..].iter().all(|b| (b'0'..=b'7').contains(b)) {
         return None;
     }
-    let value = escape[1..].iter().fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0'));
+    let value = escape[1..]
+        .iter()
+        .fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0'));
     u8::try_from(value).ok()
 }
 
@@ -119,7 +128,10 @@ short line
     #[test]
     fn octal_escapes_are_decoded() {
         assert_eq!(decode_octal_escapes(r"/a\040b"), b"/a b");
-        assert_eq!(decode_octal_escapes(r"/a\040\040b\011c\012d\134e"), b"/a  b\tc\nd\\e");
+        assert_eq!(
+            decode_octal_escapes(r"/a\040\040b\011c\012d\134e"),
+            b"/a  b\tc\nd\\e"
+        );
         // Not escapes: too short, non-octal digit, out of a byte's range.
         assert_eq!(decode_octal_escapes(r"/a\04"), br"/a\04");
         assert_eq!(decode_octal_escapes(r"/a\089"), br"/a\089");
@@ -145,7 +157,9 @@ short line
     #[test]
     fn mount_points_match_exactly_after_decoding() {
         let mounts = table();
-        let target = Path::new("/var/lib/kubelet/pods/c3a3/volumes/kubernetes.io~csi/spire-agent-socket/mount");
+        let target = Path::new(
+            "/var/lib/kubelet/pods/c3a3/volumes/kubernetes.io~csi/spire-agent-socket/mount",
+        );
         assert_eq!(mounts_at(&mounts, target), 1);
         assert_eq!(mounts_at(&mounts, &target.join("other")), 0); // M-4
         assert_eq!(mounts_at(&mounts, Path::new("/mnt/has space")), 1); // M-2

@@ -11,11 +11,13 @@ use tracing::Instrument;
 
 use super::locks::{TargetGuard, TargetLocks};
 use super::mount::{self, MountError, Published};
-use super::target::{Target, quote};
+use super::target::{Target, shorten};
 use super::validate;
 use crate::config::CsiConfig;
 use crate::proto::csi::node_server::Node;
-use crate::proto::csi::node_service_capability::{Rpc, Type as CapabilityType, rpc::Type as RpcType};
+use crate::proto::csi::node_service_capability::{
+    Rpc, Type as CapabilityType, rpc::Type as RpcType,
+};
 use crate::proto::csi::volume_usage::Unit;
 use crate::proto::csi::{
     NodeGetCapabilitiesRequest, NodeGetCapabilitiesResponse, NodeGetInfoRequest,
@@ -55,7 +57,10 @@ impl NodeService {
         }
     }
 
-    async fn publish(&self, req: NodePublishVolumeRequest) -> Result<NodePublishVolumeResponse, Status> {
+    async fn publish(
+        &self,
+        req: NodePublishVolumeRequest,
+    ) -> Result<NodePublishVolumeResponse, Status> {
         validate::publish(&req).map_err(Status::invalid_argument)?;
         // R-4 after P-1…P-9, so spiffe's messages keep their precedence.
         let target = Target::confine(&req.target_path, &self.inner.pods_dir, "target path")
@@ -71,7 +76,10 @@ impl NodeService {
         Ok(NodePublishVolumeResponse {})
     }
 
-    async fn unpublish(&self, req: NodeUnpublishVolumeRequest) -> Result<NodeUnpublishVolumeResponse, Status> {
+    async fn unpublish(
+        &self,
+        req: NodeUnpublishVolumeRequest,
+    ) -> Result<NodeUnpublishVolumeResponse, Status> {
         validate::unpublish(&req).map_err(Status::invalid_argument)?;
         let target = Target::confine(&req.target_path, &self.inner.pods_dir, "target path")
             .map_err(|err| Status::invalid_argument(err.to_string()))?;
@@ -81,22 +89,28 @@ impl NodeService {
         match (done.unmounted, done.removed) {
             (0, false) => tracing::info!("volume already unpublished"), // U-6
             (0 | 1, _) => tracing::info!("volume unpublished"),
-            (stacked, _) => tracing::warn!(stacked, "volume unpublished; removed stacked mounts (R-1)"),
+            (stacked, _) => {
+                tracing::warn!(stacked, "volume unpublished; removed stacked mounts (R-1)")
+            }
         }
         Ok(NodeUnpublishVolumeResponse {})
     }
 
-    async fn volume_stats(&self, req: NodeGetVolumeStatsRequest) -> Result<NodeGetVolumeStatsResponse, Status> {
+    async fn volume_stats(
+        &self,
+        req: NodeGetVolumeStatsRequest,
+    ) -> Result<NodeGetVolumeStatsResponse, Status> {
         validate::volume_stats(&req).map_err(Status::invalid_argument)?;
         // Anything that is not a confined path cannot be one of our volumes: NotFound, which
         // is also what csi-sanity expects for "some/path".
         let target = Target::confine(&req.volume_path, &self.inner.pods_dir, "volume path")
             .map_err(|err| Status::not_found(format!("not a published volume: {err}")))?;
         let (source, pods_dir) = (self.inner.mount_dir.clone(), self.inner.pods_dir.clone());
-        let status = tokio::task::spawn_blocking(move || mount::inspect(&source, &pods_dir, &target))
-            .await
-            .map_err(|err| Status::internal(format!("volume stats task failed: {err}")))?
-            .map_err(to_status)?;
+        let status =
+            tokio::task::spawn_blocking(move || mount::inspect(&source, &pods_dir, &target))
+                .await
+                .map_err(|err| Status::internal(format!("volume stats task failed: {err}")))?
+                .map_err(to_status)?;
         if status.abnormal {
             tracing::warn!(condition = %status.message, "volume abnormal");
         }
@@ -108,8 +122,14 @@ impl NodeService {
         };
         // V-3: the kubelet drops a response without usage before it reads the condition.
         Ok(NodeGetVolumeStatsResponse {
-            usage: vec![entry(status.bytes, Unit::Bytes), entry(status.inodes, Unit::Inodes)],
-            volume_condition: Some(VolumeCondition { abnormal: status.abnormal, message: status.message }),
+            usage: vec![
+                entry(status.bytes, Unit::Bytes),
+                entry(status.inodes, Unit::Inodes),
+            ],
+            volume_condition: Some(VolumeCondition {
+                abnormal: status.abnormal,
+                message: status.message,
+            }),
         })
     }
 }
@@ -137,9 +157,9 @@ fn to_status(err: MountError) -> Status {
 fn log_failure(status: &Status) {
     match status.code() {
         tonic::Code::Internal | tonic::Code::Unknown => {
-            tracing::error!(code = ?status.code(), message = status.message(), "CSI call failed");
+            tracing::error!(code = ?status.code(), error = status.message(), "CSI call failed");
         }
-        _ => tracing::warn!(code = ?status.code(), message = status.message(), "CSI call refused"),
+        _ => tracing::warn!(code = ?status.code(), error = status.message(), "CSI call refused"),
     }
 }
 
@@ -150,19 +170,22 @@ fn volume_span(
     path: &str,
     context: Option<&std::collections::HashMap<String, String>>,
 ) -> tracing::Span {
-    let field = |key: &str| context.and_then(|c| c.get(key)).map(|v| quote(v));
+    let field = |key: &str| context.and_then(|c| c.get(key)).map(|v| shorten(v));
     tracing::info_span!(
         "csi",
         method,
-        volume_id = %quote(volume_id),
-        target_path = %quote(path),
+        volume_id = shorten(volume_id).as_str(),
+        target_path = shorten(path).as_str(),
         pod.name = field(POD_NAME_KEY).as_deref(),
         pod.namespace = field(POD_NAMESPACE_KEY).as_deref(),
         pod.uid = field(POD_UID_KEY).as_deref(),
     )
 }
 
-async fn logged<T>(span: tracing::Span, call: impl Future<Output = Result<T, Status>>) -> Result<Response<T>, Status> {
+async fn logged<T>(
+    span: tracing::Span,
+    call: impl Future<Output = Result<T, Status>>,
+) -> Result<Response<T>, Status> {
     async move {
         let result = call.await;
         if let Err(status) = &result {
@@ -175,7 +198,9 @@ async fn logged<T>(span: tracing::Span, call: impl Future<Output = Result<T, Sta
 }
 
 fn capability(rpc: RpcType) -> NodeServiceCapability {
-    NodeServiceCapability { r#type: Some(CapabilityType::Rpc(Rpc { r#type: rpc as i32 })) }
+    NodeServiceCapability {
+        r#type: Some(CapabilityType::Rpc(Rpc { r#type: rpc as i32 })),
+    }
 }
 
 #[tonic::async_trait]
@@ -185,7 +210,12 @@ impl Node for NodeService {
         request: Request<NodePublishVolumeRequest>,
     ) -> Result<Response<NodePublishVolumeResponse>, Status> {
         let req = request.into_inner();
-        let span = volume_span("NodePublishVolume", &req.volume_id, &req.target_path, Some(&req.volume_context));
+        let span = volume_span(
+            "NodePublishVolume",
+            &req.volume_id,
+            &req.target_path,
+            Some(&req.volume_context),
+        );
         logged(span, self.publish(req)).await
     }
 
@@ -194,7 +224,12 @@ impl Node for NodeService {
         request: Request<NodeUnpublishVolumeRequest>,
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
         let req = request.into_inner();
-        let span = volume_span("NodeUnpublishVolume", &req.volume_id, &req.target_path, None);
+        let span = volume_span(
+            "NodeUnpublishVolume",
+            &req.volume_id,
+            &req.target_path,
+            None,
+        );
         logged(span, self.unpublish(req)).await
     }
 
@@ -214,7 +249,10 @@ impl Node for NodeService {
         _request: Request<NodeGetCapabilitiesRequest>,
     ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
         Ok(Response::new(NodeGetCapabilitiesResponse {
-            capabilities: vec![capability(RpcType::VolumeCondition), capability(RpcType::GetVolumeStats)],
+            capabilities: vec![
+                capability(RpcType::VolumeCondition),
+                capability(RpcType::GetVolumeStats),
+            ],
         }))
     }
 

@@ -42,7 +42,10 @@ impl RegistrationStatus {
 
     /// True when registration failed (rejected by the kubelet or no socket): unhealthy.
     pub fn is_failed(&self) -> bool {
-        matches!(self, RegistrationStatus::Rejected { .. } | RegistrationStatus::Unavailable { .. })
+        matches!(
+            self,
+            RegistrationStatus::Rejected { .. } | RegistrationStatus::Unavailable { .. }
+        )
     }
 }
 
@@ -53,7 +56,11 @@ pub struct RegistrationService {
 
 impl RegistrationService {
     /// `endpoint` is the CSI socket as the kubelet (in the host's mount namespace) sees it.
-    pub fn new(plugin_name: &str, endpoint: &Path, status: watch::Sender<RegistrationStatus>) -> Self {
+    pub fn new(
+        plugin_name: &str,
+        endpoint: &Path,
+        status: watch::Sender<RegistrationStatus>,
+    ) -> Self {
         RegistrationService {
             info: PluginInfo {
                 r#type: PLUGIN_TYPE.to_owned(),
@@ -69,8 +76,15 @@ impl RegistrationService {
 #[tonic::async_trait]
 impl Registration for RegistrationService {
     /// Called at discovery and, by newer kubelets, periodically as a health check.
-    async fn get_info(&self, _request: Request<InfoRequest>) -> Result<Response<PluginInfo>, Status> {
-        tracing::debug!(name = %self.info.name, endpoint = %self.info.endpoint, "kubelet asked for plugin info");
+    async fn get_info(
+        &self,
+        _request: Request<InfoRequest>,
+    ) -> Result<Response<PluginInfo>, Status> {
+        tracing::debug!(
+            name = %self.info.name,
+            endpoint = %self.info.endpoint,
+            "kubelet asked for plugin info"
+        );
         Ok(Response::new(self.info.clone()))
     }
 
@@ -88,7 +102,9 @@ impl Registration for RegistrationService {
                 error = %report.error,
                 "the kubelet refused to register the CSI plugin; pods using it cannot start"
             );
-            RegistrationStatus::Rejected { error: report.error }
+            RegistrationStatus::Rejected {
+                error: report.error,
+            }
         };
         self.status.send_replace(status);
         Ok(Response::new(RegistrationStatusResponse {}))
@@ -98,7 +114,9 @@ impl Registration for RegistrationService {
 /// Creates `plugins_registry` when missing (0750, root-only like the kubelet's own).
 pub fn ensure_registry_dir(socket: &Path) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
-    let dir = socket.parent().map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
+    let dir = socket
+        .parent()
+        .map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
     match std::fs::DirBuilder::new().mode(0o750).create(&dir) {
         Ok(()) => Ok(dir),
         Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(dir),
@@ -114,19 +132,37 @@ mod tests {
     async fn info_and_status_reports() {
         let (tx, rx) = watch::channel(RegistrationStatus::AwaitingKubelet);
         let service = RegistrationService::new("csi.spiffe.io", Path::new("/p/csi.sock"), tx);
-        let info = service.get_info(Request::new(InfoRequest {})).await.unwrap().into_inner();
+        let info = service
+            .get_info(Request::new(InfoRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(info.r#type, "CSIPlugin");
         assert_eq!(info.name, "csi.spiffe.io");
         assert_eq!(info.endpoint, "/p/csi.sock");
         assert_eq!(info.supported_versions, ["1.0.0"]);
 
         let report = |ok: bool, error: &str| {
-            Request::new(KubeletStatus { plugin_registered: ok, error: error.to_owned() })
+            Request::new(KubeletStatus {
+                plugin_registered: ok,
+                error: error.to_owned(),
+            })
         };
-        service.notify_registration_status(report(false, "version")).await.unwrap();
-        assert_eq!(*rx.borrow(), RegistrationStatus::Rejected { error: "version".into() });
+        service
+            .notify_registration_status(report(false, "version"))
+            .await
+            .unwrap();
+        assert_eq!(
+            *rx.borrow(),
+            RegistrationStatus::Rejected {
+                error: "version".into()
+            }
+        );
         assert!(rx.borrow().is_failed());
-        service.notify_registration_status(report(true, "")).await.unwrap();
+        service
+            .notify_registration_status(report(true, ""))
+            .await
+            .unwrap();
         assert!(rx.borrow().is_registered());
     }
 

@@ -28,9 +28,17 @@ pub enum PathError {
     #[error("{what} {path} contains a NUL byte")]
     Nul { what: &'static str, path: String },
     #[error("{what} {path} is too long ({len} bytes; at most {PATH_MAX}, {NAME_MAX} per name)")]
-    TooLong { what: &'static str, path: String, len: usize },
+    TooLong {
+        what: &'static str,
+        path: String,
+        len: usize,
+    },
     #[error("{what} {path} is not under the kubelet pods directory {pods_dir:?}")]
-    OutsidePodsDir { what: &'static str, path: String, pods_dir: PathBuf },
+    OutsidePodsDir {
+        what: &'static str,
+        path: String,
+        pods_dir: PathBuf,
+    },
 }
 
 /// A target path that passed the lexical checks: absolute, normalised, strictly below the
@@ -45,17 +53,30 @@ impl Target {
     pub fn confine(raw: &str, pods_dir: &Path, what: &'static str) -> Result<Self, PathError> {
         let quoted = || quote(raw);
         if raw.contains('\0') {
-            return Err(PathError::Nul { what, path: quoted() });
+            return Err(PathError::Nul {
+                what,
+                path: quoted(),
+            });
         }
         let path = Path::new(raw);
         if !path.is_absolute() {
-            return Err(PathError::Relative { what, path: quoted() });
+            return Err(PathError::Relative {
+                what,
+                path: quoted(),
+            });
         }
         if raw.len() > PATH_MAX || path.components().any(|c| c.as_os_str().len() > NAME_MAX) {
-            return Err(PathError::TooLong { what, path: quoted(), len: raw.len() });
+            return Err(PathError::TooLong {
+                what,
+                path: quoted(),
+                len: raw.len(),
+            });
         }
         if !is_normalised(raw) {
-            return Err(PathError::NotNormalised { what, path: quoted() });
+            return Err(PathError::NotNormalised {
+                what,
+                path: quoted(),
+            });
         }
         if path == pods_dir || !path.starts_with(pods_dir) {
             return Err(PathError::OutsidePodsDir {
@@ -64,7 +85,9 @@ impl Target {
                 pods_dir: pods_dir.to_path_buf(),
             });
         }
-        Ok(Target { path: path.to_path_buf() })
+        Ok(Target {
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -92,7 +115,10 @@ impl Target {
 /// repeated and trailing slashes, so compare the string with the re-joined components.
 fn is_normalised(raw: &str) -> bool {
     let path = Path::new(raw);
-    if path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
+    if path
+        .components()
+        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
         return false;
     }
     let rejoined: PathBuf = path.components().collect();
@@ -101,14 +127,31 @@ fn is_normalised(raw: &str) -> bool {
 
 /// `"path"`, or its first [`QUOTE_MAX`] bytes and the full length when it is longer.
 pub fn quote(raw: &str) -> String {
+    match prefix(raw) {
+        None => format!("{raw:?}"),
+        Some(start) => format!("{start:?}… ({} bytes)", raw.len()),
+    }
+}
+
+/// `raw` as a log field value: unchanged, or shortened like [`quote`] (unquoted, since the
+/// log formatter quotes string fields itself).
+pub fn shorten(raw: &str) -> String {
+    match prefix(raw) {
+        None => raw.to_owned(),
+        Some(start) => format!("{start}… ({} bytes)", raw.len()),
+    }
+}
+
+/// The first [`QUOTE_MAX`] bytes (on a char boundary) when `raw` is longer than that.
+fn prefix(raw: &str) -> Option<&str> {
     if raw.len() <= QUOTE_MAX {
-        return format!("{raw:?}");
+        return None;
     }
     let mut end = QUOTE_MAX;
     while !raw.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{:?}… ({} bytes)", &raw[..end], raw.len())
+    Some(&raw[..end])
 }
 
 #[cfg(test)]
@@ -136,7 +179,10 @@ mod tests {
     #[test]
     fn relative_paths_are_refused() {
         // csi-sanity's NodeGetVolumeStats probe uses "some/path".
-        assert!(matches!(confine("some/path"), Err(PathError::Relative { .. })));
+        assert!(matches!(
+            confine("some/path"),
+            Err(PathError::Relative { .. })
+        ));
         assert!(matches!(confine(""), Err(PathError::Relative { .. })));
     }
 
@@ -158,7 +204,12 @@ mod tests {
 
     #[test]
     fn paths_outside_or_equal_to_the_pods_dir_are_refused() {
-        for raw in ["/etc", "/var/lib/kubelet", PODS, "/var/lib/kubelet/podsX/uid/mount"] {
+        for raw in [
+            "/etc",
+            "/var/lib/kubelet",
+            PODS,
+            "/var/lib/kubelet/podsX/uid/mount",
+        ] {
             assert!(
                 matches!(confine(raw), Err(PathError::OutsidePodsDir { .. })),
                 "{raw} should be refused"
@@ -171,14 +222,23 @@ mod tests {
         let long = format!("{PODS}/{}", "a/".repeat(32 * 1024));
         let err = confine(&long).unwrap_err();
         assert!(matches!(err, PathError::TooLong { .. }));
-        assert!(err.to_string().len() < 400, "message must not echo 64 KiB: {err}");
+        assert!(
+            err.to_string().len() < 400,
+            "message must not echo 64 KiB: {err}"
+        );
         let long_name = format!("{PODS}/uid/{}", "n".repeat(256));
-        assert!(matches!(confine(&long_name), Err(PathError::TooLong { .. })));
+        assert!(matches!(
+            confine(&long_name),
+            Err(PathError::TooLong { .. })
+        ));
     }
 
     #[test]
     fn nul_bytes_are_refused() {
-        assert!(matches!(confine(&format!("{GOOD}\0x")), Err(PathError::Nul { .. })));
+        assert!(matches!(
+            confine(&format!("{GOOD}\0x")),
+            Err(PathError::Nul { .. })
+        ));
     }
 
     #[test]
@@ -188,5 +248,7 @@ mod tests {
         let quoted = quote(&long);
         assert!(quoted.ends_with("(400 bytes)"), "{quoted}");
         assert!(quoted.len() < 200);
+        assert_eq!(shorten("web-0"), "web-0");
+        assert!(shorten(&long).ends_with("(400 bytes)"));
     }
 }

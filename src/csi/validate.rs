@@ -2,8 +2,8 @@
 //! U-1, U-2). The messages are kept verbatim: users search for them, and the kubelet
 //! shows them in pod events (K-2).
 
-use crate::proto::csi::volume_capability::access_mode::Mode;
 use crate::proto::csi::volume_capability::AccessType;
+use crate::proto::csi::volume_capability::access_mode::Mode;
 use crate::proto::csi::{
     NodeGetVolumeStatsRequest, NodePublishVolumeRequest, NodeUnpublishVolumeRequest,
 };
@@ -89,8 +89,8 @@ pub fn volume_stats(req: &NodeGetVolumeStatsRequest) -> Result<(), &'static str>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::csi::volume_capability::{AccessMode, BlockVolume, MountVolume};
     use crate::proto::csi::VolumeCapability;
+    use crate::proto::csi::volume_capability::{AccessMode, BlockVolume, MountVolume};
 
     /// spiffe-csi-driver's unit-test base request (csi.md §2.3, DRVT `init`).
     fn base() -> NodePublishVolumeRequest {
@@ -114,7 +114,8 @@ mod tests {
     }
 
     fn capability(req: &mut NodePublishVolumeRequest) -> &mut VolumeCapability {
-        req.volume_capability.get_or_insert_with(VolumeCapability::default)
+        req.volume_capability
+            .get_or_insert_with(VolumeCapability::default)
     }
 
     #[test]
@@ -127,8 +128,16 @@ mod tests {
         let cases: Vec<(&str, NodePublishVolumeRequest, &str)> = vec![
             ("P-1", with(|r| r.volume_id.clear()), MISSING_VOLUME_ID),
             ("P-2", with(|r| r.target_path.clear()), MISSING_TARGET_PATH),
-            ("P-3", with(|r| r.volume_capability = None), MISSING_CAPABILITY),
-            ("P-4", with(|r| capability(r).access_type = None), MISSING_ACCESS_TYPE),
+            (
+                "P-3",
+                with(|r| r.volume_capability = None),
+                MISSING_CAPABILITY,
+            ),
+            (
+                "P-4",
+                with(|r| capability(r).access_type = None),
+                MISSING_ACCESS_TYPE,
+            ),
             (
                 "P-5 block",
                 with(|r| capability(r).access_type = Some(AccessType::Block(BlockVolume {}))),
@@ -154,21 +163,31 @@ mod tests {
                 }),
                 NOT_SIMPLE_MOUNT,
             ),
-            ("P-6", with(|r| capability(r).access_mode = None), MISSING_ACCESS_MODE),
+            (
+                "P-6",
+                with(|r| capability(r).access_mode = None),
+                MISSING_ACCESS_MODE,
+            ),
             (
                 "P-7",
                 with(|r| {
-                    capability(r).access_mode =
-                        Some(AccessMode { mode: Mode::SingleNodeReaderOnly as i32 })
+                    capability(r).access_mode = Some(AccessMode {
+                        mode: Mode::SingleNodeReaderOnly as i32,
+                    })
                 }),
                 BAD_ACCESS_MODE,
             ),
             ("P-8", with(|r| r.readonly = false), NOT_READ_ONLY),
-            ("P-9 absent", with(|r| r.volume_context.clear()), NOT_EPHEMERAL),
+            (
+                "P-9 absent",
+                with(|r| r.volume_context.clear()),
+                NOT_EPHEMERAL,
+            ),
             (
                 "P-9 false",
                 with(|r| {
-                    r.volume_context.insert(EPHEMERAL_KEY.into(), "false".into());
+                    r.volume_context
+                        .insert(EPHEMERAL_KEY.into(), "false".into());
                 }),
                 NOT_EPHEMERAL,
             ),
@@ -193,14 +212,18 @@ mod tests {
         assert_eq!(publish(&req), Err(NOT_SIMPLE_MOUNT));
         capability(&mut req).access_type = Some(AccessType::Mount(MountVolume::default()));
         assert_eq!(publish(&req), Err(MISSING_ACCESS_MODE));
-        capability(&mut req).access_mode =
-            Some(AccessMode { mode: Mode::SingleNodeReaderOnly as i32 });
+        capability(&mut req).access_mode = Some(AccessMode {
+            mode: Mode::SingleNodeReaderOnly as i32,
+        });
         assert_eq!(publish(&req), Err(BAD_ACCESS_MODE));
-        capability(&mut req).access_mode = Some(AccessMode { mode: Mode::SingleNodeWriter as i32 });
+        capability(&mut req).access_mode = Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        });
         assert_eq!(publish(&req), Err(NOT_READ_ONLY));
         req.readonly = true;
         assert_eq!(publish(&req), Err(NOT_EPHEMERAL));
-        req.volume_context.insert(EPHEMERAL_KEY.into(), "true".into());
+        req.volume_context
+            .insert(EPHEMERAL_KEY.into(), "true".into());
         assert_eq!(publish(&req), Ok(()));
     }
 
@@ -224,11 +247,20 @@ mod tests {
     fn unpublish_and_stats_require_id_then_path() {
         let req = NodeUnpublishVolumeRequest::default();
         assert_eq!(unpublish(&req), Err(MISSING_VOLUME_ID));
-        let req = NodeUnpublishVolumeRequest { volume_id: "v".into(), ..Default::default() };
+        let req = NodeUnpublishVolumeRequest {
+            volume_id: "v".into(),
+            ..Default::default()
+        };
         assert_eq!(unpublish(&req), Err(MISSING_TARGET_PATH));
-        let req = NodeGetVolumeStatsRequest { volume_path: "some/path".into(), ..Default::default() };
+        let req = NodeGetVolumeStatsRequest {
+            volume_path: "some/path".into(),
+            ..Default::default()
+        };
         assert_eq!(volume_stats(&req), Err(MISSING_VOLUME_ID));
-        let req = NodeGetVolumeStatsRequest { volume_id: "v".into(), ..Default::default() };
+        let req = NodeGetVolumeStatsRequest {
+            volume_id: "v".into(),
+            ..Default::default()
+        };
         assert_eq!(volume_stats(&req), Err(MISSING_VOLUME_PATH));
     }
 }

@@ -64,6 +64,8 @@ fn disable_flag_from_metadata(node: &Node) -> Option<bool> {
 pub struct View<'a> {
     pub svids: &'a WorkloadSvids,
     pub bundles: &'a BundleSet,
+    /// Roots added to the own trust domain in ROOTCA and ALL (--extra-trust-anchors).
+    pub extra_anchors: &'a [Vec<u8>],
 }
 
 /// A name that cannot be served yet, and why (for the "waiting" log line and metric).
@@ -90,11 +92,21 @@ impl View<'_> {
             Resource::OwnBundle => {
                 let td = self.own_trust_domain()?;
                 let bundle = self.bundles.get(td).ok_or(Waiting("the agent holds no bundle for the own trust domain yet"))?;
-                Ok(validation_secret(name, &[(td, bundle)], mode))
+                let own = self.with_extra_anchors(bundle);
+                Ok(validation_secret(name, &[(td, &own)], mode))
             }
             Resource::AllBundles => {
-                self.own_trust_domain()?;
-                Ok(validation_secret(name, &self.visible_bundles(), mode))
+                let own_td = self.own_trust_domain()?;
+                let own = self.bundles.get(own_td).map(|b| self.with_extra_anchors(b));
+                let bundles: Vec<(&str, &[Vec<u8>])> = self
+                    .visible_bundles()
+                    .into_iter()
+                    .map(|(td, b)| match (&own, td == own_td) {
+                        (Some(own), true) => (td, own.as_slice()),
+                        _ => (td, b),
+                    })
+                    .collect();
+                Ok(validation_secret(name, &bundles, mode))
             }
             Resource::TrustDomainBundle(td) => {
                 if !self.may_see(td) {
@@ -120,6 +132,10 @@ impl View<'_> {
             }
         }
         secrets
+    }
+
+    fn with_extra_anchors(&self, bundle: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        bundle.iter().chain(self.extra_anchors).cloned().collect()
     }
 
     fn own_trust_domain(&self) -> Result<&str, Waiting> {
@@ -281,7 +297,7 @@ pub(crate) mod tests {
             federates_with: vec!["other.org".into()],
         };
         let bundles = bundles(&["example.org", "other.org", "stranger.org"]);
-        let view = View { svids: &svids, bundles: &bundles };
+        let view = View { svids: &svids, bundles: &bundles, extra_anchors: &[] };
         let mode = ValidationMode::Spiffe;
 
         let default = view.resolve("default", &Resource::DefaultSvid, mode).unwrap();
@@ -307,10 +323,33 @@ pub(crate) mod tests {
         // C-5 fixed: SPIRE fails this request with Internal.
         let svids = WorkloadSvids { svids: vec![svid("spiffe://example.org/a")], federates_with: vec!["other.org".into()] };
         let bundles = bundles(&["example.org", "other.org"]);
-        let all = View { svids: &svids, bundles: &bundles }.resolve("ALL", &Resource::AllBundles, ValidationMode::TrustedCa).unwrap();
+        let all = View { svids: &svids, bundles: &bundles, extra_anchors: &[] }.resolve("ALL", &Resource::AllBundles, ValidationMode::TrustedCa).unwrap();
         let Some(secret::Type::ValidationContext(ctx)) = all.r#type else { panic!() };
         let Some(data_source::Specifier::InlineBytes(pem)) = ctx.trusted_ca.unwrap().specifier else { panic!() };
         assert_eq!(String::from_utf8(pem).unwrap().matches("BEGIN CERTIFICATE").count(), 2);
+    }
+
+    #[test]
+    fn extra_trust_anchors_join_the_own_trust_domain_in_rootca_and_all() {
+        // Migration from istiod's CA (istio/istio#50783): both roots verify peers of the
+        // own trust domain during the switch.
+        let svids = WorkloadSvids { svids: vec![svid("spiffe://example.org/a")], federates_with: vec!["other.org".into()] };
+        let bundles = bundles(&["example.org", "other.org"]);
+        let extra = vec![b"istiod root".to_vec()];
+        let view = View { svids: &svids, bundles: &bundles, extra_anchors: &extra };
+        for (name, resource) in [("ROOTCA", Resource::OwnBundle), ("ALL", Resource::AllBundles)] {
+            let secret = view.resolve(name, &resource, ValidationMode::Spiffe).unwrap();
+            let Some(secret::Type::ValidationContext(ctx)) = secret.r#type else { panic!() };
+            let any = ctx.custom_validator_config.unwrap().typed_config.unwrap();
+            let config = SpiffeCertValidatorConfig::decode(any.value.as_slice()).unwrap();
+            let own = config.trust_domains.iter().find(|t| t.name == "example.org").unwrap();
+            let Some(data_source::Specifier::InlineBytes(pem)) = own.trust_bundle.clone().unwrap().specifier else { panic!() };
+            assert_eq!(pem::parse_many(&pem).unwrap().len(), 2, "{name}: agent root + extra root");
+            if let Some(other) = config.trust_domains.iter().find(|t| t.name == "other.org") {
+                let Some(data_source::Specifier::InlineBytes(pem)) = other.trust_bundle.clone().unwrap().specifier else { panic!() };
+                assert_eq!(pem::parse_many(&pem).unwrap().len(), 1, "federated domains get no extra roots");
+            }
+        }
     }
 
     #[test]
@@ -320,7 +359,7 @@ pub(crate) mod tests {
             federates_with: vec![],
         };
         let bundles = bundles(&["example.org"]);
-        let names: Vec<String> = View { svids: &svids, bundles: &bundles }.everything(ValidationMode::Spiffe).into_iter().map(|s| s.name).collect();
+        let names: Vec<String> = View { svids: &svids, bundles: &bundles, extra_anchors: &[] }.everything(ValidationMode::Spiffe).into_iter().map(|s| s.name).collect();
         assert_eq!(names, ["spiffe://example.org", "spiffe://example.org/a"]);
     }
 

@@ -138,7 +138,7 @@ impl SecretDiscoveryService for SdsService {
         let mut last_waiting = BTreeMap::new();
         loop {
             if let Some(snapshot) = context.snapshot()? {
-                let (response, waiting) = stream.respond(&snapshot.view(), &self.settings);
+                let (response, waiting) = stream.respond(&snapshot.view(&self.settings), &self.settings);
                 match response {
                     Some(response) if waiting.is_empty() || wanted == 0 => return Ok(Response::new(response)),
                     _ => last_waiting = waiting,
@@ -181,8 +181,8 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    fn view(&self) -> View<'_> {
-        View { svids: &self.svids, bundles: &self.bundles }
+    fn view<'a>(&'a self, settings: &'a StreamSettings) -> View<'a> {
+        View { svids: &self.svids, bundles: &self.bundles, extra_anchors: &settings.extra_trust_anchors }
     }
 }
 
@@ -273,7 +273,7 @@ async fn run_sotw(mut context: StreamContext, mut inbound: Streaming<DiscoveryRe
             Ok(None) => continue,
             Err(status) => return finish(&tx, status).await,
         };
-        let (response, waiting) = stream.respond(&snapshot.view(), &context.settings);
+        let (response, waiting) = stream.respond(&snapshot.view(&context.settings), &context.settings);
         waits.update(waiting);
         if let Some(response) = response {
             tracing::debug!(version = %response.version_info, resources = response.resources.len(), "pushing secrets");
@@ -308,7 +308,7 @@ async fn run_delta(mut context: StreamContext, mut inbound: Streaming<DeltaDisco
             Ok(None) => continue,
             Err(status) => return finish(&tx, status).await,
         };
-        let (response, waiting) = stream.respond(&snapshot.view(), &context.settings);
+        let (response, waiting) = stream.respond(&snapshot.view(&context.settings), &context.settings);
         waits.update(waiting);
         if let Some(response) = response {
             let names: Vec<&str> = response.resources.iter().map(|r| r.name.as_str()).collect();

@@ -36,6 +36,8 @@ pub struct StreamSettings {
     pub special: SpecialNames,
     pub limits: Limits,
     pub validation_disabled: bool,
+    /// DER roots added to the own trust domain in ROOTCA and ALL.
+    pub extra_trust_anchors: Vec<Vec<u8>>,
 }
 
 /// What the caller should do after a request.
@@ -309,7 +311,7 @@ mod tests {
     }
 
     fn respond(stream: &mut SotwStream, snap: &(WorkloadSvids, BundleSet)) -> Option<DiscoveryResponse> {
-        stream.respond(&View { svids: &snap.0, bundles: &snap.1 }, &StreamSettings::default()).0
+        stream.respond(&View { svids: &snap.0, bundles: &snap.1, extra_anchors: &[] }, &StreamSettings::default()).0
     }
 
     #[test]
@@ -368,7 +370,7 @@ mod tests {
         let mut s = SotwStream::default();
         s.on_request(&request(&["default"], "", ""), &settings).unwrap();
         let empty = snapshot(&[]);
-        let (response, waiting) = s.respond(&View { svids: &empty.0, bundles: &empty.1 }, &settings);
+        let (response, waiting) = s.respond(&View { svids: &empty.0, bundles: &empty.1, extra_anchors: &[] }, &settings);
         assert!(response.is_none());
         assert!(waiting.contains_key("default"));
         let later = snapshot(&["spiffe://example.org/a"]);
@@ -401,7 +403,7 @@ mod tests {
     fn delta_sends_subscribed_names_and_only_changes() {
         let settings = StreamSettings::default();
         let snap = snapshot(&["spiffe://example.org/a"]);
-        let view = View { svids: &snap.0, bundles: &snap.1 };
+        let view = View { svids: &snap.0, bundles: &snap.1, extra_anchors: &[] };
         let mut d = DeltaStream::default();
         let subscribe = DeltaDiscoveryRequest {
             type_url: SECRET_TYPE_URL.into(),
@@ -416,7 +418,7 @@ mod tests {
         let ack = DeltaDiscoveryRequest { type_url: SECRET_TYPE_URL.into(), response_nonce: first.nonce.clone(), ..Default::default() };
         assert_eq!(d.on_request(&ack, &settings).unwrap(), Reaction::Acked);
         let rotated = snapshot(&["spiffe://example.org/b"]);
-        let second = d.respond(&View { svids: &rotated.0, bundles: &rotated.1 }, &settings).0.unwrap();
+        let second = d.respond(&View { svids: &rotated.0, bundles: &rotated.1, extra_anchors: &[] }, &settings).0.unwrap();
         assert_ne!(second.resources[0].version, first.resources[0].version);
     }
 

@@ -680,4 +680,610 @@ fn excerpt(bytes: &[u8]) -> String {
 }
 
 #[cfg(test)]
-mod tests {}
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use futures::FutureExt as _;
+    use proptest::prelude::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
+
+    use super::*;
+
+    /// grpcio 1.85.1's first request on a channel to `unix:/tmp/sn/y.sock` (captured): every
+    /// field a literal with incremental indexing, `:authority` = `tmp%2Fsn%2Fy.sock`.
+    const GRPCIO_FIRST: &str = "40053a70617468062f612e422f43400a3a617574686f7269747911746d70253246736e253246792e736f636b8386400c636f6e74656e742d74797065106170706c69636174696f6e2f677270634002746508747261696c6572734014677270632d6163636570742d656e636f64696e67176964656e746974792c206465666c6174652c20677a6970400c677270632d74696d656f757405313031306d400a757365722d6167656e7430677270632d707974686f6e2f312e38352e3120677270632d632f35382e302e3020286c696e75783b2063687474703229";
+    /// Its second request on the same connection: nothing but references to the first.
+    const GRPCIO_SECOND: &str = "c4c38386c2c1c0bfbe";
+    /// `:authority: run%2Fsvid%2Fsds.sock` Huffman-coded (Python hpack 4.2, huffman=True).
+    const HUFFMAN_AUTHORITY: &str = "83864485606bdd62f74190b2da95161477348a8b0a2442e8393aff4082497f864d833505b11f";
+
+    const SETTINGS: u8 = 0x4;
+    const PING: u8 = 0x6;
+    const DATA: u8 = 0x0;
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    }
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        write_frame_head(&mut v, payload.len(), kind, flags, stream);
+        v.extend_from_slice(payload);
+        v
+    }
+
+    fn connection(frames: &[Vec<u8>]) -> Vec<u8> {
+        let mut v = PREFACE.to_vec();
+        v.extend(frame(SETTINGS, 0, 0, &[]));
+        frames.iter().for_each(|f| v.extend_from_slice(f));
+        v
+    }
+
+    fn literal_with_indexing(name_index: u8, value: &[u8]) -> Vec<u8> {
+        let mut v = vec![0x40 | name_index];
+        encode_prefix_int(&mut v, value.len(), 7, 0);
+        v.extend_from_slice(value);
+        v
+    }
+
+    fn headers(stream: u32, block: &[u8]) -> Vec<u8> {
+        frame(TYPE_HEADERS, FLAG_END_HEADERS, stream, block)
+    }
+
+    /// Reads from `inner` in pieces of the given sizes, in turn.
+    struct Chunked<S> {
+        inner: S,
+        sizes: Vec<usize>,
+        next: usize,
+    }
+
+    impl<S> Chunked<S> {
+        fn new(inner: S, sizes: &[usize]) -> Self {
+            Chunked { inner, sizes: if sizes.is_empty() { vec![usize::MAX] } else { sizes.to_vec() }, next: 0 }
+        }
+    }
+
+    impl<S: AsyncRead + Unpin> AsyncRead for Chunked<S> {
+        fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            let size = this.sizes[this.next % this.sizes.len()].clamp(1, buf.remaining().max(1));
+            let mut limited = ReadBuf::new(buf.initialize_unfilled_to(size.min(buf.remaining())));
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut limited))?;
+            let n = limited.filled().len();
+            buf.advance(n);
+            this.next += 1;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl<S: AsyncWrite + Unpin> AsyncWrite for Chunked<S> {
+        fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        }
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        }
+    }
+
+    /// What h2 would read from the adapter, read in pieces of `reads` bytes.
+    async fn pump(input: &[u8], chunks: &[usize], reads: &[usize]) -> Vec<u8> {
+        let mut adapter = AuthorityFixingStream::new(Chunked::new(input, chunks));
+        let mut out = Vec::new();
+        let mut buf = vec![0; 1 << 16];
+        for i in 0.. {
+            let size = reads.get(i % reads.len().max(1)).copied().unwrap_or(16_384).clamp(1, buf.len());
+            let n = adapter.read(&mut buf[..size]).await.unwrap();
+            if n == 0 {
+                return out;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        unreachable!()
+    }
+
+    fn transcode(input: &[u8]) -> Vec<u8> {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(pump(input, &[], &[]))
+    }
+
+    /// The frames after the preface.
+    fn parse_frames(mut bytes: &[u8]) -> Vec<(FrameHead, Vec<u8>)> {
+        assert!(bytes.starts_with(PREFACE));
+        bytes = &bytes[PREFACE.len()..];
+        let mut frames = Vec::new();
+        while !bytes.is_empty() {
+            let head = FrameHead::parse(bytes[..FRAME_HEAD_LEN].try_into().unwrap());
+            frames.push((head, bytes[FRAME_HEAD_LEN..FRAME_HEAD_LEN + head.len].to_vec()));
+            bytes = &bytes[FRAME_HEAD_LEN + head.len..];
+        }
+        frames
+    }
+
+    type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+
+    fn field(name: &str, value: &str) -> (Vec<u8>, Vec<u8>) {
+        (name.as_bytes().to_vec(), value.as_bytes().to_vec())
+    }
+
+    fn grpcio_fields(authority: &str) -> Fields {
+        vec![
+            field(":path", "/a.B/C"),
+            field(":authority", authority),
+            field(":method", "POST"),
+            field(":scheme", "http"),
+            field("content-type", "application/grpc"),
+            field("te", "trailers"),
+            field("grpc-accept-encoding", "identity, deflate, gzip"),
+            field("grpc-timeout", "1010m"),
+            field("user-agent", "grpc-python/1.85.1 grpc-c/58.0.0 (linux; chttp2)"),
+        ]
+    }
+
+    /// Each header block in `frames`, decoded, checking the framing h2 requires on the way.
+    fn decode_blocks(frames: &[(FrameHead, Vec<u8>)]) -> Vec<Fields> {
+        let mut decoder = Decoder::new();
+        let mut blocks = Vec::new();
+        let mut block: Option<Vec<u8>> = None;
+        for (head, payload) in frames {
+            assert!(head.len <= MAX_EMITTED_FRAME, "{head:?}");
+            match head.kind {
+                TYPE_HEADERS => {
+                    assert!(block.is_none(), "HEADERS inside a block");
+                    let (_, fragment) = split_headers_payload(payload, head.flags).unwrap();
+                    block = Some(fragment.to_vec());
+                }
+                TYPE_CONTINUATION => block.as_mut().expect("CONTINUATION outside a block").extend(payload),
+                _ => assert!(block.is_none(), "{head:?} inside a block"),
+            }
+            if matches!(head.kind, TYPE_HEADERS | TYPE_CONTINUATION) && head.flags & FLAG_END_HEADERS != 0 {
+                blocks.push(decoder.decode(&block.take().unwrap()).unwrap());
+            }
+        }
+        assert!(block.is_none(), "unterminated block");
+        blocks
+    }
+
+    #[derive(Debug)]
+    struct H2Outcome {
+        requests: Vec<http::request::Parts>,
+        error: Option<h2::Error>,
+    }
+
+    /// Feeds `input` (a client's side of a connection) to a real h2 server, with or without the
+    /// adapter, and returns what the server made of it once it has processed every byte: a
+    /// PING goes last and its ACK tells when.
+    async fn serve_h2(input: &[u8], chunks: &[usize], adapt: bool) -> H2Outcome {
+        let (mut client, server) = tokio::io::duplex(1 << 22);
+        client.write_all(input).await.unwrap();
+        client.write_all(&frame(PING, 0, 0, b"lastping")).await.unwrap();
+        let server = Chunked::new(server, chunks);
+        if adapt {
+            accept_all(AuthorityFixingStream::new(server), client).await
+        } else {
+            accept_all(server, client).await
+        }
+    }
+
+    async fn accept_all<T: AsyncRead + AsyncWrite + Unpin>(io: T, mut client: DuplexStream) -> H2Outcome {
+        let mut requests = Vec::new();
+        let mut conn = match h2::server::handshake(io).await {
+            Ok(conn) => conn,
+            Err(err) => return H2Outcome { requests, error: Some(err) },
+        };
+        let ack = wait_for_ping_ack(&mut client);
+        tokio::pin!(ack);
+        loop {
+            tokio::select! {
+                biased;
+                next = conn.accept() => match next {
+                    Some(Ok((request, _respond))) => requests.push(request.into_parts().0),
+                    Some(Err(err)) => return H2Outcome { requests, error: Some(err) },
+                    None => break,
+                },
+                () = &mut ack => {
+                    while let Some(Some(next)) = conn.accept().now_or_never() {
+                        match next {
+                            Ok((request, _respond)) => requests.push(request.into_parts().0),
+                            Err(err) => return H2Outcome { requests, error: Some(err) },
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        H2Outcome { requests, error: None }
+    }
+
+    async fn wait_for_ping_ack(client: &mut DuplexStream) {
+        let mut seen = Vec::new();
+        let mut buf = [0; 4096];
+        loop {
+            let n = client.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            let mut rest = &seen[..];
+            while rest.len() >= FRAME_HEAD_LEN {
+                let head = FrameHead::parse(rest[..FRAME_HEAD_LEN].try_into().unwrap());
+                if rest.len() < FRAME_HEAD_LEN + head.len {
+                    break;
+                }
+                if head.kind == PING && head.flags & 0x1 != 0 {
+                    return;
+                }
+                rest = &rest[FRAME_HEAD_LEN + head.len..];
+            }
+        }
+    }
+
+    fn header_str<'a>(parts: &'a http::request::Parts, name: &str) -> &'a str {
+        parts.headers.get(name).unwrap().to_str().unwrap()
+    }
+
+    #[tokio::test]
+    async fn without_the_adapter_h2_drops_grpcio_requests() {
+        let input = connection(&[headers(1, &unhex(GRPCIO_FIRST))]);
+        let outcome = serve_h2(&input, &[], false).await;
+        assert!(outcome.requests.is_empty(), "{outcome:?}");
+        assert!(outcome.error.is_none(), "{outcome:?}");
+    }
+
+    #[tokio::test]
+    async fn grpcio_requests_reach_h2_as_localhost_across_the_dynamic_table() {
+        let input = connection(&[headers(1, &unhex(GRPCIO_FIRST)), headers(3, &unhex(GRPCIO_SECOND))]);
+        let outcome = serve_h2(&input, &[], true).await;
+        assert!(outcome.error.is_none(), "{outcome:?}");
+        assert_eq!(outcome.requests.len(), 2, "{outcome:?}");
+        for request in &outcome.requests {
+            assert_eq!(request.uri.to_string(), "http://localhost/a.B/C");
+            assert_eq!(request.method, http::Method::POST);
+            assert_eq!(header_str(request, "user-agent"), "grpc-python/1.85.1 grpc-c/58.0.0 (linux; chttp2)");
+            assert_eq!(header_str(request, "grpc-timeout"), "1010m");
+            assert_eq!(header_str(request, "te"), "trailers");
+        }
+
+        let blocks = decode_blocks(&parse_frames(&transcode(&input)));
+        assert_eq!(blocks, vec![grpcio_fields("localhost"), grpcio_fields("localhost")]);
+    }
+
+    #[test]
+    fn reencoded_blocks_leave_the_dynamic_table_alone() {
+        let input = connection(&[headers(1, &unhex(GRPCIO_FIRST)), headers(3, &unhex(GRPCIO_SECOND))]);
+        for (head, payload) in parse_frames(&transcode(&input)).iter().filter(|(h, _)| h.kind == TYPE_HEADERS) {
+            // Every field "literal without indexing, new name": 0x00, then name and value.
+            let mut rest = &payload[..];
+            while !rest.is_empty() {
+                assert_eq!(rest[0], 0x00, "{head:?}");
+                let (name_len, used) = decode_prefix_int(&rest[1..], 7).unwrap();
+                rest = &rest[1 + used + name_len..];
+                let (value_len, used) = decode_prefix_int(rest, 7).unwrap();
+                rest = &rest[used + value_len..];
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn valid_authorities_pass_byte_for_byte() {
+        // Envoy's envoy_grpc: :authority is the cluster name, indexed, then referenced.
+        let mut first = vec![0x83, 0x86];
+        first.extend(literal_with_indexing(1, b"sds-grpc"));
+        first.extend(literal_with_indexing(4, b"/a.B/C"));
+        first.extend(literal_with_indexing(31, b"application/grpc"));
+        encode_literal(&mut first, b"te", b"trailers");
+        // Table now: 62 content-type, 63 :path, 64 :authority.
+        let mut second = vec![0x83, 0x86, 0xbf, 0xc0, 0xbe];
+        encode_literal(&mut second, b"te", b"trailers");
+        let input = connection(&[headers(1, &first), frame(DATA, 0x1, 1, b"\0\0\0\0\0"), headers(3, &second)]);
+        assert_eq!(transcode(&input), input);
+        let outcome = serve_h2(&input, &[3, 1, 7], true).await;
+        assert!(outcome.error.is_none(), "{outcome:?}");
+        let authorities: Vec<_> = outcome.requests.iter().map(|r| r.uri.authority().unwrap().as_str()).collect();
+        assert_eq!(authorities, ["sds-grpc", "sds-grpc"]);
+    }
+
+    #[tokio::test]
+    async fn huffman_coded_authority_is_fixed() {
+        let block = unhex(HUFFMAN_AUTHORITY);
+        assert_eq!(block[2] & 0x3f, 1, "literal with indexing, name :authority");
+        assert_eq!(block[3] & 0x80, 0x80, "Huffman-coded value");
+        let original = Decoder::new().decode(&block).unwrap();
+        assert_eq!(original[3], field(":authority", "run%2Fsvid%2Fsds.sock"));
+
+        let input = connection(&[headers(1, &block), headers(3, &[0x83, 0x86, 0x84, 0xbf])]);
+        let outcome = serve_h2(&input, &[], true).await;
+        assert!(outcome.error.is_none(), "{outcome:?}");
+        let uris: Vec<_> = outcome.requests.iter().map(|r| r.uri.to_string()).collect();
+        assert_eq!(uris, ["http://localhost/a.B/C", "http://localhost/"]);
+    }
+
+    #[tokio::test]
+    async fn padding_is_dropped_and_priority_kept() {
+        let block = unhex(GRPCIO_FIRST);
+        let priority = [0x80, 0, 0, 0, 15]; // exclusive, depends on stream 0, weight 16
+        let mut payload = vec![7];
+        payload.extend(priority);
+        payload.extend(&block);
+        payload.extend([0; 7]);
+        let flags = FLAG_END_HEADERS | FLAG_PADDED | FLAG_PRIORITY | FLAG_END_STREAM;
+        let input = connection(&[frame(TYPE_HEADERS, flags, 1, &payload)]);
+
+        let frames = parse_frames(&transcode(&input));
+        let (head, payload) = &frames[1];
+        assert_eq!(head.kind, TYPE_HEADERS);
+        assert_eq!(head.flags, FLAG_END_HEADERS | FLAG_PRIORITY | FLAG_END_STREAM);
+        assert_eq!(payload[..PRIORITY_LEN], priority);
+        assert_eq!(decode_blocks(&frames), vec![grpcio_fields("localhost")]);
+
+        let outcome = serve_h2(&input, &[], true).await;
+        assert!(outcome.error.is_none(), "{outcome:?}");
+        assert_eq!(outcome.requests[0].uri.to_string(), "http://localhost/a.B/C");
+    }
+
+    #[tokio::test]
+    async fn continuations_are_joined_and_large_blocks_split() {
+        let mut block = unhex(GRPCIO_FIRST);
+        let big = "b".repeat(40_000);
+        encode_literal(&mut block, b"x-big", big.as_bytes());
+        // The client's frame boundaries fall inside fields.
+        let cuts = [0, 100, 16_100, 32_100, block.len()];
+        let mut frames = Vec::new();
+        for (i, w) in cuts.windows(2).enumerate() {
+            let last = w[1] == block.len();
+            let flags = if last { FLAG_END_HEADERS } else { 0 };
+            let kind = if i == 0 { TYPE_HEADERS } else { TYPE_CONTINUATION };
+            frames.push(frame(kind, flags, 1, &block[w[0]..w[1]]));
+        }
+        let input = connection(&frames);
+
+        let out = parse_frames(&transcode(&input));
+        let kinds: Vec<_> = out.iter().map(|(h, _)| (h.kind, h.flags, h.len)).collect();
+        assert_eq!(kinds[1].0, TYPE_HEADERS);
+        assert!(kinds[2..].iter().all(|k| k.0 == TYPE_CONTINUATION), "{kinds:?}");
+        assert!(kinds[1..kinds.len() - 1].iter().all(|k| k.1 & FLAG_END_HEADERS == 0 && k.2 == MAX_EMITTED_FRAME));
+        assert_eq!(kinds[kinds.len() - 1].1, FLAG_END_HEADERS);
+        let mut expected = grpcio_fields("localhost");
+        expected.push(field("x-big", &big));
+        assert_eq!(decode_blocks(&out), vec![expected]);
+
+        let outcome = serve_h2(&input, &[5000], true).await;
+        assert!(outcome.error.is_none(), "{outcome:?}");
+        assert_eq!(header_str(&outcome.requests[0], "x-big"), big);
+    }
+
+    #[tokio::test]
+    async fn table_size_updates_are_followed() {
+        // Shrinking to 0 empties the client's table: a later reference to it is an error.
+        let mut resized = unhex("203fe11f"); // size 0, then 4096
+        resized.extend(unhex(GRPCIO_FIRST));
+        let input = connection(&[headers(1, &resized), headers(3, &unhex(GRPCIO_SECOND))]);
+        let outcome = serve_h2(&input, &[], true).await;
+        assert!(outcome.error.is_none(), "{outcome:?}");
+        assert_eq!(outcome.requests.len(), 2);
+
+        let input = connection(&[headers(1, &unhex(GRPCIO_FIRST)), headers(3, &[0x20]), headers(5, &unhex(GRPCIO_SECOND))]);
+        let outcome = serve_h2(&input, &[], true).await;
+        assert_eq!(outcome.requests.len(), 1, "{outcome:?}");
+        assert!(outcome.error.as_ref().is_some_and(h2::Error::is_go_away), "{outcome:?}");
+    }
+
+    #[tokio::test]
+    async fn an_undecodable_block_after_a_fix_fails_the_connection() {
+        // The client refers to an entry that was never indexed.
+        let input = connection(&[headers(1, &unhex(GRPCIO_FIRST)), headers(3, &[0x83, 0x86, 0xff, 0x10])]);
+        let outcome = serve_h2(&input, &[], true).await;
+        assert_eq!(outcome.requests.len(), 1, "{outcome:?}");
+        assert!(outcome.error.as_ref().is_some_and(h2::Error::is_go_away), "{outcome:?}");
+        let frames = parse_frames(&transcode(&input));
+        assert_eq!(frames.last().unwrap().1, UNDECODABLE_BLOCK);
+    }
+
+    #[tokio::test]
+    async fn frames_out_of_order_reach_h2_as_sent() {
+        // HEADERS without END_HEADERS, then DATA: h2 must see it and refuse the connection.
+        let mut block = vec![0x83, 0x86, 0x84];
+        block.extend(literal_with_indexing(1, b"sds-grpc"));
+        let input = connection(&[frame(TYPE_HEADERS, 0, 1, &block), frame(DATA, 0x1, 1, b"x")]);
+        assert_eq!(transcode(&input), input);
+        let outcome = serve_h2(&input, &[], true).await;
+        assert!(outcome.error.as_ref().is_some_and(h2::Error::is_go_away), "{outcome:?}");
+
+        let stray = connection(&[frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 1, &block)]);
+        assert_eq!(transcode(&stray), stray);
+    }
+
+    #[test]
+    fn oversized_blocks_are_not_buffered() {
+        let mut input = connection(&[]);
+        write_frame_head(&mut input, MAX_BLOCK, TYPE_HEADERS, 0, 1);
+        input.extend(vec![0x82; MAX_BLOCK]);
+        assert_eq!(transcode(&input), input);
+    }
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn http1_clients_pass_through_and_are_reported() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+        let input = b"POST /envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets HTTP/1.1\r\nHost: sds-grpc\r\n\r\n";
+        let out = tracing::subscriber::with_default(subscriber, || transcode(input));
+        assert_eq!(out, input);
+        let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(logs.matches("WARN").count(), 1, "{logs}");
+        assert!(logs.contains("without speaking HTTP/2"), "{logs}");
+        assert!(logs.contains("POST /envoy.service.secret"), "{logs}");
+    }
+
+    #[tokio::test]
+    async fn connect_info_is_the_unix_peer() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let info = AuthorityFixingStream::new(ours).connect_info();
+        assert_eq!(info.peer_cred.unwrap().pid(), Some(std::process::id() as i32));
+    }
+
+    #[test]
+    fn prefix_integers_round_trip() {
+        for value in [0, 1, 30, 31, 126, 127, 128, 1337, 4096, 1 << 20] {
+            for prefix in [5, 7] {
+                let mut buf = Vec::new();
+                encode_prefix_int(&mut buf, value, prefix, 0);
+                assert_eq!(decode_prefix_int(&buf, prefix), Some((value, buf.len())), "{value} {prefix}");
+            }
+        }
+        assert_eq!(decode_prefix_int(&[0x1f, 0xff, 0xff, 0xff, 0xff, 0x01], 5), None);
+        assert_eq!(decode_prefix_int(&[0x1f, 0xff], 5), None);
+    }
+
+    fn any_frame() -> impl Strategy<Value = Vec<u8>> {
+        let kind = prop_oneof![Just(TYPE_HEADERS), Just(TYPE_CONTINUATION), Just(DATA), Just(PING), any::<u8>()];
+        let payload = prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..64),
+            Just(unhex(GRPCIO_FIRST)),
+            Just(unhex(GRPCIO_SECOND)),
+            Just(unhex(HUFFMAN_AUTHORITY)),
+        ];
+        (kind, any::<u8>(), 0u32..4, payload, any::<bool>()).prop_map(|(kind, flags, stream, payload, lie)| {
+            let mut f = frame(kind, flags, stream, &payload);
+            if lie {
+                f[2] ^= 0x10; // a length that doesn't match the payload
+            }
+            f
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn garbage_never_panics_or_hangs(
+            preface in any::<bool>(),
+            bytes in prop::collection::vec(any::<u8>(), 0..2048),
+            frames in prop::collection::vec(any_frame(), 0..12),
+            chunks in prop::collection::vec(1usize..64, 1..6),
+            reads in prop::collection::vec(1usize..64, 1..6),
+        ) {
+            let mut input = if preface { PREFACE.to_vec() } else { Vec::new() };
+            frames.iter().for_each(|f| input.extend_from_slice(f));
+            input.extend_from_slice(&bytes);
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let out = rt.block_on(pump(&input, &chunks, &reads));
+            if !input.starts_with(&PREFACE[..1]) {
+                prop_assert_eq!(out, input);
+            }
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    struct Req {
+        authority: String,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    }
+
+    /// Test-only rule: also "fix" authorities starting with `fix-`, which the h2 client can
+    /// send (it refuses to send one hyper would reject), so the rewrite path is exercised with
+    /// the h2 client's HPACK encoder: Huffman coding, indexing, CONTINUATIONs.
+    fn fix_marked(value: &[u8]) -> bool {
+        value.starts_with(b"fix-") || authority_needs_fix(value)
+    }
+
+    fn any_request() -> impl Strategy<Value = Req> {
+        let authority = ("(fix-)?[a-z]{1,10}(\\.[a-z]{1,6})?", prop::option::of(1u16..65535)).prop_map(|(h, p)| match p {
+            Some(p) => format!("{h}:{p}"),
+            None => h,
+        });
+        let value = prop_oneof![
+            8 => "[!-~]([ -~]{0,40}[!-~])?",
+            1 => (17_000usize..24_000).prop_map(|n| "v".repeat(n)),
+        ];
+        let headers = prop::collection::vec(("x-[a-z]{1,8}", value), 0..5);
+        let body = prop::collection::vec(any::<u8>(), 0..20_000);
+        (authority, headers, body).prop_map(|(authority, headers, body)| Req { authority, headers, body })
+    }
+
+    async fn round_trip(reqs: Vec<Req>, chunks: Vec<usize>) -> Vec<(http::request::Parts, Vec<u8>)> {
+        let (client_io, server_io) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(async move {
+            let io = AuthorityFixingStream::with_check(Chunked::new(server_io, &chunks), fix_marked);
+            let mut conn = h2::server::handshake(io).await.unwrap();
+            let mut seen = Vec::new();
+            while let Some(next) = conn.accept().await {
+                let (request, mut respond) = next.unwrap();
+                let (parts, mut body) = request.into_parts();
+                let mut data = Vec::new();
+                while let Some(chunk) = body.data().await {
+                    let chunk = chunk.unwrap();
+                    body.flow_control().release_capacity(chunk.len()).unwrap();
+                    data.extend_from_slice(&chunk);
+                }
+                respond.send_response(http::Response::new(()), true).unwrap();
+                seen.push((parts, data));
+            }
+            seen
+        });
+        let (sender, conn) = h2::client::handshake(client_io).await.unwrap();
+        let client_conn = tokio::spawn(conn);
+        let calls = reqs.into_iter().enumerate().map(|(i, req)| {
+            let mut sender = sender.clone();
+            async move {
+                let mut builder = http::Request::post(format!("http://{}/r/{i}", req.authority));
+                for (name, value) in &req.headers {
+                    builder = builder.header(name, value);
+                }
+                sender = sender.ready().await.unwrap();
+                let (response, mut stream) = sender.send_request(builder.body(()).unwrap(), false).unwrap();
+                stream.send_data(bytes::Bytes::from(req.body), true).unwrap();
+                response.await.unwrap();
+            }
+        });
+        futures::future::join_all(calls).await;
+        drop(sender);
+        client_conn.await.unwrap().unwrap();
+        server.await.unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn h2_client_traffic_round_trips(
+            reqs in prop::collection::vec(any_request(), 1..6),
+            chunks in prop::collection::vec(1usize..3000, 1..6),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let seen = rt.block_on(async {
+                tokio::time::timeout(std::time::Duration::from_secs(30), round_trip(reqs.clone(), chunks)).await
+            }).expect("round trip timed out");
+            prop_assert_eq!(seen.len(), reqs.len());
+            for (parts, body) in seen {
+                let i: usize = parts.uri.path().strip_prefix("/r/").unwrap().parse().unwrap();
+                let req = &reqs[i];
+                let expected = if req.authority.starts_with("fix-") { "localhost" } else { req.authority.as_str() };
+                prop_assert_eq!(parts.uri.authority().unwrap().as_str(), expected);
+                prop_assert_eq!(&parts.method, &http::Method::POST);
+                let mut headers = http::HeaderMap::new();
+                for (name, value) in &req.headers {
+                    headers.append(http::HeaderName::try_from(name.as_str()).unwrap(), value.parse().unwrap());
+                }
+                prop_assert_eq!(&parts.headers, &headers);
+                prop_assert_eq!(&body, &req.body);
+            }
+        }
+    }
+}

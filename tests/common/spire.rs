@@ -17,6 +17,8 @@ use super::{SocketDir, peer, temp_dir, workload_binary};
 
 /// How long SPIRE gets to come up (it is slow on a busy 2-core machine).
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Seconds SPIRE backdates a certificate's `not_before` by.
+pub const SPIRE_NOT_BEFORE_CUSHION: i64 = 10;
 /// How long a new entry may take to reach a workload.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -116,12 +118,13 @@ impl X509Fetch {
             .into_contents()
     }
 
-    /// The i-th SVID's validity period (`not_after - not_before`).
-    pub fn lifetime(&self, i: usize) -> Duration {
+    /// The i-th SVID's TTL as SPIRE configured it: `not_after - not_before` minus the 10 s
+    /// SPIRE backdates `not_before` by (`NotBeforeCushion`).
+    pub fn ttl(&self, i: usize) -> Duration {
         let der = self.leaf_der(i);
         let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("parse X.509");
         let v = cert.validity();
-        let secs = v.not_after.timestamp() - v.not_before.timestamp();
+        let secs = v.not_after.timestamp() - v.not_before.timestamp() - SPIRE_NOT_BEFORE_CUSHION;
         Duration::from_secs(u64::try_from(secs).expect("not_after after not_before"))
     }
 }

