@@ -461,6 +461,14 @@ mod orchestrator {
             std::thread::sleep(Duration::from_millis(600));
             sampler.mark(&pids);
 
+            {
+                let c = children.lock().unwrap();
+                let per: Vec<usize> = (0..2).map(|k| c.iter().map(|s| s.updates[k].len()).sum()).collect();
+                let distinct: Vec<usize> = (0..2)
+                    .map(|k| c.iter().map(|s| s.updates[k].iter().map(|u| &u.1).collect::<std::collections::BTreeSet<_>>().len()).sum())
+                    .collect();
+                r.notes.push(format!("responses received: default {} ({} distinct), ROOTCA {} ({} distinct)", per[0], distinct[0], per[1], distinct[1]));
+            }
             // 7. Done: stop everyone.
             stop_children(handles);
             if let Some(mut p) = bridge.take() {
@@ -577,7 +585,7 @@ mod orchestrator {
         /// Waits for a rotation wave that starts after every sidecar connected; returns
         /// each `default` stream's delay behind the first stream to hold its new SVID.
         fn wait_svid_wave(&self, children: &Children, n: usize) -> Option<Wave> {
-            let deadline = Instant::now() + Duration::from_secs(u64::from(self.ttl) * 2 + 20);
+            let deadline = Instant::now() + Duration::from_secs(u64::from(self.ttl) + 20);
             loop {
                 // Arm: remember every stream's current content.
                 let armed = now_ns();
@@ -806,7 +814,7 @@ mod orchestrator {
         }
     }
 
-    /// `spire.api.agent.debug.v1.Debug/GetInfo` on the admin socket: how many X509-SVIDs
+    /// `spire.agent.debug.v1.Debug/GetInfo` on the admin socket: how many X509-SVIDs
     /// the agent holds in its cache.
     async fn agent_cached_svids(admin: &Path) -> Option<i32> {
         #[derive(Clone, PartialEq, prost::Message)]
@@ -815,8 +823,8 @@ mod orchestrator {
         struct GetInfoResponse {
             #[prost(int32, tag = "3")]
             svids_count: i32,
-            #[prost(bool, tag = "4")]
-            last_sync_success: bool,
+            #[prost(int64, tag = "4")]
+            last_sync_success: i64,
             #[prost(int32, tag = "5")]
             cached_x509_svids_count: i32,
         }
@@ -824,9 +832,21 @@ mod orchestrator {
         let mut grpc = tonic::client::Grpc::new(channel);
         grpc.ready().await.ok()?;
         let codec = tonic_prost::ProstCodec::<GetInfoRequest, GetInfoResponse>::default();
-        let path = http::uri::PathAndQuery::from_static("/spire.api.agent.debug.v1.Debug/GetInfo");
-        let info = tokio::time::timeout(Duration::from_secs(5), grpc.unary(tonic::Request::new(GetInfoRequest {}), path, codec)).await.ok()?.ok()?.into_inner();
-        Some(info.cached_x509_svids_count)
+        let path = http::uri::PathAndQuery::from_static("/spire.agent.debug.v1.Debug/GetInfo");
+        let info = tokio::time::timeout(Duration::from_secs(5), grpc.unary(tonic::Request::new(GetInfoRequest {}), path, codec)).await.ok()?;
+        match info {
+            Ok(info) => {
+                let info = info.into_inner();
+                if std::env::var_os("SB_BENCH_DEBUG").is_some() {
+                    println!("agent debug: {info:?}");
+                }
+                Some(info.cached_x509_svids_count)
+            }
+            Err(status) => {
+                println!("agent debug API: {status:?}");
+                None
+            }
+        }
     }
 
     /// Polls `f` every 50 ms until `Some` or the timeout.

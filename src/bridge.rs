@@ -7,6 +7,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, IdentitySourceKind};
+use crate::csi::RegistrationStatus;
+use crate::telemetry::health::{self, Readiness};
+use crate::telemetry::metrics::Metrics;
 use crate::identity::{Cache, CacheOptions, DelegatedSource, ProcRoot, Source, WorkloadApiSource};
 use crate::sds::{CallerIdentity, SdsError, SdsServer, StreamSettings};
 use crate::sds::names::SpecialNames;
@@ -28,10 +31,7 @@ pub async fn run(config: Config) -> Result<(), BridgeError> {
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone()).map_err(BridgeError::Signals)?;
-    let (source, caller_identity): (Arc<dyn Source>, _) = match config.identity_source {
-        IdentitySourceKind::Delegated => (Arc::new(DelegatedSource::new(config.admin_socket.clone())), CallerIdentity::Process),
-        IdentitySourceKind::WorkloadApi => (Arc::new(WorkloadApiSource::new(config.agent_socket.clone())), CallerIdentity::Bridge),
-    };
+    let (source, caller_identity) = identity_source(&config);
     tracing::info!(
         version = crate::VERSION,
         identity_source = source.api(),
@@ -39,9 +39,49 @@ pub async fn run(config: Config) -> Result<(), BridgeError> {
         csi = config.csi.is_some(),
         "starting svid-bridge"
     );
+    let metrics = Arc::new(Metrics::new());
     let proc_root = ProcRoot::default();
-    let cache = Cache::new(source, CacheOptions { proc_root: proc_root.clone(), ..CacheOptions::default() }, shutdown.clone());
-    let settings = StreamSettings {
+    let cache_options = CacheOptions { proc_root: proc_root.clone(), metrics: Arc::clone(&metrics), ..CacheOptions::default() };
+    let cache = Cache::new(source, cache_options, shutdown.clone());
+    let expiry_cache = Arc::downgrade(&cache);
+    metrics.register_earliest_expiry(move || expiry_cache.upgrade().and_then(|c| c.health().earliest_expiry));
+
+    let (serving_tx, serving_rx) = watch::channel(false);
+    let sds = SdsServer::new(config.sds.socket.clone(), Arc::clone(&cache), stream_settings(&config), caller_identity, proc_root, shutdown.clone());
+    let sds_task = tokio::spawn(sds.serve(serving_tx, shutdown.clone()));
+
+    let (registration_tx, registration_rx) = watch::channel(RegistrationStatus::NotStarted);
+    spawn_registration_metric(registration_rx.clone(), Arc::clone(&metrics));
+    let registers = config.csi.as_ref().is_some_and(|c| c.register_with_kubelet);
+    let csi_task = config.csi.clone().map(|csi| {
+        tokio::spawn(start_csi(csi, serving_rx.clone(), shutdown.clone(), registration_tx, Arc::clone(&metrics)))
+    });
+
+    let readiness = Arc::new(Readiness { sds_serving: serving_rx, registration: registers.then_some(registration_rx), cache });
+    let endpoints: Vec<_> = [config.health_addr, config.metrics_addr].into_iter().flatten().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    if !endpoints.is_empty() {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(err) = health::serve(endpoints, metrics, readiness, shutdown.clone()).await {
+                tracing::error!(%err, "metrics and health endpoints failed; stopping");
+                shutdown.cancel();
+            }
+        });
+    }
+    let result = wait_for_servers(sds_task, csi_task, &shutdown).await;
+    tracing::info!("svid-bridge stopped");
+    result
+}
+
+fn identity_source(config: &Config) -> (Arc<dyn Source>, CallerIdentity) {
+    match config.identity_source {
+        IdentitySourceKind::Delegated => (Arc::new(DelegatedSource::new(config.admin_socket.clone())), CallerIdentity::Process),
+        IdentitySourceKind::WorkloadApi => (Arc::new(WorkloadApiSource::new(config.agent_socket.clone())), CallerIdentity::Bridge),
+    }
+}
+
+fn stream_settings(config: &Config) -> StreamSettings {
+    StreamSettings {
         special: SpecialNames {
             default_svid: config.sds.default_svid_name.clone(),
             default_bundle: config.sds.default_bundle_name.clone(),
@@ -50,15 +90,18 @@ pub async fn run(config: Config) -> Result<(), BridgeError> {
         validation_disabled: config.sds.disable_spiffe_cert_validation,
         extra_trust_anchors: config.sds.extra_trust_anchors.clone(),
         ..StreamSettings::default()
-    };
-    let (serving_tx, serving_rx) = watch::channel(false);
-    let sds = SdsServer::new(config.sds.socket.clone(), cache, settings, caller_identity, proc_root, shutdown.clone());
-    let sds_task = tokio::spawn(sds.serve(serving_tx, shutdown.clone()));
-    let (registration_tx, _registration) = watch::channel(crate::csi::RegistrationStatus::NotStarted);
-    let csi_task = config.csi.clone().map(|csi| tokio::spawn(start_csi(csi, serving_rx, shutdown.clone(), registration_tx)));
-    let result = wait_for_servers(sds_task, csi_task, &shutdown).await;
-    tracing::info!("svid-bridge stopped");
-    result
+    }
+}
+
+fn spawn_registration_metric(mut registration: watch::Receiver<RegistrationStatus>, metrics: Arc<Metrics>) {
+    tokio::spawn(async move {
+        loop {
+            metrics.set_registration_state(registration.borrow_and_update().state());
+            if registration.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 async fn wait_for_servers(
@@ -105,8 +148,9 @@ async fn start_csi(
     config: crate::config::CsiConfig,
     sds_serving: watch::Receiver<bool>,
     shutdown: CancellationToken,
-    registration: watch::Sender<crate::csi::RegistrationStatus>,
+    registration: watch::Sender<RegistrationStatus>,
+    metrics: Arc<Metrics>,
 ) -> Result<(), BridgeError> {
-    crate::csi::serve_with_registration(config, sds_serving, shutdown, registration).await?;
+    crate::csi::serve_with_registration(config, sds_serving, shutdown, registration, metrics).await?;
     Ok(())
 }

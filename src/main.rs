@@ -20,12 +20,18 @@ struct Cli {
 #[expect(clippy::large_enum_variant, reason = "parsed once at start-up")]
 enum Command {
     /// Serve SDS and the CSI node plugin (both by default).
+    // A flag given twice takes the last value, as most tools do (and wrappers rely on).
+    #[command(args_override_self = true)]
     Run(RunArgs),
-    /// Exit 0 when the running bridge is healthy.
+    /// Exit 0 when the running bridge is ready (or, with --live, merely alive); else print
+    /// why and exit 1.
     Healthcheck {
         /// The bridge's health endpoint.
         #[arg(long, default_value = "127.0.0.1:9989", env = "SVID_BRIDGE_HEALTH_ADDR")]
         health_addr: String,
+        /// Check liveness (/healthz) instead of readiness (/readyz).
+        #[arg(long)]
+        live: bool,
     },
     /// Ask for secrets as Envoy would and print SPIFFE IDs, trust domains, serials, expiry.
     Inspect {
@@ -65,9 +71,17 @@ fn main() -> ExitCode {
         }
         Command::Run(args) => report(run(args)),
         Command::Inspect { sds_socket, timeout, names, log } => report(inspect(sds_socket, timeout, names, log)),
-        Command::Healthcheck { .. } => {
-            eprintln!("svid-bridge healthcheck: not implemented yet");
-            ExitCode::from(2)
+        Command::Healthcheck { health_addr, live } => {
+            match svid_bridge::telemetry::health::healthcheck(&health_addr, live) {
+                Ok(body) => {
+                    println!("{body}");
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("svid-bridge healthcheck: {err}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

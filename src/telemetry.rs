@@ -1,4 +1,8 @@
-//! Logging (tracing), and later metrics and health endpoints.
+//! Logs (tracing, text or JSON), Prometheus metrics and the health endpoints.
+
+pub mod grpc;
+pub mod health;
+pub mod metrics;
 
 use std::io::IsTerminal;
 

@@ -137,6 +137,7 @@ async fn without_a_usable_registry_csi_still_serves_and_the_state_says_why() {
         sds_rx,
         shutdown.clone(),
         status_tx,
+        std::sync::Arc::new(svid_bridge::telemetry::metrics::Metrics::new()),
     ));
 
     let deadline = std::time::Duration::from_secs(20);

@@ -13,7 +13,9 @@ use std::time::Duration;
 use serde_json::Value;
 
 use common::bridge::{Sidecar, SidecarSpec, spire_options_for_bridge};
-use common::{EntrySpec, Proc, SocketDir, Spire, manifest_dir, wait_until, wait_until_with, workload_binary};
+use common::{
+    EntrySpec, Proc, SocketDir, Spire, manifest_dir, wait_until, wait_until_with, workload_binary,
+};
 
 fn chart_dir() -> PathBuf {
     manifest_dir().join("charts/svid-bridge")
@@ -32,7 +34,10 @@ fn render(args: &[&str]) -> Result<Rendered, String> {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
     let v: Value = serde_json::from_slice(&out.stdout).expect("chart-check prints JSON");
-    Ok(Rendered { objects: v["objects"].as_array().unwrap().clone(), notes: v["notes"].as_str().unwrap().to_owned() })
+    Ok(Rendered {
+        objects: v["objects"].as_array().unwrap().clone(),
+        notes: v["notes"].as_str().unwrap().to_owned(),
+    })
 }
 
 fn render_ok(args: &[&str]) -> Rendered {
@@ -46,14 +51,23 @@ struct Rendered {
 
 impl Rendered {
     fn kinds(&self) -> Vec<String> {
-        let mut kinds: Vec<String> = self.objects.iter().map(|o| o["kind"].as_str().unwrap().to_owned()).collect();
+        let mut kinds: Vec<String> = self
+            .objects
+            .iter()
+            .map(|o| o["kind"].as_str().unwrap().to_owned())
+            .collect();
         kinds.sort();
         kinds
     }
 
     fn one(&self, kind: &str) -> &Value {
         let found: Vec<&Value> = self.objects.iter().filter(|o| o["kind"] == kind).collect();
-        assert_eq!(found.len(), 1, "exactly one {kind} expected, kinds: {:?}", self.kinds());
+        assert_eq!(
+            found.len(),
+            1,
+            "exactly one {kind} expected, kinds: {:?}",
+            self.kinds()
+        );
         found[0]
     }
 
@@ -63,7 +77,11 @@ impl Rendered {
 
     fn container(&self) -> &Value {
         let containers = self.pod_spec()["containers"].as_array().unwrap();
-        assert_eq!(containers.len(), 1, "one container: the bridge registers itself, no node-driver-registrar");
+        assert_eq!(
+            containers.len(),
+            1,
+            "one container: the bridge registers itself, no node-driver-registrar"
+        );
         &containers[0]
     }
 
@@ -100,7 +118,11 @@ impl Rendered {
 }
 
 fn strings(v: &Value) -> Vec<String> {
-    v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_owned()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect()
 }
 
 fn has_arg(args: &[String], arg: &str) -> bool {
@@ -116,7 +138,10 @@ fn chart_renders_with_defaults_and_every_object_decodes_strictly() {
     assert_eq!(csi["metadata"]["name"], "csi.spiffe.io");
     assert_eq!(csi["spec"]["attachRequired"], false);
     assert_eq!(csi["spec"]["podInfoOnMount"], true);
-    assert_eq!(csi["spec"]["volumeLifecycleModes"], serde_json::json!(["Ephemeral"]));
+    assert_eq!(
+        csi["spec"]["volumeLifecycleModes"],
+        serde_json::json!(["Ephemeral"])
+    );
     assert_eq!(csi["spec"]["fsGroupPolicy"], "None");
 
     let ds = r.one("DaemonSet");
@@ -124,35 +149,83 @@ fn chart_renders_with_defaults_and_every_object_decodes_strictly() {
     let strategy = &ds["spec"]["updateStrategy"];
     assert_eq!(strategy["type"], "RollingUpdate");
     assert_eq!(strategy["rollingUpdate"]["maxUnavailable"], 1);
-    assert_eq!(strategy["rollingUpdate"]["maxSurge"], 0, "no surge: two bridges on a node fight over the sockets");
+    assert_eq!(
+        strategy["rollingUpdate"]["maxSurge"], 0,
+        "no surge: two bridges on a node fight over the sockets"
+    );
 
     let pod = r.pod_spec();
-    assert_eq!(pod["hostPID"], true, "the agent must see Envoy PIDs as the bridge does");
+    assert_eq!(
+        pod["hostPID"], true,
+        "the agent must see Envoy PIDs as the bridge does"
+    );
     assert_eq!(pod["priorityClassName"], "system-node-critical");
-    assert_eq!(pod["tolerations"], serde_json::json!([{"operator": "Exists"}]));
+    assert_eq!(
+        pod["tolerations"],
+        serde_json::json!([{"operator": "Exists"}])
+    );
     assert_eq!(pod["serviceAccountName"], "svid-bridge");
-    assert!(pod.get("initContainers").is_none(), "no SELinux relabel by default");
+    assert!(
+        pod.get("initContainers").is_none(),
+        "no SELinux relabel by default"
+    );
 
     let c = r.container();
-    assert_eq!(c["securityContext"]["privileged"], true, "Bidirectional propagation needs privileged");
-    for probe in ["livenessProbe", "readinessProbe"] {
-        assert_eq!(strings(&c[probe]["exec"]["command"]), ["/svid-bridge", "healthcheck"], "{probe}");
-    }
-    assert_eq!(r.env("MY_NODE_NAME")["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+    assert_eq!(
+        c["securityContext"]["privileged"], true,
+        "Bidirectional propagation needs privileged"
+    );
+    assert_eq!(
+        strings(&c["livenessProbe"]["exec"]["command"]),
+        ["/svid-bridge", "healthcheck", "--live"]
+    );
+    assert_eq!(
+        strings(&c["readinessProbe"]["exec"]["command"]),
+        ["/svid-bridge", "healthcheck"]
+    );
+    assert_eq!(
+        r.env("MY_NODE_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
     assert_eq!(r.env("SVID_BRIDGE_HEALTH_ADDR")["value"], "127.0.0.1:9989");
+    assert_eq!(
+        r.env("SVID_BRIDGE_SDS_SOCKET")["value"],
+        "/run/spire/agent-sockets/socket"
+    );
     assert_eq!(c["ports"][0]["containerPort"], 9988);
 
     // Kubelet pods directory: same path, Bidirectional.
-    assert_eq!(r.mount("kubelet-pods")["mountPath"], "/var/lib/kubelet/pods");
+    assert_eq!(
+        r.mount("kubelet-pods")["mountPath"],
+        "/var/lib/kubelet/pods"
+    );
     assert_eq!(r.mount("kubelet-pods")["mountPropagation"], "Bidirectional");
-    assert_eq!(r.volume("kubelet-pods")["hostPath"]["path"], "/var/lib/kubelet/pods");
+    assert_eq!(
+        r.volume("kubelet-pods")["hostPath"]["path"],
+        "/var/lib/kubelet/pods"
+    );
     // The socket directory shared with the agent, created when missing.
-    assert_eq!(r.volume("agent-sockets")["hostPath"], serde_json::json!({"path": "/run/spire/agent-sockets", "type": "DirectoryOrCreate"}));
-    assert_eq!(r.volume("admin-socket")["hostPath"]["path"], "/run/spire/admin-sockets");
+    assert_eq!(
+        r.volume("agent-sockets")["hostPath"],
+        serde_json::json!({"path": "/run/spire/agent-sockets", "type": "DirectoryOrCreate"})
+    );
+    assert_eq!(
+        r.volume("admin-socket")["hostPath"]["path"],
+        "/run/spire/admin-sockets"
+    );
     assert_eq!(r.mount("admin-socket")["readOnly"], true);
-    assert_eq!(r.volume("csi-socket-dir")["hostPath"]["path"], "/var/lib/kubelet/plugins/csi.spiffe.io");
-    assert_eq!(r.mount("csi-socket-dir")["mountPath"], "/var/lib/kubelet/plugins/csi.spiffe.io");
-    assert_eq!(r.volume("plugins-registry")["hostPath"]["path"], "/var/lib/kubelet/plugins_registry");
+    assert_eq!(
+        r.volume("csi-socket-dir")["hostPath"]["path"],
+        "/var/lib/kubelet/plugins/csi.spiffe.io"
+    );
+    assert_eq!(
+        r.mount("csi-socket-dir")["mountPath"],
+        "/var/lib/kubelet/plugins/csi.spiffe.io"
+    );
+    assert_eq!(
+        r.volume("plugins-registry")["hostPath"]["path"],
+        "/var/lib/kubelet/plugins_registry"
+    );
 
     let args = r.args();
     assert_eq!(args[0], "run");
@@ -172,19 +245,51 @@ fn chart_renders_with_defaults_and_every_object_decodes_strictly() {
 
     // What the operator must do on the SPIRE side is spelled out, with the actual ID.
     let id = "spiffe://example.org/ns/spire-system/sa/svid-bridge";
-    assert!(r.notes.contains(&format!("authorized_delegates = [\"{id}\"]")), "{}", r.notes);
-    assert!(r.notes.contains(&format!("authorizedDelegates: [\"{id}\"]")), "{}", r.notes);
-    assert!(r.notes.contains("admin: {enabled: true, mountOnHost: true}"));
-    assert!(r.notes.contains("names: [spire-agent.sock, api.sock]"), "keeps `socket` out of the agent's alternate names");
+    assert!(
+        r.notes
+            .contains(&format!("authorized_delegates = [\"{id}\"]")),
+        "{}",
+        r.notes
+    );
+    assert!(
+        r.notes
+            .contains(&format!("authorizedDelegates: [\"{id}\"]")),
+        "{}",
+        r.notes
+    );
+    assert!(
+        r.notes
+            .contains("admin: {enabled: true, mountOnHost: true}")
+    );
+    assert!(
+        r.notes.contains("names: [spire-agent.sock, api.sock]"),
+        "keeps `socket` out of the agent's alternate names"
+    );
 }
 
 #[test]
 fn chart_renders_with_every_toggle_on_and_moved_paths() {
     let values = manifest_dir().join("tests/chart/values/non-default.yaml");
-    let r = render_ok(&["-f", values.to_str().unwrap(), "--namespace", "spire-nodes", "--kube-version", "v1.30.4"]);
+    let r = render_ok(&[
+        "-f",
+        values.to_str().unwrap(),
+        "--namespace",
+        "spire-nodes",
+        "--kube-version",
+        "v1.30.4",
+    ]);
     assert_eq!(
         r.kinds(),
-        ["CSIDriver", "ClusterRole", "ClusterSPIFFEID", "DaemonSet", "RoleBinding", "SecurityContextConstraints", "Service", "ServiceAccount"]
+        [
+            "CSIDriver",
+            "ClusterRole",
+            "ClusterSPIFFEID",
+            "DaemonSet",
+            "RoleBinding",
+            "SecurityContextConstraints",
+            "Service",
+            "ServiceAccount"
+        ]
     );
     let id = "spiffe://prod.example.com/ns/spire-nodes/sa/bridge";
 
@@ -195,11 +300,17 @@ fn chart_renders_with_every_toggle_on_and_moved_paths() {
     assert_eq!(scc["allowHostDirVolumePlugin"], true);
     let role = r.one("ClusterRole");
     assert_eq!(role["rules"][0]["verbs"], serde_json::json!(["use"]));
-    assert_eq!(role["rules"][0]["resourceNames"], serde_json::json!(["node-sds"]));
+    assert_eq!(
+        role["rules"][0]["resourceNames"],
+        serde_json::json!(["node-sds"])
+    );
     assert_eq!(r.one("RoleBinding")["subjects"][0]["name"], "bridge");
     let csi = r.one("CSIDriver");
     assert_eq!(csi["metadata"]["name"], "upstream.csi.spiffe.io");
-    assert_eq!(csi["metadata"]["labels"]["security.openshift.io/csi-ephemeral-volume-profile"], "restricted");
+    assert_eq!(
+        csi["metadata"]["labels"]["security.openshift.io/csi-ephemeral-volume-profile"],
+        "restricted"
+    );
     assert_eq!(csi["metadata"]["labels"]["team"], "platform");
 
     // SELinux: spc_t for the bridge, a relabel init container for the socket directory.
@@ -207,7 +318,17 @@ fn chart_renders_with_every_toggle_on_and_moved_paths() {
     assert_eq!(c["securityContext"]["seLinuxOptions"]["type"], "spc_t");
     let init = &r.pod_spec()["initContainers"][0];
     assert_eq!(init["name"], "selinux-relabel");
-    assert_eq!(strings(&init["command"]), ["chcon", "-R", "-v", "-t", "container_file_t", "/run/spire/agent-sockets"]);
+    assert_eq!(
+        strings(&init["command"]),
+        [
+            "chcon",
+            "-R",
+            "-v",
+            "-t",
+            "container_file_t",
+            "/run/spire/agent-sockets"
+        ]
+    );
 
     // Metrics: the port moves, a headless Service targets it by name.
     assert_eq!(c["ports"][0]["containerPort"], 19988);
@@ -215,22 +336,43 @@ fn chart_renders_with_every_toggle_on_and_moved_paths() {
     assert_eq!(svc["spec"]["clusterIP"], "None");
     assert_eq!(svc["spec"]["ports"][0]["port"], 9090);
     assert_eq!(svc["spec"]["ports"][0]["targetPort"], "metrics");
-    assert_eq!(svc["metadata"]["annotations"]["prometheus.io/scrape"], "true");
+    assert_eq!(
+        svc["metadata"]["annotations"]["prometheus.io/scrape"],
+        "true"
+    );
     assert_eq!(r.env("SVID_BRIDGE_HEALTH_ADDR")["value"], "127.0.0.1:19989");
 
     // The bridge's own identity for spire-controller-manager, from global.spire.trustDomain.
     let cid = r.one("ClusterSPIFFEID");
     assert_eq!(cid["spec"]["spiffeIDTemplate"], id);
     assert_eq!(cid["spec"]["className"], "spire-server-spire");
-    assert_eq!(cid["spec"]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], "spire-nodes");
-    assert_eq!(cid["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"], "svid-bridge");
+    assert_eq!(
+        cid["spec"]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "spire-nodes"
+    );
+    assert_eq!(
+        cid["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "svid-bridge"
+    );
     assert!(r.notes.contains(id));
 
     // Paths and names moved.
-    assert_eq!(r.mount("kubelet-pods")["mountPath"], "/var/snap/microk8s/common/var/lib/kubelet/pods");
-    assert_eq!(r.volume("agent-sockets")["hostPath"]["path"], "/run/spire/sockets");
-    assert_eq!(r.volume("admin-socket")["hostPath"]["path"], "/run/spire/agent/sockets/csi.spiffe.io/admin");
-    assert_eq!(r.volume("extra-trust-anchors")["configMap"]["name"], "istio-ca-root-cert");
+    assert_eq!(
+        r.mount("kubelet-pods")["mountPath"],
+        "/var/snap/microk8s/common/var/lib/kubelet/pods"
+    );
+    assert_eq!(
+        r.volume("agent-sockets")["hostPath"]["path"],
+        "/run/spire/sockets"
+    );
+    assert_eq!(
+        r.volume("admin-socket")["hostPath"]["path"],
+        "/run/spire/agent/sockets/csi.spiffe.io/admin"
+    );
+    assert_eq!(
+        r.volume("extra-trust-anchors")["configMap"]["name"],
+        "istio-ca-root-cert"
+    );
     assert_eq!(
         c["image"],
         "registry.example.com/platform/svid-bridge@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
@@ -253,53 +395,99 @@ fn chart_renders_with_every_toggle_on_and_moved_paths() {
 
 #[test]
 fn chart_with_csi_off_serves_sds_only() {
-    let r = render_ok(&["--set", "csiDriver.enabled=false", "--set", "metrics.enabled=false"]);
+    let r = render_ok(&[
+        "--set",
+        "csiDriver.enabled=false",
+        "--set",
+        "metrics.enabled=false",
+    ]);
     assert_eq!(r.kinds(), ["DaemonSet", "ServiceAccount"]);
     let args = r.args();
     assert!(has_arg(&args, "--csi-socket="), "{args:?}");
     assert!(has_arg(&args, "--metrics-addr="), "{args:?}");
     assert!(!args.iter().any(|a| a.starts_with("--kubelet-root")));
-    let mounts: Vec<String> = r.container()["volumeMounts"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap().to_owned()).collect();
-    assert_eq!(mounts, ["agent-sockets", "admin-socket"], "no kubelet directories without CSI");
+    let mounts: Vec<String> = r.container()["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        mounts,
+        ["agent-sockets", "admin-socket"],
+        "no kubelet directories without CSI"
+    );
     assert!(r.container().get("ports").is_none());
 }
 
 #[test]
 fn misspelt_or_mistyped_values_fail_schema_validation() {
     for (set, complaint) in [
-        ("csiDriver.nmae=x", "additional properties 'nmae' not allowed"),
-        ("metrcs.enabled=true", "additional properties 'metrcs' not allowed"),
-        ("openshift.scc.nmae=x", "additional properties 'nmae' not allowed"),
+        (
+            "csiDriver.nmae=x",
+            "additional properties 'nmae' not allowed",
+        ),
+        (
+            "metrcs.enabled=true",
+            "additional properties 'metrcs' not allowed",
+        ),
+        (
+            "openshift.scc.nmae=x",
+            "additional properties 'nmae' not allowed",
+        ),
         ("metrics.port=not-a-port", "/metrics/port"),
         ("kubeletPath=var/lib/kubelet", "/kubeletPath"),
         ("csiDriver.name=csi.spiffe.io/x", "/csiDriver/name"),
         ("logFormat=xml", "/logFormat"),
         // helm --set turns null into "delete the key": the schema says which one went.
-        ("sds.defaultBundleName=null", "missing property 'defaultBundleName'"),
+        (
+            "sds.defaultBundleName=null",
+            "missing property 'defaultBundleName'",
+        ),
     ] {
         let err = match render(&["--set", set]) {
             Ok(_) => panic!("--set {set} rendered, expected a schema error"),
             Err(e) => e,
         };
-        assert!(err.contains("values don't meet the specifications of the schema"), "--set {set}: {err}");
-        assert!(err.contains(complaint), "--set {set}: expected {complaint:?} in {err}");
+        assert!(
+            err.contains("values don't meet the specifications of the schema"),
+            "--set {set}: {err}"
+        );
+        assert!(
+            err.contains(complaint),
+            "--set {set}: expected {complaint:?} in {err}"
+        );
     }
     // A key of another chart under global is fine (Helm shares globals between charts).
-    render_ok(&["--set", "global.spire.clusterName=x", "--set", "global.someOtherChart.flag=true"]);
+    render_ok(&[
+        "--set",
+        "global.spire.clusterName=x",
+        "--set",
+        "global.someOtherChart.flag=true",
+    ]);
 }
 
 #[test]
 fn misspelt_kubernetes_fields_fail_strict_decoding() {
     for (set, field) in [
         ("resources.limts.cpu=1", "resources.limts"),
-        ("securityContext.seLinuxOption.type=spc_t", "securityContext.seLinuxOption"),
-        ("updateStrategy.rollingUpdate.maxSurg=0", "rollingUpdate.maxSurg"),
+        (
+            "securityContext.seLinuxOption.type=spc_t",
+            "securityContext.seLinuxOption",
+        ),
+        (
+            "updateStrategy.rollingUpdate.maxSurg=0",
+            "rollingUpdate.maxSurg",
+        ),
     ] {
         let err = match render(&["--set", set]) {
             Ok(_) => panic!("--set {set} rendered, expected a strict decoding error"),
             Err(e) => e,
         };
-        assert!(err.contains("strict decoding error") && err.contains(field), "--set {set}: {err}");
+        assert!(
+            err.contains("strict decoding error") && err.contains(field),
+            "--set {set}: {err}"
+        );
     }
 }
 
@@ -334,15 +522,30 @@ impl ChartNode {
         let spire = Spire::start(opts);
 
         let tmp = common::temp_dir("chart-node");
-        let root = SocketDir::new(tmp.path(), "var/lib/kubelet/plugins_registry/csi.spiffe.io-reg.sock");
+        let root = SocketDir::new(
+            tmp.path(),
+            "var/lib/kubelet/plugins_registry/csi.spiffe.io-reg.sock",
+        );
         let under = |p: &str| root.path().join(p.trim_start_matches('/'));
         for m in rendered.container()["volumeMounts"].as_array().unwrap() {
             std::fs::create_dir_all(under(m["mountPath"].as_str().unwrap())).unwrap();
         }
-        std::os::unix::fs::symlink(spire.admin_socket_path(), under("/run/spire/admin-sockets/admin.sock")).unwrap();
-        std::os::unix::fs::symlink(spire.socket_path(), under("/run/spire/agent-sockets/spire-agent.sock")).unwrap();
+        std::os::unix::fs::symlink(
+            spire.admin_socket_path(),
+            under("/run/spire/admin-sockets/admin.sock"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(
+            spire.socket_path(),
+            under("/run/spire/agent-sockets/spire-agent.sock"),
+        )
+        .unwrap();
 
-        let args: Vec<String> = rendered.args().iter().map(|a| relocate(a, root.path())).collect();
+        let args: Vec<String> = rendered
+            .args()
+            .iter()
+            .map(|a| relocate(a, root.path()))
+            .collect();
         let env: Vec<(String, String)> = rendered.container()["env"]
             .as_array()
             .unwrap()
@@ -352,7 +555,8 @@ impl ChartNode {
                 let value = match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
                     Some("spec.nodeName") => "node-a".to_owned(),
                     Some(other) => panic!("unexpected fieldRef {other}"),
-                    None => e["value"].as_str().unwrap().to_owned(),
+                    // Paths in values are container paths: move them like the arguments.
+                    None => relocate_path(e["value"].as_str().unwrap(), root.path()),
                 };
                 (name, value)
             })
@@ -363,13 +567,30 @@ impl ChartNode {
         let binary = workload_binary("svid-bridge", &common::bridge_binary());
         spire.create_entry(&EntrySpec::for_path(&bridge_id, &binary));
         let mut cmd = Command::new(&binary);
-        cmd.args(&args).env_remove("RUST_LOG").env_remove("SPIFFE_ENDPOINT_SOCKET").envs(env.iter().cloned());
+        cmd.args(&args)
+            .env_remove("RUST_LOG")
+            .env_remove("SPIFFE_ENDPOINT_SOCKET")
+            .envs(env.iter().cloned());
         let bridge = Proc::spawn("svid-bridge", cmd, tmp.path());
-        let node = ChartNode { rendered, env, binary, bridge, root, spire, _tmp: tmp };
+        let node = ChartNode {
+            rendered,
+            env,
+            binary,
+            bridge,
+            root,
+            spire,
+            _tmp: tmp,
+        };
         let sds_socket = node.path("/run/spire/agent-sockets/socket");
-        wait_until(Duration::from_secs(20), "the chart-configured bridge serves SDS", || {
-            std::os::unix::net::UnixStream::connect(&sds_socket).ok().map(|_| ())
-        });
+        wait_until(
+            Duration::from_secs(20),
+            "the chart-configured bridge serves SDS",
+            || {
+                std::os::unix::net::UnixStream::connect(&sds_socket)
+                    .ok()
+                    .map(|_| ())
+            },
+        );
         node
     }
 
@@ -389,33 +610,126 @@ fn chart_command_line_serves_a_real_envoy_from_real_spire() {
     assert!(server.stat("sds.default.update_success") >= 1);
     assert!(server.stat("sds.ROOTCA.update_success") >= 1);
     assert_eq!(server.stat("sds.default.update_rejected"), 0);
+
+    // The check NOTES.txt suggests: `inspect` in the bridge's container, with its
+    // environment, shows the bridge's own SVID.
+    let out = Command::new(&node.binary)
+        .args(["inspect", "default", "ROOTCA"])
+        .envs(node.env.iter().cloned())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "inspect: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("spiffe://example.org/ns/spire-system/sa/svid-bridge"),
+        "{text}"
+    );
 }
 
-/// Where the kubelet looks, the chart-configured bridge has its CSI and registration sockets,
-/// and the probe command (with the container's environment) says it is healthy.
+/// The chart-configured bridge, with this test playing the kubelet: its registration socket is
+/// where the kubelet's plugin watcher looks, it names the CSI endpoint at the path the chart
+/// mounts at the host's path, answers with the CSIDriver's name and the node name from the
+/// downward API, and once registered both probe commands (with the container's environment)
+/// pass.
 #[test]
-fn chart_command_line_registers_with_the_kubelet_and_passes_its_probe() {
+fn chart_command_line_registers_with_the_kubelet_and_passes_its_probes() {
+    use svid_bridge::csi::connect_uds;
+    use svid_bridge::proto::csi::identity_client::IdentityClient;
+    use svid_bridge::proto::csi::node_client::NodeClient;
+    use svid_bridge::proto::csi::{GetPluginInfoRequest, NodeGetInfoRequest};
+    use svid_bridge::proto::pluginregistration::registration_client::RegistrationClient;
+    use svid_bridge::proto::pluginregistration::{InfoRequest, RegistrationStatus};
+
     let node = ChartNode::start();
-    for socket in ["/var/lib/kubelet/plugins/csi.spiffe.io/csi.sock", "/var/lib/kubelet/plugins_registry/csi.spiffe.io-reg.sock"] {
-        let path = node.path(socket);
-        wait_until_with(Duration::from_secs(20), &format!("{socket} exists"), &[&node.bridge], || {
-            path.exists().then_some(())
-        });
-    }
-    let probe = strings(&node.rendered.container()["livenessProbe"]["exec"]["command"]);
-    assert_eq!(probe[0], "/svid-bridge", "the image's binary");
-    wait_until_with(Duration::from_secs(20), "the probe command passes", &[&node.bridge, &node.spire], || {
-        let status = Command::new(&node.binary).args(&probe[1..]).envs(node.env.iter().cloned()).status().unwrap();
-        status.success().then_some(())
+    let driver = node.rendered.one("CSIDriver")["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let reg_socket = node.path(&format!(
+        "/var/lib/kubelet/plugins_registry/{driver}-reg.sock"
+    ));
+    wait_until_with(
+        Duration::from_secs(20),
+        "the registration socket exists",
+        &[&node.bridge],
+        || reg_socket.exists().then_some(()),
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut kubelet = RegistrationClient::new(connect_uds(&reg_socket).await.unwrap());
+        let info = kubelet.get_info(InfoRequest {}).await.unwrap().into_inner();
+        assert_eq!(info.r#type, "CSIPlugin");
+        assert_eq!(info.name, driver);
+        assert_eq!(
+            PathBuf::from(&info.endpoint),
+            node.path(&format!("/var/lib/kubelet/plugins/{driver}/csi.sock")),
+            "the endpoint is the --csi-socket path, which the chart mounts at the host's path"
+        );
+        let endpoint = connect_uds(Path::new(&info.endpoint)).await.unwrap();
+        let plugin = IdentityClient::new(endpoint.clone())
+            .get_plugin_info(GetPluginInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            plugin.name, driver,
+            "GetPluginInfo must match the CSIDriver object"
+        );
+        let node_info = NodeClient::new(endpoint)
+            .node_get_info(NodeGetInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            node_info.node_id, "node-a",
+            "node ID from MY_NODE_NAME (spec.nodeName)"
+        );
+        kubelet
+            .notify_registration_status(RegistrationStatus {
+                plugin_registered: true,
+                error: String::new(),
+            })
+            .await
+            .unwrap();
     });
+    for kind in ["livenessProbe", "readinessProbe"] {
+        let probe = strings(&node.rendered.container()[kind]["exec"]["command"]);
+        assert_eq!(probe[0], "/svid-bridge", "the image's binary");
+        wait_until_with(
+            Duration::from_secs(20),
+            &format!("the {kind} command passes"),
+            &[&node.bridge, &node.spire],
+            || {
+                let status = Command::new(&node.binary)
+                    .args(&probe[1..])
+                    .envs(node.env.iter().cloned())
+                    .status()
+                    .unwrap();
+                status.success().then_some(())
+            },
+        );
+    }
 }
 
 /// `--flag=/abs/path` → `--flag=<root>/abs/path`; anything else unchanged.
 fn relocate(arg: &str, root: &Path) -> String {
     match arg.split_once('=') {
-        Some((flag, value)) if value.starts_with('/') => {
-            format!("{flag}={}", root.join(value.trim_start_matches('/')).display())
-        }
-        _ => arg.to_owned(),
+        Some((flag, value)) => format!("{flag}={}", relocate_path(value, root)),
+        None => arg.to_owned(),
+    }
+}
+
+/// `/abs/path` → `<root>/abs/path`; anything else unchanged.
+fn relocate_path(value: &str, root: &Path) -> String {
+    match value.strip_prefix('/') {
+        Some(rest) => root.join(rest).display().to_string(),
+        None => value.to_owned(),
     }
 }

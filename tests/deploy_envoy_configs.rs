@@ -26,7 +26,9 @@ fn placeholders(text: &str) -> Vec<String> {
         let mut rest = line;
         while let Some(start) = rest.find("${") {
             let after = &rest[start + 2..];
-            let end = after.find('}').unwrap_or_else(|| panic!("unclosed placeholder in {line:?}"));
+            let end = after
+                .find('}')
+                .unwrap_or_else(|| panic!("unclosed placeholder in {line:?}"));
             let name = after[..end].to_owned();
             if !names.contains(&name) {
                 names.push(name);
@@ -55,7 +57,10 @@ fn fill(text: &str) -> String {
     for name in placeholders(text) {
         out = out.replace(&format!("${{{name}}}"), &value_for(&name));
     }
-    assert!(placeholders(&out).is_empty(), "placeholders left after filling");
+    assert!(
+        placeholders(&out).is_empty(),
+        "placeholders left after filling"
+    );
     out
 }
 
@@ -68,20 +73,38 @@ fn validate(config: &str, dir: &Path, name: &str) -> Result<String, String> {
         .arg(&path)
         .output()
         .expect("run envoy");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    if out.status.success() { Ok(text) } else { Err(text) }
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(text)
+    }
 }
 
 #[test]
 fn every_envoy_config_passes_envoy_validate() {
     let files = envoy_configs();
-    let names: Vec<String> = files.iter().map(|f| f.file_name().unwrap().to_string_lossy().into_owned()).collect();
-    assert!(names.contains(&"sidecar.yaml".to_owned()) && names.contains(&"istio-bootstrap.yaml".to_owned()), "{names:?}");
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.contains(&"sidecar.yaml".to_owned())
+            && names.contains(&"istio-bootstrap.yaml".to_owned()),
+        "{names:?}"
+    );
     let dir = common::temp_dir("envoy-validate");
     for file in &files {
         let text = std::fs::read_to_string(file).unwrap();
         let name = file.file_name().unwrap().to_string_lossy().into_owned();
-        assert!(!placeholders(&text).is_empty(), "{name}: expected ${{...}} placeholders");
+        assert!(
+            !placeholders(&text).is_empty(),
+            "{name}: expected ${{...}} placeholders"
+        );
         let out = validate(&fill(&text), dir.path(), &name)
             .unwrap_or_else(|e| panic!("envoy --mode validate refused {name}:\n{e}"));
         assert!(out.contains("OK"), "{name}: {out}");
@@ -94,9 +117,13 @@ fn envoy_validate_refuses_a_misspelt_field() {
     for file in envoy_configs() {
         let name = file.file_name().unwrap().to_string_lossy().into_owned();
         let text = fill(&std::fs::read_to_string(&file).unwrap());
-        assert!(text.contains("initial_fetch_timeout: 0s"), "{name}: every config waits for its identity");
+        assert!(
+            text.contains("initial_fetch_timeout: 0s"),
+            "{name}: every config waits for its identity"
+        );
         let broken = text.replacen("initial_fetch_timeout:", "initial_fetch_timout:", 1);
-        let err = validate(&broken, dir.path(), &format!("broken-{name}")).expect_err("a misspelt field must be refused");
+        let err = validate(&broken, dir.path(), &format!("broken-{name}"))
+            .expect_err("a misspelt field must be refused");
         assert!(err.contains("initial_fetch_timout"), "{name}: {err}");
     }
 }
@@ -104,8 +131,13 @@ fn envoy_validate_refuses_a_misspelt_field() {
 /// The Istio-style bootstrap keeps the facts Istio depends on (envoy-and-istio.md I1, I3).
 #[test]
 fn istio_bootstrap_has_istios_sds_shape() {
-    let text = std::fs::read_to_string(common::manifest_dir().join("envoy/istio-bootstrap.yaml")).unwrap();
-    let body: String = text.lines().filter(|l| !l.trim_start().starts_with('#')).collect::<Vec<_>>().join("\n");
+    let text =
+        std::fs::read_to_string(common::manifest_dir().join("envoy/istio-bootstrap.yaml")).unwrap();
+    let body: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
     for needle in [
         "- name: sds-grpc",
         "type: STATIC",
@@ -117,7 +149,13 @@ fn istio_bootstrap_has_istios_sds_shape() {
         "set_node_on_first_message_only: true",
         "match_subject_alt_names:",
     ] {
-        assert!(body.contains(needle), "istio-bootstrap.yaml lacks {needle:?}");
+        assert!(
+            body.contains(needle),
+            "istio-bootstrap.yaml lacks {needle:?}"
+        );
     }
-    assert!(text.contains("./var/run/secrets/workload-spiffe-uds/socket"), "documents Istio's socket path");
+    assert!(
+        text.contains("./var/run/secrets/workload-spiffe-uds/socket"),
+        "documents Istio's socket path"
+    );
 }

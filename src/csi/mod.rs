@@ -16,6 +16,7 @@ pub mod target;
 pub mod validate;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
@@ -31,6 +32,8 @@ use crate::proto::csi::identity_client::IdentityClient;
 use crate::proto::csi::identity_server::IdentityServer;
 use crate::proto::csi::node_server::NodeServer;
 use crate::proto::pluginregistration::registration_server::RegistrationServer;
+use crate::telemetry::grpc::CsiCallsLayer;
+use crate::telemetry::metrics::Metrics;
 use crate::uds::{self, SocketAccess, UdsError};
 
 pub use registration::RegistrationStatus;
@@ -72,7 +75,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), CsiError> {
     let (status, _) = watch::channel(RegistrationStatus::NotStarted);
-    serve_with_registration(config, sds_serving, shutdown, status).await
+    serve_with_registration(config, sds_serving, shutdown, status, Arc::new(Metrics::new())).await
 }
 
 /// [`serve`], publishing the kubelet registration state on `registration` (for /healthz and
@@ -82,6 +85,7 @@ pub async fn serve_with_registration(
     sds_serving: watch::Receiver<bool>,
     shutdown: CancellationToken,
     registration: watch::Sender<RegistrationStatus>,
+    metrics: Arc<Metrics>,
 ) -> Result<(), CsiError> {
     // 0600, like node-driver-registrar's umask 0077; only the kubelet (root) dials it.
     let listener = uds::bind(&config.socket, SocketAccess::Owner).map_err(CsiError::Socket)?;
@@ -95,7 +99,7 @@ pub async fn serve_with_registration(
         "CSI node plugin listening"
     );
     let csi_stop = CancellationToken::new();
-    let mut csi = tokio::spawn(serve_csi(&config, sds_serving, listener, csi_stop.clone()));
+    let mut csi = tokio::spawn(serve_csi(&config, sds_serving, listener, csi_stop.clone(), metrics));
     let result = tokio::select! {
         ended = &mut csi => Err(server_ended(&config.socket, ended)),
         registered = register_until_shutdown(&config, registration, &shutdown) => {
@@ -112,16 +116,18 @@ fn serve_csi(
     sds_serving: watch::Receiver<bool>,
     listener: UnixListener,
     stop: CancellationToken,
+    metrics: Arc<Metrics>,
 ) -> impl Future<Output = Result<(), tonic::transport::Error>> + Send + 'static {
     let identity = identity::IdentityService::new(
         config.plugin_name.clone(),
         config.mount_dir.clone(),
         sds_serving,
     );
-    let node = node::NodeService::new(config);
+    let node = node::NodeService::new(config, Arc::clone(&metrics));
     // Undeclared methods (NodeStage/Unstage/Expand, the Controller service) are answered
     // UNIMPLEMENTED by tonic, as the spec asks (N-3).
     Server::builder()
+        .layer(CsiCallsLayer::new(metrics))
         .add_service(IdentityServer::new(identity))
         .add_service(NodeServer::new(node))
         .serve_with_incoming_shutdown(uds::incoming(listener), stop.cancelled_owned())

@@ -3,7 +3,7 @@
 //! Handlers validate, confine the path, take the per-target lock and run the blocking mount
 //! work on tokio's blocking pool; [`super::mount`] holds the syscalls.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
@@ -11,6 +11,7 @@ use tracing::Instrument;
 
 use super::locks::{TargetGuard, TargetLocks};
 use super::mount::{self, MountError, Published};
+use crate::telemetry::metrics::Metrics;
 use super::target::{Target, shorten};
 use super::validate;
 use crate::config::CsiConfig;
@@ -27,6 +28,26 @@ use crate::proto::csi::{
 };
 
 /// `volume_context` keys the kubelet adds with `podInfoOnMount: true` (csi.md §4).
+/// Volumes already published when the plugin starts (a restart must not reset the gauge):
+/// mounts under `pods_dir` whose device and root are those of `mount_dir`. Read once, so
+/// the mountinfo scan's cost on busy nodes does not matter.
+fn count_published(mount_dir: &Path, pods_dir: &Path) -> usize {
+    let Ok(mounts) = super::mountinfo::read_own() else { return 0 };
+    let Some(holder) = mounts
+        .iter()
+        .filter(|m| mount_dir.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.as_os_str().len())
+    else {
+        return 0;
+    };
+    let Ok(relative) = mount_dir.strip_prefix(&holder.mount_point) else { return 0 };
+    let root = holder.root.join(relative);
+    mounts
+        .iter()
+        .filter(|m| m.mount_point.starts_with(pods_dir) && m.device == holder.device && m.root == root)
+        .count()
+}
+
 const POD_NAME_KEY: &str = "csi.storage.k8s.io/pod.name";
 const POD_NAMESPACE_KEY: &str = "csi.storage.k8s.io/pod.namespace";
 const POD_UID_KEY: &str = "csi.storage.k8s.io/pod.uid";
@@ -43,16 +64,20 @@ struct Inner {
     /// `<kubelet-root>/pods`: every target must be below it.
     pods_dir: PathBuf,
     locks: TargetLocks,
+    metrics: Arc<Metrics>,
 }
 
 impl NodeService {
-    pub fn new(config: &CsiConfig) -> Self {
+    pub fn new(config: &CsiConfig, metrics: Arc<Metrics>) -> Self {
+        let published = count_published(&config.mount_dir, &config.pods_dir());
+        metrics.csi.published_volumes.set(i64::try_from(published).unwrap_or(i64::MAX));
         NodeService {
             inner: Arc::new(Inner {
                 node_id: config.node_id.clone(),
                 mount_dir: config.mount_dir.clone(),
                 pods_dir: config.pods_dir(),
                 locks: TargetLocks::default(),
+                metrics,
             }),
         }
     }
@@ -68,7 +93,10 @@ impl NodeService {
         let guard = self.inner.locks.lock(target.path()).await;
         let (source, pods_dir) = (self.inner.mount_dir.clone(), self.inner.pods_dir.clone());
         match locked(guard, move || mount::publish(&source, &pods_dir, &target)).await? {
-            Published::Mounted => tracing::info!("volume published"),
+            Published::Mounted => {
+                self.inner.metrics.csi.published_volumes.inc();
+                tracing::info!("volume published");
+            }
             // P-11: a kubelet restart republishes every volume; mounting again is what
             // multiplied mounts on spiffe-csi-driver < 0.2.12 (K-3).
             Published::AlreadyMounted => tracing::info!("volume already published"),
@@ -86,6 +114,9 @@ impl NodeService {
         let guard = self.inner.locks.lock(target.path()).await;
         let pods_dir = self.inner.pods_dir.clone();
         let done = locked(guard, move || mount::unpublish(&pods_dir, &target)).await?;
+        if done.unmounted > 0 {
+            self.inner.metrics.csi.published_volumes.dec();
+        }
         match (done.unmounted, done.removed) {
             (0, false) => tracing::info!("volume already unpublished"), // U-6
             (0 | 1, _) => tracing::info!("volume unpublished"),

@@ -35,6 +35,21 @@ pub enum RegistrationStatus {
 }
 
 impl RegistrationStatus {
+    /// Every value of [`RegistrationStatus::state`], for the metric's label.
+    pub const STATES: &'static [&'static str] =
+        &["not_started", "awaiting_kubelet", "registered", "rejected", "unavailable"];
+
+    /// A short name for metrics and health.
+    pub fn state(&self) -> &'static str {
+        match self {
+            RegistrationStatus::NotStarted => "not_started",
+            RegistrationStatus::AwaitingKubelet => "awaiting_kubelet",
+            RegistrationStatus::Registered => "registered",
+            RegistrationStatus::Rejected { .. } => "rejected",
+            RegistrationStatus::Unavailable { .. } => "unavailable",
+        }
+    }
+
     /// True only when the kubelet confirmed the registration.
     pub fn is_registered(&self) -> bool {
         matches!(self, RegistrationStatus::Registered)

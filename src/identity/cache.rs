@@ -7,6 +7,7 @@
 //! while the agent is away (until they expire), and publishes only real changes.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use super::process::ProcRoot;
 use super::source::{Source, Workload};
 use super::types::{BundleSet, SharedBundles, SharedSvids, WorkloadSvids};
 use super::IdentityError;
+use crate::telemetry::metrics::{Metrics, UpstreamLabel};
 
 /// What a workload's streams see.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,11 +66,33 @@ pub struct CacheOptions {
     pub linger: Duration,
     pub backoff: Backoff,
     pub proc_root: ProcRoot,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Default for CacheOptions {
     fn default() -> Self {
-        Self { linger: Duration::from_secs(10), backoff: Backoff::default(), proc_root: ProcRoot::default() }
+        Self {
+            linger: Duration::from_secs(10),
+            backoff: Backoff::default(),
+            proc_root: ProcRoot::default(),
+            metrics: Arc::new(Metrics::new()),
+        }
+    }
+}
+
+/// What health checks need to know about the identities the bridge holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheHealth {
+    /// The node-wide bundle subscription currently delivers.
+    pub agent_reachable: bool,
+    /// Earliest leaf expiry among the SVIDs currently served, Unix seconds.
+    pub earliest_expiry: Option<i64>,
+}
+
+impl CacheHealth {
+    /// Serving is healthy while the agent answers, or while what it gave us last is valid.
+    pub fn serving_valid_identities(&self, unix_now: i64) -> bool {
+        self.agent_reachable || self.earliest_expiry.is_some_and(|at| at > unix_now)
     }
 }
 
@@ -77,6 +101,7 @@ pub struct Cache {
     options: CacheOptions,
     workloads: Mutex<HashMap<Workload, Entry>>,
     bundles: watch::Receiver<Option<SharedBundles>>,
+    agent_reachable: Arc<AtomicBool>,
     shutdown: CancellationToken,
 }
 
@@ -117,8 +142,33 @@ impl Cache {
     /// Starts the bundle subscription at once: bundles are node-wide, needed by every stream.
     pub fn new(source: Arc<dyn Source>, options: CacheOptions, shutdown: CancellationToken) -> Arc<Self> {
         let (bundles_tx, bundles) = watch::channel(None);
-        tokio::spawn(supervise_bundles(Arc::clone(&source), options.backoff, bundles_tx, shutdown.clone()));
-        Arc::new(Self { source, options, workloads: Mutex::new(HashMap::new()), bundles, shutdown })
+        let agent_reachable = Arc::new(AtomicBool::new(false));
+        let upstream = Upstream::new(&source, "bundles", &options.metrics);
+        tokio::spawn(supervise_bundles(
+            Arc::clone(&source),
+            options.backoff,
+            bundles_tx,
+            Arc::clone(&agent_reachable),
+            upstream,
+            shutdown.clone(),
+        ));
+        Arc::new(Self { source, options, workloads: Mutex::new(HashMap::new()), bundles, agent_reachable, shutdown })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.options.metrics
+    }
+
+    pub fn health(&self) -> CacheHealth {
+        let earliest_expiry = self
+            .lock()
+            .values()
+            .filter_map(|entry| match &*entry.state.borrow() {
+                SvidState::Ready(svids) => svids.earliest_expiry(),
+                _ => None,
+            })
+            .min();
+        CacheHealth { agent_reachable: self.agent_reachable.load(Ordering::Relaxed), earliest_expiry }
     }
 
     pub fn bundles(&self) -> watch::Receiver<Option<SharedBundles>> {
@@ -132,7 +182,10 @@ impl Cache {
     /// Joins (or starts) the upstream subscription for `workload`.
     pub fn subscribe(self: &Arc<Self>, workload: Workload) -> Subscription {
         let mut workloads = self.lock();
-        let entry = workloads.entry(workload).or_insert_with(|| self.start_supervisor(workload));
+        let entry = workloads.entry(workload).or_insert_with(|| {
+            self.options.metrics.upstream.workloads.inc();
+            self.start_supervisor(workload)
+        });
         entry.streams += 1;
         entry.generation += 1;
         Subscription { workload, svids: entry.state.subscribe(), cache: Arc::downgrade(self) }
@@ -181,6 +234,7 @@ impl Cache {
         let idle = workloads.get(&workload).is_some_and(|e| e.streams == 0 && e.generation == generation);
         if idle && let Some(entry) = workloads.remove(&workload) {
             entry.supervisor.abort();
+            self.options.metrics.upstream.workloads.dec();
             tracing::debug!(?workload, "dropped idle workload subscription");
         }
     }
@@ -192,7 +246,7 @@ impl Cache {
     }
 }
 
-fn unix_now() -> i64 {
+pub fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -224,6 +278,37 @@ fn drop_expired(state: &watch::Sender<SvidState>) {
     });
 }
 
+/// Metrics of one kind of upstream subscription.
+#[derive(Clone)]
+struct Upstream {
+    metrics: Arc<Metrics>,
+    label: UpstreamLabel,
+}
+
+impl Upstream {
+    fn new(source: &Arc<dyn Source>, subscription: &'static str, metrics: &Arc<Metrics>) -> Self {
+        Self { metrics: Arc::clone(metrics), label: UpstreamLabel { api: source.api(), subscription } }
+    }
+
+    fn reconnecting(&self) {
+        self.metrics.upstream.reconnects.get_or_create(&self.label).inc();
+    }
+
+    /// Counts this subscription as connected while the guard lives.
+    fn connected(&self) -> ConnectedGuard {
+        self.metrics.upstream.connected.get_or_create(&self.label).inc();
+        ConnectedGuard(self.clone())
+    }
+}
+
+struct ConnectedGuard(Upstream);
+
+impl Drop for ConnectedGuard {
+    fn drop(&mut self) {
+        self.0.metrics.upstream.connected.get_or_create(&self.0.label).dec();
+    }
+}
+
 async fn supervise_svids(
     source: Arc<dyn Source>,
     workload: Workload,
@@ -233,13 +318,14 @@ async fn supervise_svids(
 ) {
     let mut attempt = 0u32;
     let mut failing = false;
+    let upstream = Upstream::new(&source, "svids", &options.metrics);
     loop {
         if !process_alive(&options.proc_root, workload) {
             tracing::info!(?workload, "workload process exited; ending its subscription");
             state.send_replace(SvidState::Gone);
             return;
         }
-        let outcome = follow_svids(&*source, workload, &state, &options.proc_root, &mut attempt, &mut failing).await;
+        let outcome = follow_svids(&*source, workload, &state, &options.proc_root, &upstream, &mut attempt, &mut failing).await;
         match outcome {
             Ok(Follow::ProcessGone) => {
                 tracing::info!(?workload, "workload process was replaced; ending its subscription");
@@ -260,6 +346,7 @@ async fn supervise_svids(
             }
         }
         drop_expired(&state);
+        upstream.reconnecting();
         let delay = options.backoff.delay(attempt);
         attempt = attempt.saturating_add(1);
         tokio::select! {
@@ -281,10 +368,12 @@ async fn follow_svids(
     workload: Workload,
     state: &watch::Sender<SvidState>,
     proc_root: &ProcRoot,
+    upstream: &Upstream,
     attempt: &mut u32,
     failing: &mut bool,
 ) -> Result<Follow, IdentityError> {
     let mut stream = source.subscribe_svids(workload).await?;
+    let mut connected = None;
     while let Some(update) = stream.next().await {
         let svids = update?;
         // The agent attests whatever holds the PID *now* (spire-sds.md DI-4): an update
@@ -298,6 +387,7 @@ async fn follow_svids(
             continue;
         }
         *attempt = 0;
+        connected.get_or_insert_with(|| upstream.connected());
         if std::mem::take(failing) {
             tracing::info!(?workload, "SVID subscription recovered");
         }
@@ -319,12 +409,17 @@ async fn supervise_bundles(
     source: Arc<dyn Source>,
     backoff: Backoff,
     state: watch::Sender<Option<SharedBundles>>,
+    agent_reachable: Arc<AtomicBool>,
+    upstream: Upstream,
     shutdown: CancellationToken,
 ) {
     let mut attempt = 0u32;
     let mut failing = false;
     loop {
-        match follow_bundles(&*source, &state, &mut attempt, &mut failing).await {
+        let outcome = follow_bundles(&*source, &state, &agent_reachable, &upstream, &mut attempt, &mut failing).await;
+        agent_reachable.store(false, Ordering::Relaxed);
+        upstream.reconnecting();
+        match outcome {
             Ok(()) if !failing => tracing::warn!(api = source.api(), "agent closed the bundle subscription; reconnecting"),
             Err(err) if !failing => tracing::warn!(api = source.api(), %err, "bundle subscription failed; retrying, serving the last good bundles meanwhile"),
             _ => {}
@@ -342,13 +437,18 @@ async fn supervise_bundles(
 async fn follow_bundles(
     source: &dyn Source,
     state: &watch::Sender<Option<SharedBundles>>,
+    agent_reachable: &AtomicBool,
+    upstream: &Upstream,
     attempt: &mut u32,
     failing: &mut bool,
 ) -> Result<(), IdentityError> {
     let mut stream = source.subscribe_bundles().await?;
+    let mut connected = None;
     while let Some(update) = stream.next().await {
         let bundles: BundleSet = update?;
         *attempt = 0;
+        agent_reachable.store(true, Ordering::Relaxed);
+        connected.get_or_insert_with(|| upstream.connected());
         if std::mem::take(failing) {
             tracing::info!("bundle subscription recovered");
         }

@@ -22,6 +22,7 @@ use super::secrets::{View, Waiting};
 use super::stream::{DeltaStream, Reaction, SotwStream, StreamSettings};
 use crate::identity::types::SharedBundles;
 use crate::identity::{Cache, ProcRoot, Subscription, SvidState, Workload};
+use crate::telemetry::metrics::{ApiLabel, Metrics, StreamGauges};
 
 /// How a caller is mapped to a workload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +91,7 @@ impl SdsService {
             bundles: self.cache.bundles(),
             settings: Arc::clone(&self.settings),
             shutdown: self.shutdown.clone(),
+            gauges: StreamGauges::new(Arc::clone(self.cache.metrics())),
         }
     }
 }
@@ -131,7 +133,10 @@ impl SecretDiscoveryService for SdsService {
         let workload = self.workload_of(&request)?;
         let mut context = self.context(workload);
         let mut stream = SotwStream::default();
-        stream.on_request(request.get_ref(), &self.settings)?;
+        if let Err(status) = stream.on_request(request.get_ref(), &self.settings) {
+            context.gauges.metrics().sds.refused.inc();
+            return Err(status);
+        }
         let wanted = stream.requested().map_or(0, BTreeMap::len);
         let deadline = tokio::time::sleep(self.fetch_timeout);
         tokio::pin!(deadline);
@@ -140,7 +145,10 @@ impl SecretDiscoveryService for SdsService {
             if let Some(snapshot) = context.snapshot()? {
                 let (response, waiting) = stream.respond(&snapshot.view(&self.settings), &self.settings);
                 match response {
-                    Some(response) if waiting.is_empty() || wanted == 0 => return Ok(Response::new(response)),
+                    Some(response) if waiting.is_empty() || wanted == 0 => {
+                        context.gauges.metrics().sds.responses.get_or_create(&ApiLabel { api: "fetch" }).inc();
+                        return Ok(Response::new(response));
+                    }
                     _ => last_waiting = waiting,
                 }
             }
@@ -173,6 +181,7 @@ struct StreamContext {
     bundles: watch::Receiver<Option<SharedBundles>>,
     settings: Arc<StreamSettings>,
     shutdown: CancellationToken,
+    gauges: StreamGauges,
 }
 
 struct Snapshot {
@@ -230,6 +239,15 @@ impl WaitLog {
     }
 }
 
+impl Drop for WaitLog {
+    fn drop(&mut self) {
+        if !self.waiting.is_empty() {
+            let names: Vec<&str> = self.waiting.keys().map(String::as_str).collect();
+            tracing::info!(secrets = ?names, "stream closed while still waiting for secrets");
+        }
+    }
+}
+
 enum Event<R> {
     Request(R),
     IdentityChanged,
@@ -261,11 +279,13 @@ async fn run_sotw(mut context: StreamContext, mut inbound: Streaming<DiscoveryRe
             Event::Closed => return,
             Event::IdentityChanged => {}
             Event::Request(request) => match stream.on_request(&request, &context.settings) {
-                Ok(reaction) => log_reaction(&reaction, &request.resource_names),
-                Err(status) => {
-                    tracing::warn!(error = %status.message(), "refused SDS request");
-                    return finish(&tx, status).await;
+                Ok(reaction) => {
+                    count_reaction(context.gauges.metrics(), &reaction, &request.resource_names);
+                    if let Some(names) = stream.requested() {
+                        context.gauges.set_names(names.values());
+                    }
                 }
+                Err(status) => return refuse(&context, &tx, status).await,
             },
         }
         let snapshot = match context.snapshot() {
@@ -274,9 +294,11 @@ async fn run_sotw(mut context: StreamContext, mut inbound: Streaming<DiscoveryRe
             Err(status) => return finish(&tx, status).await,
         };
         let (response, waiting) = stream.respond(&snapshot.view(&context.settings), &context.settings);
+        context.gauges.set_waiting(!waiting.is_empty());
         waits.update(waiting);
         if let Some(response) = response {
             tracing::debug!(version = %response.version_info, resources = response.resources.len(), "pushing secrets");
+            context.gauges.metrics().sds.responses.get_or_create(&ApiLabel { api: "sotw" }).inc();
             if tx.send(Ok(response)).await.is_err() {
                 return;
             }
@@ -296,11 +318,11 @@ async fn run_delta(mut context: StreamContext, mut inbound: Streaming<DeltaDisco
             Event::Closed => return,
             Event::IdentityChanged => {}
             Event::Request(request) => match stream.on_request(&request, &context.settings) {
-                Ok(reaction) => log_reaction(&reaction, &request.resource_names_subscribe),
-                Err(status) => {
-                    tracing::warn!(error = %status.message(), "refused SDS request");
-                    return finish(&tx, status).await;
+                Ok(reaction) => {
+                    count_reaction(context.gauges.metrics(), &reaction, &request.resource_names_subscribe);
+                    context.gauges.set_names(stream.subscribed().values());
                 }
+                Err(status) => return refuse(&context, &tx, status).await,
             },
         }
         let snapshot = match context.snapshot() {
@@ -309,10 +331,12 @@ async fn run_delta(mut context: StreamContext, mut inbound: Streaming<DeltaDisco
             Err(status) => return finish(&tx, status).await,
         };
         let (response, waiting) = stream.respond(&snapshot.view(&context.settings), &context.settings);
+        context.gauges.set_waiting(!waiting.is_empty());
         waits.update(waiting);
         if let Some(response) = response {
             let names: Vec<&str> = response.resources.iter().map(|r| r.name.as_str()).collect();
             tracing::debug!(secrets = ?names, "pushing secrets");
+            context.gauges.metrics().sds.responses.get_or_create(&ApiLabel { api: "delta" }).inc();
             if tx.send(Ok(response)).await.is_err() {
                 return;
             }
@@ -320,14 +344,24 @@ async fn run_delta(mut context: StreamContext, mut inbound: Streaming<DeltaDisco
     }
 }
 
-fn log_reaction(reaction: &Reaction, names: &[String]) {
+fn count_reaction(metrics: &Metrics, reaction: &Reaction, names: &[String]) {
     match reaction {
         Reaction::Nacked(message) => {
+            metrics.sds.nacks.inc();
             tracing::error!(secrets = ?names, envoy_error = %message, "Envoy rejected the secrets we sent (NACK); not resending until they change");
         }
+        Reaction::Acked => {
+            metrics.sds.acks.inc();
+        }
         Reaction::Stale => tracing::debug!("ignoring a request with a stale nonce"),
-        Reaction::Answer | Reaction::Acked => {}
+        Reaction::Answer => {}
     }
+}
+
+async fn refuse<T>(context: &StreamContext, tx: &mpsc::Sender<Result<T, Status>>, status: Status) {
+    context.gauges.metrics().sds.refused.inc();
+    tracing::warn!(error = %status.message(), "refused SDS request");
+    finish(tx, status).await;
 }
 
 async fn finish<T>(tx: &mpsc::Sender<Result<T, Status>>, status: Status) {

@@ -220,6 +220,10 @@ impl DeltaStream {
         self.node.as_ref()
     }
 
+    pub fn subscribed(&self) -> &BTreeMap<String, Resource> {
+        &self.subscribed
+    }
+
     pub fn on_request(&mut self, request: &DeltaDiscoveryRequest, settings: &StreamSettings) -> Result<Reaction, Status> {
         check_type_url(&request.type_url)?;
         if let Some(node) = &request.node {

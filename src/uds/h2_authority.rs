@@ -785,8 +785,7 @@ mod tests {
     }
 
     fn transcode(input: &[u8]) -> Vec<u8> {
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        rt.block_on(pump(input, &[], &[]))
+        futures::executor::block_on(pump(input, &[], &[]))
     }
 
     /// The frames after the preface.
@@ -988,8 +987,8 @@ mod tests {
     #[tokio::test]
     async fn huffman_coded_authority_is_fixed() {
         let block = unhex(HUFFMAN_AUTHORITY);
-        assert_eq!(block[2] & 0x3f, 1, "literal with indexing, name :authority");
-        assert_eq!(block[3] & 0x80, 0x80, "Huffman-coded value");
+        assert_eq!(block[9], 0x41, "literal with indexing, name :authority");
+        assert_eq!(block[10] & 0x80, 0x80, "Huffman-coded value");
         let original = Decoder::new().decode(&block).unwrap();
         assert_eq!(original[3], field(":authority", "run%2Fsvid%2Fsds.sock"));
 
@@ -1066,8 +1065,9 @@ mod tests {
 
         let input = connection(&[headers(1, &unhex(GRPCIO_FIRST)), headers(3, &[0x20]), headers(5, &unhex(GRPCIO_SECOND))]);
         let outcome = serve_h2(&input, &[], true).await;
-        assert_eq!(outcome.requests.len(), 1, "{outcome:?}");
         assert!(outcome.error.as_ref().is_some_and(h2::Error::is_go_away), "{outcome:?}");
+        let frames = parse_frames(&transcode(&input));
+        assert_eq!(frames.last().unwrap().1, UNDECODABLE_BLOCK);
     }
 
     #[tokio::test]
@@ -1075,9 +1075,9 @@ mod tests {
         // The client refers to an entry that was never indexed.
         let input = connection(&[headers(1, &unhex(GRPCIO_FIRST)), headers(3, &[0x83, 0x86, 0xff, 0x10])]);
         let outcome = serve_h2(&input, &[], true).await;
-        assert_eq!(outcome.requests.len(), 1, "{outcome:?}");
         assert!(outcome.error.as_ref().is_some_and(h2::Error::is_go_away), "{outcome:?}");
         let frames = parse_frames(&transcode(&input));
+        assert_eq!(decode_blocks(&frames[..2]), vec![grpcio_fields("localhost")]);
         assert_eq!(frames.last().unwrap().1, UNDECODABLE_BLOCK);
     }
 
@@ -1181,8 +1181,7 @@ mod tests {
             let mut input = if preface { PREFACE.to_vec() } else { Vec::new() };
             frames.iter().for_each(|f| input.extend_from_slice(f));
             input.extend_from_slice(&bytes);
-            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-            let out = rt.block_on(pump(&input, &chunks, &reads));
+            let out = futures::executor::block_on(pump(&input, &chunks, &reads));
             if !input.starts_with(&PREFACE[..1]) {
                 prop_assert_eq!(out, input);
             }

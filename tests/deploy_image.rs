@@ -1,0 +1,195 @@
+//! The container image without a container engine: the Dockerfile's build context (its COPY
+//! lines, minus .dockerignore) is enough for Cargo to load the package with the committed
+//! lock, and the build and entry point are what the chart and `make release-build` assume.
+//! `make release-build` runs the build command itself.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(common::manifest_dir().join(path)).unwrap()
+}
+
+/// Instructions of the Dockerfile, with `\` continuations joined and comments dropped.
+fn instructions() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in read("Dockerfile").lines() {
+        let t = line.trim();
+        if t.starts_with('#') || (t.is_empty() && current.is_empty()) {
+            continue;
+        }
+        match t.strip_suffix('\\') {
+            Some(part) => current.push_str(part),
+            None => {
+                current.push_str(t);
+                if !current.trim().is_empty() {
+                    out.push(current.trim().to_owned());
+                }
+                current.clear();
+            }
+        }
+    }
+    out
+}
+
+/// Copies `src` into `dst` (recursively), skipping paths .dockerignore excludes.
+fn copy_context(src: &Path, dst: &Path, rel: &str, ignored: &[String]) {
+    let name = rel.trim_end_matches('/');
+    let excluded = ignored.iter().any(|pattern| {
+        let p = pattern.trim_end_matches('/');
+        p == name
+            || p.strip_prefix("*")
+                .is_some_and(|suffix| name.ends_with(suffix))
+    });
+    if excluded {
+        return;
+    }
+    if src.is_dir() {
+        std::fs::create_dir_all(dst).unwrap();
+        for entry in std::fs::read_dir(src).unwrap() {
+            let entry = entry.unwrap();
+            let child = format!("{name}/{}", entry.file_name().to_string_lossy());
+            copy_context(&entry.path(), &dst.join(entry.file_name()), &child, ignored);
+        }
+    } else {
+        std::fs::copy(src, dst).unwrap();
+    }
+}
+
+#[test]
+fn build_context_holds_everything_cargo_needs_with_the_committed_lock() {
+    let ignored: Vec<String> = read(".dockerignore")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    let copies: Vec<Vec<String>> = instructions()
+        .iter()
+        .filter(|i| i.starts_with("COPY ") && !i.contains("--from="))
+        .map(|i| i.split_whitespace().skip(1).map(str::to_owned).collect())
+        .collect();
+    assert!(!copies.is_empty(), "no COPY in the build stage");
+
+    let ctx = common::temp_dir("image-context");
+    for copy in &copies {
+        let (sources, _dest) = copy.split_at(copy.len() - 1);
+        for source in sources {
+            let rel = source.trim_end_matches('/');
+            copy_context(
+                &common::manifest_dir().join(rel),
+                &ctx.path().join(rel),
+                rel,
+                &ignored,
+            );
+        }
+    }
+    for proto in ["proto/csi.proto", "proto/pluginregistration.proto"] {
+        assert!(
+            ctx.path().join(proto).exists(),
+            "build.rs compiles {proto}: the Dockerfile must copy it"
+        );
+    }
+    // --locked: the lock must already match the manifest; --offline: nothing is resolved anew.
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "metadata",
+            "--locked",
+            "--offline",
+            "--format-version",
+            "1",
+            "--manifest-path",
+        ])
+        .arg(ctx.path().join("Cargo.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cargo cannot load the image's build context:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // `cargo metadata` does not check that every declared target's file exists; a build does,
+    // before compiling anything. Asking it for a binary that does not exist stops right after
+    // the manifest loaded, listing the real ones.
+    let probe = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--offline",
+            "--bin",
+            "no-such-binary",
+            "--manifest-path",
+        ])
+        .arg(ctx.path().join("Cargo.toml"))
+        .env("CARGO_TARGET_DIR", ctx.path().join("target"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&probe.stderr);
+    assert!(
+        stderr.contains("no bin target named `no-such-binary`") && stderr.contains("svid-bridge"),
+        "cargo build cannot load the image's build context:\n{stderr}"
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let package = meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "svid-bridge")
+        .unwrap();
+    assert!(
+        package["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "svid-bridge" && t["kind"][0] == "bin"),
+        "the svid-bridge binary target is in the context"
+    );
+}
+
+#[test]
+fn image_builds_like_make_release_build_and_starts_the_bridge() {
+    let all = instructions();
+    let run = all
+        .iter()
+        .find(|i| i.starts_with("RUN "))
+        .expect("a RUN in the build stage");
+    assert!(run.contains("cargo build --release --locked"), "{run}");
+    let mk = read("mk/deploy.mk");
+    assert!(
+        mk.contains("release-build:\n\t$(CARGO) build --release --locked"),
+        "make release-build runs the image's build"
+    );
+
+    let froms: Vec<&String> = all.iter().filter(|i| i.starts_with("FROM ")).collect();
+    assert_eq!(froms.len(), 2, "a builder and a runtime stage");
+    assert!(
+        froms[1].starts_with("FROM gcr.io/distroless/cc-debian12"),
+        "{}",
+        froms[1]
+    );
+    assert!(
+        froms[0].contains("-bookworm"),
+        "builder on the runtime's Debian release (same glibc): {}",
+        froms[0]
+    );
+    // Exec form: the bridge is PID 1 and receives SIGTERM itself. The chart's probes call
+    // /svid-bridge, so that is where the binary must be.
+    assert!(
+        all.contains(&r#"ENTRYPOINT ["/svid-bridge"]"#.to_owned()),
+        "{all:?}"
+    );
+    assert!(all.contains(&r#"CMD ["run"]"#.to_owned()), "{all:?}");
+    assert!(
+        all.iter()
+            .any(|i| i.starts_with("COPY --from=build") && i.ends_with(" /svid-bridge"))
+    );
+    assert!(
+        !all.iter().any(|i| i.starts_with("USER ")),
+        "runs as root: mounts and /proc of other processes"
+    );
+}
