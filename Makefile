@@ -15,10 +15,14 @@ CARGO_TEST_ARGS ?=
 
 all: test
 
+# After `all`, so that a bare `make` still means `make test`.
+include mk/deploy.mk
+
 peers:
 	bash tests/peers/install.sh
 
-test: peers fmt-check clippy cargo-test
+# release-build is the container image's build step (Dockerfile), run here without an engine.
+test: peers fmt-check clippy cargo-test release-build
 
 # rustfmt and clippy ship as rustup components; install them when a toolchain lacks them.
 rust-components:

@@ -11,7 +11,7 @@ use crate::csi::RegistrationStatus;
 use crate::telemetry::health::{self, Readiness};
 use crate::telemetry::metrics::Metrics;
 use crate::identity::{Cache, CacheOptions, DelegatedSource, ProcRoot, Source, WorkloadApiSource};
-use crate::sds::{CallerIdentity, SdsError, SdsServer, StreamSettings};
+use crate::sds::{CallerIdentity, Limits, SdsError, SdsServer, StreamSettings};
 use crate::sds::names::SpecialNames;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,13 +41,18 @@ pub async fn run(config: Config) -> Result<(), BridgeError> {
     );
     let metrics = Arc::new(Metrics::new());
     let proc_root = ProcRoot::default();
-    let cache_options = CacheOptions { proc_root: proc_root.clone(), metrics: Arc::clone(&metrics), ..CacheOptions::default() };
+    let cache_options = CacheOptions {
+        proc_root: proc_root.clone(),
+        metrics: Arc::clone(&metrics),
+        max_streams_per_workload: config.sds.limits.max_streams_per_process,
+        ..CacheOptions::default()
+    };
     let cache = Cache::new(source, cache_options, shutdown.clone());
     let expiry_cache = Arc::downgrade(&cache);
     metrics.register_earliest_expiry(move || expiry_cache.upgrade().and_then(|c| c.health().earliest_expiry));
 
     let (serving_tx, serving_rx) = watch::channel(false);
-    let sds = SdsServer::new(config.sds.socket.clone(), Arc::clone(&cache), stream_settings(&config), caller_identity, proc_root, shutdown.clone());
+    let sds = SdsServer::new(config.sds.socket.clone(), Arc::clone(&cache), stream_settings(&config), caller_identity, proc_root, shutdown.clone(), config.sds.limits);
     let sds_task = tokio::spawn(sds.serve(serving_tx, shutdown.clone()));
 
     let (registration_tx, registration_rx) = watch::channel(RegistrationStatus::NotStarted);
@@ -89,7 +94,10 @@ fn stream_settings(config: &Config) -> StreamSettings {
         },
         validation_disabled: config.sds.disable_spiffe_cert_validation,
         extra_trust_anchors: config.sds.extra_trust_anchors.clone(),
-        ..StreamSettings::default()
+        limits: Limits {
+            max_names_per_request: config.sds.limits.max_names_per_request,
+            max_name_bytes: config.sds.limits.max_name_bytes,
+        },
     }
 }
 

@@ -41,6 +41,8 @@ pub enum ConfigError {
          letters, digits, '-', '.' and '_', starting and ending with a letter)"
     )]
     BadPluginName(String),
+    #[error("{flag} must be at least 1")]
+    ZeroLimit { flag: &'static str },
     #[error("--extra-trust-anchors {path:?}: {reason}")]
     TrustAnchors { path: PathBuf, reason: String },
     #[error("secret names must differ: {first} and {second} are both {name:?}")]
@@ -147,6 +149,30 @@ pub struct RunArgs {
     #[arg(long, env = "SVID_BRIDGE_DISABLE_SPIFFE_CERT_VALIDATION")]
     pub disable_spiffe_cert_validation: bool,
 
+    /// Most resource names in one SDS request.
+    #[arg(long, default_value_t = 100, env = "SVID_BRIDGE_MAX_NAMES_PER_REQUEST")]
+    pub max_names_per_request: usize,
+
+    /// Longest resource name, in bytes (a SPIFFE ID is at most 2048).
+    #[arg(long, default_value_t = 4096, env = "SVID_BRIDGE_MAX_NAME_BYTES")]
+    pub max_name_bytes: usize,
+
+    /// Largest SDS request message, in bytes.
+    #[arg(long, default_value_t = 1024 * 1024, env = "SVID_BRIDGE_MAX_REQUEST_BYTES")]
+    pub max_request_bytes: usize,
+
+    /// Concurrent SDS streams on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, default_value_t = 100_000, env = "SVID_BRIDGE_MAX_STREAMS_PER_CONNECTION")]
+    pub max_streams_per_connection: u32,
+
+    /// Concurrent SDS streams of one process (in Workload API mode: of all callers).
+    #[arg(long, default_value_t = 1000, env = "SVID_BRIDGE_MAX_STREAMS_PER_PROCESS")]
+    pub max_streams_per_process: usize,
+
+    /// Concurrent connections to the SDS socket; further ones are closed at once.
+    #[arg(long, default_value_t = 10_000, env = "SVID_BRIDGE_MAX_CONNECTIONS")]
+    pub max_connections: usize,
+
     /// Prometheus metrics listen address; empty turns it off.
     #[arg(long, default_value = "0.0.0.0:9988", env = "SVID_BRIDGE_METRICS_ADDR")]
     pub metrics_addr: String,
@@ -191,6 +217,18 @@ pub struct SdsConfig {
     pub disable_spiffe_cert_validation: bool,
     /// DER certificates from --extra-trust-anchors.
     pub extra_trust_anchors: Vec<Vec<u8>>,
+    pub limits: SdsLimits,
+}
+
+/// Every SDS limit; each overflow is refused with an error that names the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SdsLimits {
+    pub max_names_per_request: usize,
+    pub max_name_bytes: usize,
+    pub max_request_bytes: usize,
+    pub max_streams_per_connection: u32,
+    pub max_streams_per_process: usize,
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -253,6 +291,7 @@ impl RunArgs {
                 Some(path) => load_trust_anchors(path)?,
                 None => Vec::new(),
             },
+            limits: self.limits()?,
         };
         distinct_names(&sds)?;
         let csi = self.validate_csi(&sds.socket, env)?;
@@ -264,6 +303,24 @@ impl RunArgs {
             csi,
             metrics_addr: optional_addr(&self.metrics_addr)?,
             health_addr: optional_addr(&self.health_addr)?,
+        })
+    }
+
+    fn limits(&self) -> Result<SdsLimits, ConfigError> {
+        let positive = |flag: &'static str, value: usize| {
+            if value == 0 { Err(ConfigError::ZeroLimit { flag }) } else { Ok(value) }
+        };
+        Ok(SdsLimits {
+            max_names_per_request: positive("--max-names-per-request", self.max_names_per_request)?,
+            max_name_bytes: positive("--max-name-bytes", self.max_name_bytes)?,
+            max_request_bytes: positive("--max-request-bytes", self.max_request_bytes)?,
+            max_streams_per_connection: u32::try_from(positive(
+                "--max-streams-per-connection",
+                self.max_streams_per_connection as usize,
+            )?)
+            .unwrap_or(u32::MAX),
+            max_streams_per_process: positive("--max-streams-per-process", self.max_streams_per_process)?,
+            max_connections: positive("--max-connections", self.max_connections)?,
         })
     }
 
@@ -625,6 +682,19 @@ mod tests {
         assert!(err.to_string().contains("no CERTIFICATE block"), "{err}");
         let missing = format!("--extra-trust-anchors={}", dir.path().join("nope").display());
         assert!(args(dir.path(), &["--csi-socket=", &missing]).validate(&no_env()).is_err());
+    }
+
+    #[test]
+    fn limits_are_configurable_and_never_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = args(dir.path(), &["--csi-socket=", "--max-names-per-request=7", "--max-connections=3"])
+            .validate(&no_env())
+            .unwrap();
+        assert_eq!(config.sds.limits.max_names_per_request, 7);
+        assert_eq!(config.sds.limits.max_connections, 3);
+        assert_eq!(config.sds.limits.max_streams_per_process, 1000);
+        let err = args(dir.path(), &["--csi-socket=", "--max-streams-per-process=0"]).validate(&no_env()).unwrap_err();
+        assert_eq!(err, ConfigError::ZeroLimit { flag: "--max-streams-per-process" });
     }
 
     #[test]

@@ -467,6 +467,17 @@ fn misspelt_or_mistyped_values_fail_schema_validation() {
     ]);
 }
 
+/// Chart.yaml's kubeVersion: inline CSI ephemeral volumes are GA from 1.25.
+#[test]
+fn chart_installs_on_kubernetes_1_25_and_later_only() {
+    render_ok(&["--kube-version", "v1.25.0"]);
+    let err = match render(&["--kube-version", "v1.24.9"]) {
+        Ok(_) => panic!("rendered for Kubernetes 1.24"),
+        Err(e) => e,
+    };
+    assert!(err.contains("chart requires kubeVersion"), "{err}");
+}
+
 #[test]
 fn misspelt_kubernetes_fields_fail_strict_decoding() {
     for (set, field) in [

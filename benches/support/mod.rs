@@ -1,7 +1,12 @@
 //! Shared by the side-by-side benchmarks (`sds_fanout`, `csi_compare`): wall-clock stamps
 //! that several processes agree on, percentiles, medians over repeated runs, `/proc`
 //! sampling of a process's CPU time and RSS, and PNG charts (plotters, bitmap backend).
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout
+)]
 
 pub mod plot;
 
@@ -14,7 +19,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Nanoseconds since the Unix epoch (CLOCK_REALTIME): the one clock every process on the
 /// machine reads alike, so a child's stamps and the parent's can be subtracted.
 pub fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 pub fn ms(ns: u64) -> f64 {
@@ -28,7 +35,8 @@ pub fn manifest_dir() -> PathBuf {
 
 /// Where the benchmarks write their PNGs and tables (committed, read by BENCHMARKS.md).
 pub fn results_dir() -> PathBuf {
-    let dir = std::env::var_os("SB_BENCH_RESULTS").map_or_else(|| manifest_dir().join("benches/results"), PathBuf::from);
+    let dir = std::env::var_os("SB_BENCH_RESULTS")
+        .map_or_else(|| manifest_dir().join("benches/results"), PathBuf::from);
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
@@ -36,13 +44,23 @@ pub fn results_dir() -> PathBuf {
 /// A comma-separated list of numbers from the environment, or `default`.
 pub fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
     match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v.split(',').map(|s| s.trim().parse().unwrap_or_else(|_| panic!("{name}={v}: not a list of numbers"))).collect(),
+        Ok(v) if !v.trim().is_empty() => v
+            .split(',')
+            .map(|s| {
+                s.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{name}={v}: not a list of numbers"))
+            })
+            .collect(),
         _ => default.to_vec(),
     }
 }
 
 pub fn env_num(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
 }
 
 // ------------------------------------------------------------------ statistics ----
@@ -80,14 +98,29 @@ impl Summary {
         let mut s = v.clone();
         s.sort_by(|a, b| a.total_cmp(b));
         let mid = s.len() / 2;
-        let median = if s.len() % 2 == 0 { (s[mid - 1] + s[mid]) / 2.0 } else { s[mid] };
-        Some(Summary { median, min: s[0], max: s[s.len() - 1], runs: s.len() })
+        let median = if s.len().is_multiple_of(2) {
+            (s[mid - 1] + s[mid]) / 2.0
+        } else {
+            s[mid]
+        };
+        Some(Summary {
+            median,
+            min: s[0],
+            max: s[s.len() - 1],
+            runs: s.len(),
+        })
     }
 
     /// `median (min–max)` with `digits` decimals; the spread only for several runs.
     pub fn show(&self, digits: usize) -> String {
         if self.runs > 1 {
-            format!("{:.d$} ({:.d$}–{:.d$})", self.median, self.min, self.max, d = digits)
+            format!(
+                "{:.d$} ({:.d$}–{:.d$})",
+                self.median,
+                self.min,
+                self.max,
+                d = digits
+            )
         } else {
             format!("{:.d$}", self.median, d = digits)
         }
@@ -153,7 +186,11 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
     let mut cpu_ns = 0u64;
     for task in std::fs::read_dir(base.join("task")).ok()?.flatten() {
         if let Ok(s) = std::fs::read_to_string(task.path().join("schedstat")) {
-            cpu_ns += s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            cpu_ns += s
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
         }
     }
     let stat = std::fs::read_to_string(base.join("stat")).ok()?;
@@ -161,7 +198,12 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
     let f: Vec<&str> = after.split_whitespace().collect();
     // after_comm[0] is field 3; utime = field 14, stime = field 15.
     let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    Some(ProcSample { t_ns: now_ns(), cpu_ns, rss_kib, stat_cpu_ns: ticks * 10_000_000 })
+    Some(ProcSample {
+        t_ns: now_ns(),
+        cpu_ns,
+        rss_kib,
+        stat_cpu_ns: ticks * 10_000_000,
+    })
 }
 
 /// Samples a set of processes every `interval` on a thread of its own until stopped.
@@ -186,7 +228,11 @@ impl Sampler {
                 std::thread::sleep(interval);
             }
         });
-        Sampler { stop, data, thread: Some(thread) }
+        Sampler {
+            stop,
+            data,
+            thread: Some(thread),
+        }
     }
 
     /// Takes one sample of each process now (window edges), besides the periodic ones.
@@ -228,18 +274,30 @@ pub fn cpu_between(samples: &[ProcSample], from: u64, to: u64) -> Option<f64> {
 
 /// Largest RSS seen in `[from, to]`.
 pub fn rss_max_between(samples: &[ProcSample], from: u64, to: u64) -> Option<u64> {
-    samples.iter().filter(|s| s.t_ns >= from && s.t_ns <= to).map(|s| s.rss_kib).max()
+    samples
+        .iter()
+        .filter(|s| s.t_ns >= from && s.t_ns <= to)
+        .map(|s| s.rss_kib)
+        .max()
 }
 
 /// RSS of the last sample at or before `t`.
 pub fn rss_at(samples: &[ProcSample], t: u64) -> Option<u64> {
-    samples.iter().rev().find(|s| s.t_ns <= t).map(|s| s.rss_kib)
+    samples
+        .iter()
+        .rev()
+        .find(|s| s.t_ns <= t)
+        .map(|s| s.rss_kib)
 }
 
 /// A line about the machine for the report: CPU model, cores, memory, kernel.
 pub fn machine_description() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned()).unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let mem_gib = meminfo
@@ -249,7 +307,10 @@ pub fn machine_description() -> String {
         .and_then(|v| v.parse::<f64>().ok())
         .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{model}, {cores} cores, {mem_gib:.0} GiB, Linux {}", kernel.trim())
+    format!(
+        "{model}, {cores} cores, {mem_gib:.0} GiB, Linux {}",
+        kernel.trim()
+    )
 }
 
 /// Writes `text` to `dir/name` and says so.

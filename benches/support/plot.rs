@@ -27,7 +27,9 @@ fn register_font() {
         let bytes = FONT_FILES
             .iter()
             .find_map(|p| std::fs::read(p).ok())
-            .unwrap_or_else(|| panic!("no DejaVuSans.ttf in {FONT_FILES:?}: apt-get install fonts-dejavu-core"));
+            .unwrap_or_else(|| {
+                panic!("no DejaVuSans.ttf in {FONT_FILES:?}: apt-get install fonts-dejavu-core")
+            });
         let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
         if plotters::style::register_font(FONT, FontStyle::Normal, bytes).is_err() {
             panic!("DejaVuSans.ttf is not a usable font");
@@ -45,7 +47,11 @@ pub struct Bar {
 
 impl From<crate::support::Summary> for Bar {
     fn from(s: crate::support::Summary) -> Bar {
-        Bar { median: s.median, min: s.min, max: s.max }
+        Bar {
+            median: s.median,
+            min: s.min,
+            max: s.max,
+        }
     }
 }
 
@@ -67,7 +73,10 @@ pub struct BarPanel {
 }
 
 fn y_range(values: impl Iterator<Item = f64>, refs: &[(f64, String)], log: bool) -> (f64, f64) {
-    let all: Vec<f64> = values.chain(refs.iter().map(|r| r.0)).filter(|v| v.is_finite() && (!log || *v > 0.0)).collect();
+    let all: Vec<f64> = values
+        .chain(refs.iter().map(|r| r.0))
+        .filter(|v| v.is_finite() && (!log || *v > 0.0))
+        .collect();
     let hi = all.iter().copied().fold(f64::MIN, f64::max);
     let lo = all.iter().copied().fold(f64::MAX, f64::min);
     if all.is_empty() {
@@ -98,7 +107,12 @@ fn label_formatter(v: &f64) -> String {
 }
 
 /// Panels of grouped bars side by side in one PNG.
-pub fn bars(path: &Path, title: &str, panels: &[BarPanel], size: (u32, u32)) -> Result<(), Box<dyn std::error::Error>> {
+pub fn bars(
+    path: &Path,
+    title: &str,
+    panels: &[BarPanel],
+    size: (u32, u32),
+) -> Result<(), Box<dyn std::error::Error>> {
     register_font();
     let root = BitMapBackend::new(path, size).into_drawing_area();
     root.fill(&WHITE)?;
@@ -106,15 +120,27 @@ pub fn bars(path: &Path, title: &str, panels: &[BarPanel], size: (u32, u32)) -> 
     let areas = root.split_evenly((1, panels.len()));
     for (panel, area) in panels.iter().zip(areas.iter()) {
         let n = panel.groups.len().max(1);
-        let values = panel.series.iter().flat_map(|s| s.values.iter().flatten().flat_map(|b| [b.median, b.max, b.min]));
+        let values = panel.series.iter().flat_map(|s| {
+            s.values
+                .iter()
+                .flatten()
+                .flat_map(|b| [b.median, b.max, b.min])
+        });
         let (lo, hi) = y_range(values, &panel.refs, panel.log_y);
         let mut builder = ChartBuilder::on(area);
-        builder.caption(&panel.title, (FONT, 20)).margin(12).x_label_area_size(36).y_label_area_size(64);
+        builder
+            .caption(&panel.title, (FONT, 20))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(64);
         let groups = panel.groups.clone();
         let x_fmt = move |x: &f64| {
             let twice = (x * 2.0).round();
             if (x * 2.0 - twice).abs() < 1e-6 && twice as i64 % 2 == 1 {
-                groups.get(((x - 0.5).round()) as usize).cloned().unwrap_or_default()
+                groups
+                    .get(((x - 0.5).round()) as usize)
+                    .cloned()
+                    .unwrap_or_default()
             } else {
                 String::new()
             }
@@ -143,10 +169,18 @@ pub fn bars(path: &Path, title: &str, panels: &[BarPanel], size: (u32, u32)) -> 
                         .filter_map(|(i, b)| b.map(|b| (i, b)))
                         .map(|(i, b)| {
                             let x0 = i as f64 + 0.1 + j as f64 * width;
-                            Rectangle::new([(x0, lo), (x0 + width * 0.92, b.median.max(lo))], color.filled())
+                            Rectangle::new(
+                                [(x0, lo), (x0 + width * 0.92, b.median.max(lo))],
+                                color.filled(),
+                            )
                         })
                         .collect();
-                    chart.draw_series(rects)?.label(s.name.as_str()).legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
+                    chart
+                        .draw_series(rects)?
+                        .label(s.name.as_str())
+                        .legend(move |(x, y)| {
+                            Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled())
+                        });
                     let whiskers: Vec<_> = s
                         .values
                         .iter()
@@ -155,7 +189,10 @@ pub fn bars(path: &Path, title: &str, panels: &[BarPanel], size: (u32, u32)) -> 
                         .filter(|(_, b)| b.max > b.min)
                         .map(|(i, b)| {
                             let xc = i as f64 + 0.1 + j as f64 * width + width * 0.46;
-                            PathElement::new(vec![(xc, b.min.max(lo)), (xc, b.max.max(lo))], BLACK.stroke_width(2))
+                            PathElement::new(
+                                vec![(xc, b.min.max(lo)), (xc, b.max.max(lo))],
+                                BLACK.stroke_width(2),
+                            )
                         })
                         .collect();
                     chart.draw_series(whiskers)?;
@@ -166,7 +203,16 @@ pub fn bars(path: &Path, title: &str, panels: &[BarPanel], size: (u32, u32)) -> 
                         .filter_map(|(i, b)| b.map(|b| (i, b)))
                         .map(|(i, b)| {
                             let xc = i as f64 + 0.1 + j as f64 * width;
-                            Text::new(label_formatter(&b.median), (xc, b.max.max(b.median).max(lo)), (FONT, 12).into_font().color(&BLACK).pos(plotters::style::text_anchor::Pos::new(plotters::style::text_anchor::HPos::Left, plotters::style::text_anchor::VPos::Bottom)))
+                            Text::new(
+                                label_formatter(&b.median),
+                                (xc, b.max.max(b.median).max(lo)),
+                                (FONT, 12).into_font().color(&BLACK).pos(
+                                    plotters::style::text_anchor::Pos::new(
+                                        plotters::style::text_anchor::HPos::Left,
+                                        plotters::style::text_anchor::VPos::Bottom,
+                                    ),
+                                ),
+                            )
                         })
                         .collect();
                     chart.draw_series(labels)?;
@@ -174,9 +220,14 @@ pub fn bars(path: &Path, title: &str, panels: &[BarPanel], size: (u32, u32)) -> 
                 for (value, label) in &panel.refs {
                     let v = *value;
                     chart
-                        .draw_series(std::iter::once(PathElement::new(vec![(0.0, v), (n as f64, v)], GREY.stroke_width(2))))?
+                        .draw_series(std::iter::once(PathElement::new(
+                            vec![(0.0, v), (n as f64, v)],
+                            GREY.stroke_width(2),
+                        )))?
                         .label(label.as_str())
-                        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], GREY.stroke_width(2)));
+                        .legend(|(x, y)| {
+                            PathElement::new(vec![(x, y), (x + 14, y)], GREY.stroke_width(2))
+                        });
                 }
                 chart
                     .configure_series_labels()
@@ -206,7 +257,12 @@ pub struct CdfPanel {
 }
 
 /// Empirical CDFs, one panel each.
-pub fn cdfs(path: &Path, title: &str, panels: &[CdfPanel], size: (u32, u32)) -> Result<(), Box<dyn std::error::Error>> {
+pub fn cdfs(
+    path: &Path,
+    title: &str,
+    panels: &[CdfPanel],
+    size: (u32, u32),
+) -> Result<(), Box<dyn std::error::Error>> {
     register_font();
     let root = BitMapBackend::new(path, size).into_drawing_area();
     root.fill(&WHITE)?;
@@ -216,7 +272,11 @@ pub fn cdfs(path: &Path, title: &str, panels: &[CdfPanel], size: (u32, u32)) -> 
         let all = panel.series.iter().flat_map(|s| s.2.iter().copied());
         let (lo, hi) = y_range(all, &[], panel.log_x);
         let mut builder = ChartBuilder::on(area);
-        builder.caption(&panel.title, (FONT, 20)).margin(12).x_label_area_size(44).y_label_area_size(56);
+        builder
+            .caption(&panel.title, (FONT, 20))
+            .margin(12)
+            .x_label_area_size(44)
+            .y_label_area_size(56);
         macro_rules! draw {
             ($chart:expr) => {{
                 let mut chart = $chart;
@@ -229,7 +289,12 @@ pub fn cdfs(path: &Path, title: &str, panels: &[CdfPanel], size: (u32, u32)) -> 
                     .axis_desc_style((FONT, 16))
                     .draw()?;
                 for (name, color, values) in &panel.series {
-                    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).map(|x| x.max(lo)).collect();
+                    let mut v: Vec<f64> = values
+                        .iter()
+                        .copied()
+                        .filter(|x| x.is_finite())
+                        .map(|x| x.max(lo))
+                        .collect();
                     if v.is_empty() {
                         continue;
                     }
@@ -244,7 +309,9 @@ pub fn cdfs(path: &Path, title: &str, panels: &[CdfPanel], size: (u32, u32)) -> 
                     chart
                         .draw_series(LineSeries::new(points, c.stroke_width(3)))?
                         .label(name.as_str())
-                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(3)));
+                        .legend(move |(x, y)| {
+                            PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(3))
+                        });
                 }
                 chart
                     .configure_series_labels()

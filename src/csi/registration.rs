@@ -128,12 +128,16 @@ impl Registration for RegistrationService {
 
 /// Creates `plugins_registry` when missing (0750, root-only like the kubelet's own).
 pub fn ensure_registry_dir(socket: &Path) -> std::io::Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    const MODE: u32 = 0o750;
     let dir = socket
         .parent()
         .map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
-    match std::fs::DirBuilder::new().mode(0o750).create(&dir) {
-        Ok(()) => Ok(dir),
+    match std::fs::DirBuilder::new().mode(MODE).create(&dir) {
+        // mkdir applies the umask (0077 under `svid-bridge run`): set the mode explicitly.
+        Ok(()) => {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(MODE)).map(|()| dir)
+        }
         Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(dir),
         Err(err) => Err(err),
     }

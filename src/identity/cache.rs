@@ -67,6 +67,8 @@ pub struct CacheOptions {
     pub backoff: Backoff,
     pub proc_root: ProcRoot,
     pub metrics: Arc<Metrics>,
+    /// Streams one workload may hold at once (`--max-streams-per-process`).
+    pub max_streams_per_workload: usize,
 }
 
 impl Default for CacheOptions {
@@ -76,8 +78,17 @@ impl Default for CacheOptions {
             backoff: Backoff::default(),
             proc_root: ProcRoot::default(),
             metrics: Arc::new(Metrics::new()),
+            max_streams_per_workload: 1000,
         }
     }
+}
+
+/// A workload already holds as many streams as it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{open} SDS streams are already open for this workload; the limit is {limit} (--max-streams-per-process)")]
+pub struct TooManyStreams {
+    pub open: usize,
+    pub limit: usize,
 }
 
 /// What health checks need to know about the identities the bridge holds.
@@ -180,15 +191,21 @@ impl Cache {
     }
 
     /// Joins (or starts) the upstream subscription for `workload`.
-    pub fn subscribe(self: &Arc<Self>, workload: Workload) -> Subscription {
+    pub fn subscribe(self: &Arc<Self>, workload: Workload) -> Result<Subscription, TooManyStreams> {
         let mut workloads = self.lock();
+        let limit = self.options.max_streams_per_workload;
+        if let Some(entry) = workloads.get(&workload)
+            && entry.streams >= limit
+        {
+            return Err(TooManyStreams { open: entry.streams, limit });
+        }
         let entry = workloads.entry(workload).or_insert_with(|| {
             self.options.metrics.upstream.workloads.inc();
             self.start_supervisor(workload)
         });
         entry.streams += 1;
         entry.generation += 1;
-        Subscription { workload, svids: entry.state.subscribe(), cache: Arc::downgrade(self) }
+        Ok(Subscription { workload, svids: entry.state.subscribe(), cache: Arc::downgrade(self) })
     }
 
     /// Number of workloads with a live upstream subscription (for metrics and tests).

@@ -1,6 +1,7 @@
 //! Envoy's Secret Discovery Service (SDS v3): names → secrets, the state-of-the-world stream
 //! state machine, incremental (delta) streams and unary fetches.
 
+mod connections;
 pub mod names;
 pub mod secrets;
 pub mod service;
@@ -17,7 +18,9 @@ use tokio_util::sync::CancellationToken;
 pub use service::{CallerIdentity, SdsService};
 pub use stream::{Limits, StreamSettings};
 
+use crate::config::SdsLimits;
 use crate::identity::{Cache, ProcRoot};
+use crate::telemetry::metrics::Metrics;
 use crate::uds::{self, SocketAccess, UdsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -29,16 +32,13 @@ pub enum SdsError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Envoy opens one stream per secret name on one HTTP/2 connection (E7); istio-agent allows
-/// 100,000 concurrent streams, and so do we.
-const MAX_CONCURRENT_STREAMS: u32 = 100_000;
-
-/// Largest request accepted; a DiscoveryRequest within our name limits is far smaller.
-const MAX_REQUEST_BYTES: usize = 1024 * 1024;
-
 pub struct SdsServer {
     pub socket: PathBuf,
     pub service: SdsService,
+    /// Transport limits; Envoy opens one stream per secret name on one HTTP/2 connection
+    /// (E7), so the per-connection default is istio-agent's 100,000.
+    pub limits: SdsLimits,
+    metrics: Arc<Metrics>,
 }
 
 impl SdsServer {
@@ -49,8 +49,11 @@ impl SdsServer {
         caller_identity: CallerIdentity,
         proc_root: ProcRoot,
         shutdown: CancellationToken,
+        limits: SdsLimits,
     ) -> Self {
-        Self { socket, service: SdsService::new(cache, settings, caller_identity, proc_root, shutdown) }
+        let metrics = Arc::clone(cache.metrics());
+        let service = SdsService::new(cache, settings, caller_identity, proc_root, shutdown);
+        Self { socket, service, limits, metrics }
     }
 
     /// Binds the socket, reports `serving`, serves until `shutdown`, ends every stream
@@ -59,18 +62,19 @@ impl SdsServer {
         let listener = uds::bind(&self.socket, SocketAccess::World)?;
         tracing::info!(socket = %self.socket.display(), "SDS server listening");
         serving.send_replace(true);
-        let server = SecretDiscoveryServiceServer::new(self.service).max_decoding_message_size(MAX_REQUEST_BYTES);
+        let server = SecretDiscoveryServiceServer::new(self.service).max_decoding_message_size(self.limits.max_request_bytes);
+        let incoming = connections::limit(uds::incoming(listener), self.limits.max_connections, self.metrics);
         let signal = async {
             shutdown.cancelled().await;
             // Streams end on the same token; give their final frames a moment to flush.
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let result = tonic::transport::Server::builder()
-            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .max_concurrent_streams(self.limits.max_streams_per_connection)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(server)
-            .serve_with_incoming_shutdown(uds::incoming(listener), signal)
+            .serve_with_incoming_shutdown(incoming, signal)
             .await;
         serving.send_replace(false);
         uds::remove_socket_on_shutdown(&self.socket);

@@ -85,14 +85,19 @@ impl SdsService {
         Ok(Workload::Process(process))
     }
 
-    fn context(&self, workload: Workload) -> StreamContext {
-        StreamContext {
-            subscription: self.cache.subscribe(workload),
+    fn context(&self, workload: Workload) -> Result<StreamContext, Status> {
+        let subscription = self.cache.subscribe(workload).map_err(|limit| {
+            self.cache.metrics().sds.streams_refused.inc();
+            tracing::warn!(pid = pid_of(workload), %limit, "refused an SDS stream");
+            Status::resource_exhausted(limit.to_string())
+        })?;
+        Ok(StreamContext {
+            subscription,
             bundles: self.cache.bundles(),
             settings: Arc::clone(&self.settings),
             shutdown: self.shutdown.clone(),
             gauges: StreamGauges::new(Arc::clone(self.cache.metrics())),
-        }
+        })
     }
 }
 
@@ -110,7 +115,7 @@ impl SecretDiscoveryService for SdsService {
         let workload = self.workload_of(&request)?;
         let (tx, rx) = mpsc::channel(4);
         let span = tracing::info_span!("sds_stream", pid = pid_of(workload), api = "sotw");
-        let context = self.context(workload);
+        let context = self.context(workload)?;
         tokio::spawn(run_sotw(context, request.into_inner(), tx).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -122,7 +127,7 @@ impl SecretDiscoveryService for SdsService {
         let workload = self.workload_of(&request)?;
         let (tx, rx) = mpsc::channel(4);
         let span = tracing::info_span!("sds_stream", pid = pid_of(workload), api = "delta");
-        let context = self.context(workload);
+        let context = self.context(workload)?;
         tokio::spawn(run_delta(context, request.into_inner(), tx).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -131,7 +136,7 @@ impl SecretDiscoveryService for SdsService {
     /// workload's subscription), then answers with all of them or says what is missing.
     async fn fetch_secrets(&self, request: Request<DiscoveryRequest>) -> Result<Response<DiscoveryResponse>, Status> {
         let workload = self.workload_of(&request)?;
-        let mut context = self.context(workload);
+        let mut context = self.context(workload)?;
         let mut stream = SotwStream::default();
         if let Err(status) = stream.on_request(request.get_ref(), &self.settings) {
             context.gauges.metrics().sds.refused.inc();

@@ -75,6 +75,9 @@ pub struct SdsMetrics {
     pub refused: Counter,
     pub waiting_streams: Gauge,
     pub wait_seconds: Histogram,
+    pub connections: Gauge,
+    pub connections_refused: Counter,
+    pub streams_refused: Counter,
 }
 
 #[derive(Debug, Default)]
@@ -122,6 +125,9 @@ impl Metrics {
             refused: Counter::default(),
             waiting_streams: Gauge::default(),
             wait_seconds: Histogram::new(exponential_buckets(0.01, 4.0, 10)),
+            connections: Gauge::default(),
+            connections_refused: Counter::default(),
+            streams_refused: Counter::default(),
         };
         let upstream = UpstreamMetrics::default();
         let csi = CsiMetrics {
@@ -138,6 +144,9 @@ impl Metrics {
         registry.register("sds_requests_refused", "SDS requests refused with InvalidArgument (names that can never resolve, limits)", sds.refused.clone());
         registry.register("sds_waiting_streams", "SDS streams waiting for a secret that cannot be served yet", sds.waiting_streams.clone());
         registry.register("sds_wait_seconds", "How long SDS streams waited before their secrets resolved", sds.wait_seconds.clone());
+        registry.register("sds_connections", "Open connections to the SDS socket", sds.connections.clone());
+        registry.register("sds_connections_refused", "SDS connections closed at once because --max-connections was reached", sds.connections_refused.clone());
+        registry.register("sds_streams_refused", "SDS streams refused because their process reached --max-streams-per-process", sds.streams_refused.clone());
         registry.register("upstream_connected", "1 while the subscription to the SPIRE agent delivers (bundles), or the number of workload subscriptions connected (svids)", upstream.connected.clone());
         registry.register("upstream_reconnects", "Reconnects to the SPIRE agent after a failed or closed subscription", upstream.reconnects.clone());
         registry.register("workload_subscriptions", "Workloads with an upstream SVID subscription (shared by all their streams)", upstream.workloads.clone());

@@ -47,6 +47,7 @@ import (
 	"helm.sh/helm/v4/pkg/chart/v2/lint"
 	"helm.sh/helm/v4/pkg/chart/v2/lint/support"
 	"helm.sh/helm/v4/pkg/chart/v2/loader"
+	chartv2util "helm.sh/helm/v4/pkg/chart/v2/util"
 	"helm.sh/helm/v4/pkg/engine"
 	releaseutil "helm.sh/helm/v4/pkg/release/v1/util"
 	"helm.sh/helm/v4/pkg/strvals"
@@ -160,6 +161,11 @@ func render(args []string) error {
 	caps := common.DefaultCapabilities.Copy()
 	caps.KubeVersion = *kv
 
+	// As `helm install` does before rendering: Chart.yaml's kubeVersion must admit the cluster.
+	if chrt.Metadata.KubeVersion != "" && !chartv2util.IsCompatibleRange(chrt.Metadata.KubeVersion, caps.KubeVersion.String()) {
+		return fmt.Errorf("chart requires kubeVersion: %s which is incompatible with Kubernetes %s",
+			chrt.Metadata.KubeVersion, caps.KubeVersion.Version)
+	}
 	// Schema validation happens here, as in `helm install`/`helm template`.
 	renderVals, err := chartutil.ToRenderValuesWithSchemaValidation(chrt, userVals,
 		common.ReleaseOptions{Name: *release, Namespace: *namespace, IsInstall: true, Revision: 1},

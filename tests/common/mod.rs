@@ -19,6 +19,7 @@
 
 pub mod bridge;
 pub mod envoy;
+pub mod load;
 pub mod proc;
 pub mod spire;
 
