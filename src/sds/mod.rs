@@ -2,6 +2,7 @@
 //! state machine, incremental (delta) streams and unary fetches.
 
 mod connections;
+mod socket;
 pub mod names;
 pub mod secrets;
 pub mod service;
@@ -21,7 +22,7 @@ pub use stream::{Limits, StreamSettings};
 use crate::config::SdsLimits;
 use crate::identity::{Cache, ProcRoot};
 use crate::telemetry::metrics::Metrics;
-use crate::uds::{self, SocketAccess, UdsError};
+use crate::uds::{self, UdsError};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -59,11 +60,11 @@ impl SdsServer {
     /// Binds the socket, reports `serving`, serves until `shutdown`, ends every stream
     /// (Envoy reconnects to the next instance), and removes the socket.
     pub async fn serve(self, serving: watch::Sender<bool>, shutdown: CancellationToken) -> Result<(), SdsError> {
-        let listener = uds::bind(&self.socket, SocketAccess::World)?;
+        let accepted = socket::serve(self.socket.clone(), shutdown.clone())?;
         tracing::info!(socket = %self.socket.display(), "SDS server listening");
         serving.send_replace(true);
         let server = SecretDiscoveryServiceServer::new(self.service).max_decoding_message_size(self.limits.max_request_bytes);
-        let incoming = connections::limit(uds::incoming(listener), self.limits.max_connections, self.metrics);
+        let incoming = connections::limit(accepted, self.limits.max_connections, self.metrics);
         let signal = async {
             shutdown.cancelled().await;
             // Streams end on the same token; give their final frames a moment to flush.
