@@ -8,11 +8,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, IdentitySourceKind};
 use crate::csi::RegistrationStatus;
+use crate::identity::{Cache, CacheOptions, DelegatedSource, ProcRoot, Source, WorkloadApiSource};
+use crate::sds::names::SpecialNames;
+use crate::sds::{CallerIdentity, Limits, SdsError, SdsServer, StreamSettings};
 use crate::telemetry::health::{self, Readiness};
 use crate::telemetry::metrics::Metrics;
-use crate::identity::{Cache, CacheOptions, DelegatedSource, ProcRoot, Source, WorkloadApiSource};
-use crate::sds::{CallerIdentity, Limits, SdsError, SdsServer, StreamSettings};
-use crate::sds::names::SpecialNames;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -49,21 +49,48 @@ pub async fn run(config: Config) -> Result<(), BridgeError> {
     };
     let cache = Cache::new(source, cache_options, shutdown.clone());
     let expiry_cache = Arc::downgrade(&cache);
-    metrics.register_earliest_expiry(move || expiry_cache.upgrade().and_then(|c| c.health().earliest_expiry));
+    metrics.register_earliest_expiry(move || {
+        expiry_cache
+            .upgrade()
+            .and_then(|c| c.health().earliest_expiry)
+    });
 
     let (serving_tx, serving_rx) = watch::channel(false);
-    let sds = SdsServer::new(config.sds.socket.clone(), Arc::clone(&cache), stream_settings(&config), caller_identity, proc_root, shutdown.clone(), config.sds.limits);
+    let sds = SdsServer::new(
+        config.sds.socket.clone(),
+        Arc::clone(&cache),
+        stream_settings(&config),
+        caller_identity,
+        proc_root,
+        shutdown.clone(),
+        config.sds.limits,
+    );
     let sds_task = tokio::spawn(sds.serve(serving_tx, shutdown.clone()));
 
     let (registration_tx, registration_rx) = watch::channel(RegistrationStatus::NotStarted);
     spawn_registration_metric(registration_rx.clone(), Arc::clone(&metrics));
     let registers = config.csi.as_ref().is_some_and(|c| c.register_with_kubelet);
     let csi_task = config.csi.clone().map(|csi| {
-        tokio::spawn(start_csi(csi, serving_rx.clone(), shutdown.clone(), registration_tx, Arc::clone(&metrics)))
+        tokio::spawn(start_csi(
+            csi,
+            serving_rx.clone(),
+            shutdown.clone(),
+            registration_tx,
+            Arc::clone(&metrics),
+        ))
     });
 
-    let readiness = Arc::new(Readiness { sds_serving: serving_rx, registration: registers.then_some(registration_rx), cache });
-    let endpoints: Vec<_> = [config.health_addr, config.metrics_addr].into_iter().flatten().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let readiness = Arc::new(Readiness {
+        sds_serving: serving_rx,
+        registration: registers.then_some(registration_rx),
+        cache,
+    });
+    let endpoints: Vec<_> = [config.health_addr, config.metrics_addr]
+        .into_iter()
+        .flatten()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     if !endpoints.is_empty() {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -80,8 +107,14 @@ pub async fn run(config: Config) -> Result<(), BridgeError> {
 
 fn identity_source(config: &Config) -> (Arc<dyn Source>, CallerIdentity) {
     match config.identity_source {
-        IdentitySourceKind::Delegated => (Arc::new(DelegatedSource::new(config.admin_socket.clone())), CallerIdentity::Process),
-        IdentitySourceKind::WorkloadApi => (Arc::new(WorkloadApiSource::new(config.agent_socket.clone())), CallerIdentity::Bridge),
+        IdentitySourceKind::Delegated => (
+            Arc::new(DelegatedSource::new(config.admin_socket.clone())),
+            CallerIdentity::Process,
+        ),
+        IdentitySourceKind::WorkloadApi => (
+            Arc::new(WorkloadApiSource::new(config.agent_socket.clone())),
+            CallerIdentity::Bridge,
+        ),
     }
 }
 
@@ -101,7 +134,10 @@ fn stream_settings(config: &Config) -> StreamSettings {
     }
 }
 
-fn spawn_registration_metric(mut registration: watch::Receiver<RegistrationStatus>, metrics: Arc<Metrics>) {
+fn spawn_registration_metric(
+    mut registration: watch::Receiver<RegistrationStatus>,
+    metrics: Arc<Metrics>,
+) {
     tokio::spawn(async move {
         loop {
             metrics.set_registration_state(registration.borrow_and_update().state());
@@ -159,6 +195,7 @@ async fn start_csi(
     registration: watch::Sender<RegistrationStatus>,
     metrics: Arc<Metrics>,
 ) -> Result<(), BridgeError> {
-    crate::csi::serve_with_registration(config, sds_serving, shutdown, registration, metrics).await?;
+    crate::csi::serve_with_registration(config, sds_serving, shutdown, registration, metrics)
+        .await?;
     Ok(())
 }

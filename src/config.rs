@@ -46,7 +46,11 @@ pub enum ConfigError {
     #[error("--extra-trust-anchors {path:?}: {reason}")]
     TrustAnchors { path: PathBuf, reason: String },
     #[error("secret names must differ: {first} and {second} are both {name:?}")]
-    DuplicateSecretName { first: &'static str, second: &'static str, name: String },
+    DuplicateSecretName {
+        first: &'static str,
+        second: &'static str,
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -105,7 +109,11 @@ pub struct RunArgs {
 
     /// The CSI socket's path as the kubelet sees it (host mount namespace), reported at
     /// registration; default: --csi-socket (the DaemonSet mounts it at the same path).
-    #[arg(long, alias = "kubelet-registration-path", env = "SVID_BRIDGE_CSI_REGISTRATION_PATH")]
+    #[arg(
+        long,
+        alias = "kubelet-registration-path",
+        env = "SVID_BRIDGE_CSI_REGISTRATION_PATH"
+    )]
     pub csi_registration_path: Option<PathBuf>,
 
     /// Do not register with the kubelet (when a node-driver-registrar sidecar does it).
@@ -113,7 +121,11 @@ pub struct RunArgs {
     pub disable_kubelet_registration: bool,
 
     /// Directory bind-mounted into pods; default: the directory of --sds-socket.
-    #[arg(long, alias = "workload-api-socket-dir", env = "SVID_BRIDGE_CSI_MOUNT_DIR")]
+    #[arg(
+        long,
+        alias = "workload-api-socket-dir",
+        env = "SVID_BRIDGE_CSI_MOUNT_DIR"
+    )]
     pub csi_mount_dir: Option<PathBuf>,
 
     /// CSI node ID; default: the value of the variable named by --node-id-env.
@@ -133,11 +145,19 @@ pub struct RunArgs {
     pub default_svid_name: String,
 
     /// SDS name of the workload's own trust domain bundle.
-    #[arg(long, default_value = "ROOTCA", env = "SVID_BRIDGE_DEFAULT_BUNDLE_NAME")]
+    #[arg(
+        long,
+        default_value = "ROOTCA",
+        env = "SVID_BRIDGE_DEFAULT_BUNDLE_NAME"
+    )]
     pub default_bundle_name: String,
 
     /// SDS name of all bundles the workload may see.
-    #[arg(long, default_value = "ALL", env = "SVID_BRIDGE_DEFAULT_ALL_BUNDLES_NAME")]
+    #[arg(
+        long,
+        default_value = "ALL",
+        env = "SVID_BRIDGE_DEFAULT_ALL_BUNDLES_NAME"
+    )]
     pub default_all_bundles_name: String,
 
     /// PEM file of extra root certificates added to the own trust domain in ROOTCA and ALL,
@@ -162,11 +182,19 @@ pub struct RunArgs {
     pub max_request_bytes: usize,
 
     /// Concurrent SDS streams on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
-    #[arg(long, default_value_t = 100_000, env = "SVID_BRIDGE_MAX_STREAMS_PER_CONNECTION")]
+    #[arg(
+        long,
+        default_value_t = 100_000,
+        env = "SVID_BRIDGE_MAX_STREAMS_PER_CONNECTION"
+    )]
     pub max_streams_per_connection: u32,
 
     /// Concurrent SDS streams of one process (in Workload API mode: of all callers).
-    #[arg(long, default_value_t = 1000, env = "SVID_BRIDGE_MAX_STREAMS_PER_PROCESS")]
+    #[arg(
+        long,
+        default_value_t = 1000,
+        env = "SVID_BRIDGE_MAX_STREAMS_PER_PROCESS"
+    )]
     pub max_streams_per_process: usize,
 
     /// Concurrent connections to the SDS socket; further ones are closed at once.
@@ -178,7 +206,11 @@ pub struct RunArgs {
     pub metrics_addr: String,
 
     /// Health endpoints (/healthz, /readyz) listen address; empty turns it off.
-    #[arg(long, default_value = "127.0.0.1:9989", env = "SVID_BRIDGE_HEALTH_ADDR")]
+    #[arg(
+        long,
+        default_value = "127.0.0.1:9989",
+        env = "SVID_BRIDGE_HEALTH_ADDR"
+    )]
     pub health_addr: String,
 
     #[command(flatten)]
@@ -188,11 +220,22 @@ pub struct RunArgs {
 #[derive(Debug, Clone, Args)]
 pub struct LogArgs {
     /// Log line format.
-    #[arg(long, value_enum, default_value_t, env = "SVID_BRIDGE_LOG_FORMAT", global = true)]
+    #[arg(
+        long,
+        value_enum,
+        default_value_t,
+        env = "SVID_BRIDGE_LOG_FORMAT",
+        global = true
+    )]
     pub log_format: LogFormat,
 
     /// Log filter (a level, or RUST_LOG-style directives); RUST_LOG wins when set.
-    #[arg(long, default_value = "info", env = "SVID_BRIDGE_LOG_LEVEL", global = true)]
+    #[arg(
+        long,
+        default_value = "info",
+        env = "SVID_BRIDGE_LOG_LEVEL",
+        global = true
+    )]
     pub log_level: String,
 }
 
@@ -308,7 +351,11 @@ impl RunArgs {
 
     fn limits(&self) -> Result<SdsLimits, ConfigError> {
         let positive = |flag: &'static str, value: usize| {
-            if value == 0 { Err(ConfigError::ZeroLimit { flag }) } else { Ok(value) }
+            if value == 0 {
+                Err(ConfigError::ZeroLimit { flag })
+            } else {
+                Ok(value)
+            }
         };
         Ok(SdsLimits {
             max_names_per_request: positive("--max-names-per-request", self.max_names_per_request)?,
@@ -319,7 +366,10 @@ impl RunArgs {
                 self.max_streams_per_connection as usize,
             )?)
             .unwrap_or(u32::MAX),
-            max_streams_per_process: positive("--max-streams-per-process", self.max_streams_per_process)?,
+            max_streams_per_process: positive(
+                "--max-streams-per-process",
+                self.max_streams_per_process,
+            )?,
             max_connections: positive("--max-connections", self.max_connections)?,
         })
     }
@@ -346,7 +396,11 @@ impl RunArgs {
         absolute("--agent-socket", &path)
     }
 
-    fn validate_csi(&self, sds_socket: &Path, env: &dyn Env) -> Result<Option<CsiConfig>, ConfigError> {
+    fn validate_csi(
+        &self,
+        sds_socket: &Path,
+        env: &dyn Env,
+    ) -> Result<Option<CsiConfig>, ConfigError> {
         if self.csi_socket.is_empty() {
             return Ok(None);
         }
@@ -359,13 +413,18 @@ impl RunArgs {
             Some(dir) => existing_dir("--csi-mount-dir", &absolute("--csi-mount-dir", dir)?)?,
             None => parent_dir(sds_socket),
         };
-        let kubelet_root = existing_dir("--kubelet-root", &absolute("--kubelet-root", &self.kubelet_root)?)?;
+        let kubelet_root = existing_dir(
+            "--kubelet-root",
+            &absolute("--kubelet-root", &self.kubelet_root)?,
+        )?;
         let node_id = self
             .node_id
             .clone()
             .filter(|id| !id.is_empty())
             .or_else(|| env.var(&self.node_id_env).filter(|id| !id.is_empty()))
-            .ok_or_else(|| ConfigError::MissingNodeId { env_var: self.node_id_env.clone() })?;
+            .ok_or_else(|| ConfigError::MissingNodeId {
+                env_var: self.node_id_env.clone(),
+            })?;
         let registration_endpoint = match &self.csi_registration_path {
             Some(path) => absolute("--csi-registration-path", path)?,
             None => socket.clone(),
@@ -401,7 +460,10 @@ fn absolute(flag: &'static str, path: &Path) -> Result<PathBuf, ConfigError> {
     if path.is_absolute() {
         Ok(normalize(path))
     } else {
-        Err(ConfigError::RelativePath { flag, path: path.to_path_buf() })
+        Err(ConfigError::RelativePath {
+            flag,
+            path: path.to_path_buf(),
+        })
     }
 }
 
@@ -414,7 +476,10 @@ fn absolute_socket(flag: &'static str, path: &Path) -> Result<PathBuf, ConfigErr
 
 /// Reads a PEM file of CA certificates; at least one, and each must parse.
 fn load_trust_anchors(path: &Path) -> Result<Vec<Vec<u8>>, ConfigError> {
-    let fail = |reason: String| ConfigError::TrustAnchors { path: path.to_path_buf(), reason };
+    let fail = |reason: String| ConfigError::TrustAnchors {
+        path: path.to_path_buf(),
+        reason,
+    };
     let text = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
     let blocks = pem::parse_many(&text).map_err(|e| fail(format!("not PEM: {e}")))?;
     let certs: Vec<Vec<u8>> = blocks
@@ -435,13 +500,20 @@ fn load_trust_anchors(path: &Path) -> Result<Vec<Vec<u8>>, ConfigError> {
 fn existing_dir(flag: &'static str, dir: &Path) -> Result<PathBuf, ConfigError> {
     match std::fs::metadata(dir) {
         Ok(meta) if meta.is_dir() => Ok(dir.to_path_buf()),
-        Ok(_) => Err(ConfigError::NotADirectory { flag, path: dir.to_path_buf() }),
-        Err(_) => Err(ConfigError::MissingDirectory { flag, dir: dir.to_path_buf() }),
+        Ok(_) => Err(ConfigError::NotADirectory {
+            flag,
+            path: dir.to_path_buf(),
+        }),
+        Err(_) => Err(ConfigError::MissingDirectory {
+            flag,
+            dir: dir.to_path_buf(),
+        }),
     }
 }
 
 fn parent_dir(path: &Path) -> PathBuf {
-    path.parent().map_or_else(|| PathBuf::from("/"), Path::to_path_buf)
+    path.parent()
+        .map_or_else(|| PathBuf::from("/"), Path::to_path_buf)
 }
 
 /// Lexical normalisation (`.` and `..`), without touching the filesystem.
@@ -478,7 +550,11 @@ fn distinct_names(sds: &SdsConfig) -> Result<(), ConfigError> {
     for (i, (first, a)) in names.iter().enumerate() {
         for (second, b) in &names[i + 1..] {
             if a == b {
-                return Err(ConfigError::DuplicateSecretName { first, second, name: (*a).clone() });
+                return Err(ConfigError::DuplicateSecretName {
+                    first,
+                    second,
+                    name: (*a).clone(),
+                });
             }
         }
     }
@@ -489,10 +565,9 @@ fn optional_addr(value: &str) -> Result<Option<SocketAddr>, ConfigError> {
     if value.is_empty() {
         return Ok(None);
     }
-    value
-        .parse()
-        .map(Some)
-        .map_err(|_| ConfigError::EmptyName { flag: "listen address (host:port)" })
+    value.parse().map(Some).map_err(|_| ConfigError::EmptyName {
+        flag: "listen address (host:port)",
+    })
 }
 
 /// spiffe-csi-driver is configured with Go-style single-dash flags (csi.md S-8) and no
@@ -507,7 +582,9 @@ pub fn normalize_args<I: IntoIterator<Item = String>>(args: I) -> Vec<String> {
     ];
     let mut args: Vec<String> = args.into_iter().collect();
     for arg in args.iter_mut().skip(1) {
-        let Some(rest) = arg.strip_prefix('-') else { continue };
+        let Some(rest) = arg.strip_prefix('-') else {
+            continue;
+        };
         if rest.starts_with('-') {
             continue;
         }
@@ -516,9 +593,9 @@ pub fn normalize_args<I: IntoIterator<Item = String>>(args: I) -> Vec<String> {
             *arg = format!("-{arg}");
         }
     }
-    let first_is_flag = args.get(1).is_some_and(|a| {
-        a.starts_with("--") && !matches!(a.as_str(), "--help" | "--version")
-    });
+    let first_is_flag = args
+        .get(1)
+        .is_some_and(|a| a.starts_with("--") && !matches!(a.as_str(), "--help" | "--version"));
     if first_is_flag {
         args.insert(1, "run".to_owned());
     }
@@ -568,7 +645,11 @@ mod tests {
         let config = args(dir.path(), &[]).validate(&env).unwrap();
         let csi = config.csi.unwrap();
         assert_eq!(csi.node_id, "node-a");
-        assert_eq!(csi.mount_dir, dir.path(), "mount dir defaults to the SDS socket's directory");
+        assert_eq!(
+            csi.mount_dir,
+            dir.path(),
+            "mount dir defaults to the SDS socket's directory"
+        );
         assert_eq!(csi.plugin_name, "csi.spiffe.io");
         assert_eq!(
             csi.registration_socket(),
@@ -580,15 +661,13 @@ mod tests {
     #[test]
     fn spiffe_csi_driver_flags_alone_serve_sds_in_the_mounted_directory() {
         let dir = tempfile::tempdir().unwrap();
-        let argv = normalize_args(
-            [
-                "svid-bridge".to_owned(),
-                format!("-workload-api-socket-dir={}", dir.path().display()),
-                format!("-csi-socket-path={}", dir.path().join("csi.sock").display()),
-                "-node-id=n1".to_owned(),
-                format!("--kubelet-root={}", dir.path().display()),
-            ],
-        );
+        let argv = normalize_args([
+            "svid-bridge".to_owned(),
+            format!("-workload-api-socket-dir={}", dir.path().display()),
+            format!("-csi-socket-path={}", dir.path().join("csi.sock").display()),
+            "-node-id=n1".to_owned(),
+            format!("--kubelet-root={}", dir.path().display()),
+        ]);
         let cli = TestCli::parse_from(argv.iter().filter(|a| *a != "run"));
         let config = cli.run.validate(&no_env()).unwrap();
         assert_eq!(config.sds.socket, dir.path().join("socket"));
@@ -606,7 +685,10 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             err,
-            ConfigError::RelativePath { flag: "--sds-socket", path: "run/socket".into() }
+            ConfigError::RelativePath {
+                flag: "--sds-socket",
+                path: "run/socket".into()
+            }
         );
         assert!(err.to_string().contains("must be an absolute path"));
     }
@@ -615,10 +697,22 @@ mod tests {
     fn missing_socket_directory_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nope/socket");
-        let err = args(dir.path(), &[&format!("--sds-socket={}", missing.display()), "--node-id=n"])
-            .validate(&no_env())
-            .unwrap_err();
-        assert!(matches!(err, ConfigError::MissingDirectory { flag: "--sds-socket", .. }));
+        let err = args(
+            dir.path(),
+            &[
+                &format!("--sds-socket={}", missing.display()),
+                "--node-id=n",
+            ],
+        )
+        .validate(&no_env())
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::MissingDirectory {
+                flag: "--sds-socket",
+                ..
+            }
+        ));
         assert!(err.to_string().contains("does not exist"), "{err}");
     }
 
@@ -627,21 +721,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let env = MapEnv(HashMap::from([("MY_NODE_NAME", "")]));
         let err = args(dir.path(), &[]).validate(&env).unwrap_err();
-        assert_eq!(err, ConfigError::MissingNodeId { env_var: "MY_NODE_NAME".into() });
+        assert_eq!(
+            err,
+            ConfigError::MissingNodeId {
+                env_var: "MY_NODE_NAME".into()
+            }
+        );
         assert!(err.to_string().contains("MY_NODE_NAME"));
     }
 
     #[test]
     fn empty_csi_socket_turns_csi_off_and_needs_no_node_id() {
         let dir = tempfile::tempdir().unwrap();
-        let config = args(dir.path(), &["--csi-socket="]).validate(&no_env()).unwrap();
+        let config = args(dir.path(), &["--csi-socket="])
+            .validate(&no_env())
+            .unwrap();
         assert!(config.csi.is_none());
     }
 
     #[test]
     fn agent_socket_falls_back_to_spiffe_endpoint_socket() {
         let dir = tempfile::tempdir().unwrap();
-        let env = MapEnv(HashMap::from([("SPIFFE_ENDPOINT_SOCKET", "unix:///run/agent.sock")]));
+        let env = MapEnv(HashMap::from([(
+            "SPIFFE_ENDPOINT_SOCKET",
+            "unix:///run/agent.sock",
+        )]));
         let config = args(dir.path(), &["--csi-socket="]).validate(&env).unwrap();
         assert_eq!(config.agent_socket, PathBuf::from("/run/agent.sock"));
     }
@@ -649,10 +753,16 @@ mod tests {
     #[test]
     fn colliding_secret_names_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let err = args(dir.path(), &["--csi-socket=", "--default-all-bundles-name=ROOTCA"])
-            .validate(&no_env())
-            .unwrap_err();
-        assert!(matches!(err, ConfigError::DuplicateSecretName { .. }), "{err}");
+        let err = args(
+            dir.path(),
+            &["--csi-socket=", "--default-all-bundles-name=ROOTCA"],
+        )
+        .validate(&no_env())
+        .unwrap_err();
+        assert!(
+            matches!(err, ConfigError::DuplicateSecretName { .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -669,32 +779,66 @@ mod tests {
     fn extra_trust_anchors_must_be_pem_certificates() {
         let dir = tempfile::tempdir().unwrap();
         let good = dir.path().join("roots.pem");
-        let cert = rcgen::generate_simple_self_signed(vec!["istiod".into()]).unwrap().cert;
+        let cert = rcgen::generate_simple_self_signed(vec!["istiod".into()])
+            .unwrap()
+            .cert;
         std::fs::write(&good, cert.pem()).unwrap();
         let flag = format!("--extra-trust-anchors={}", good.display());
-        let config = args(dir.path(), &["--csi-socket=", &flag]).validate(&no_env()).unwrap();
+        let config = args(dir.path(), &["--csi-socket=", &flag])
+            .validate(&no_env())
+            .unwrap();
         assert_eq!(config.sds.extra_trust_anchors, vec![cert.der().to_vec()]);
 
         let bad = dir.path().join("bad.pem");
-        std::fs::write(&bad, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").unwrap();
+        std::fs::write(
+            &bad,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
         let flag = format!("--extra-trust-anchors={}", bad.display());
-        let err = args(dir.path(), &["--csi-socket=", &flag]).validate(&no_env()).unwrap_err();
+        let err = args(dir.path(), &["--csi-socket=", &flag])
+            .validate(&no_env())
+            .unwrap_err();
         assert!(err.to_string().contains("no CERTIFICATE block"), "{err}");
-        let missing = format!("--extra-trust-anchors={}", dir.path().join("nope").display());
-        assert!(args(dir.path(), &["--csi-socket=", &missing]).validate(&no_env()).is_err());
+        let missing = format!(
+            "--extra-trust-anchors={}",
+            dir.path().join("nope").display()
+        );
+        assert!(
+            args(dir.path(), &["--csi-socket=", &missing])
+                .validate(&no_env())
+                .is_err()
+        );
     }
 
     #[test]
     fn limits_are_configurable_and_never_zero() {
         let dir = tempfile::tempdir().unwrap();
-        let config = args(dir.path(), &["--csi-socket=", "--max-names-per-request=7", "--max-connections=3"])
-            .validate(&no_env())
-            .unwrap();
+        let config = args(
+            dir.path(),
+            &[
+                "--csi-socket=",
+                "--max-names-per-request=7",
+                "--max-connections=3",
+            ],
+        )
+        .validate(&no_env())
+        .unwrap();
         assert_eq!(config.sds.limits.max_names_per_request, 7);
         assert_eq!(config.sds.limits.max_connections, 3);
         assert_eq!(config.sds.limits.max_streams_per_process, 1000);
-        let err = args(dir.path(), &["--csi-socket=", "--max-streams-per-process=0"]).validate(&no_env()).unwrap_err();
-        assert_eq!(err, ConfigError::ZeroLimit { flag: "--max-streams-per-process" });
+        let err = args(
+            dir.path(),
+            &["--csi-socket=", "--max-streams-per-process=0"],
+        )
+        .validate(&no_env())
+        .unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::ZeroLimit {
+                flag: "--max-streams-per-process"
+            }
+        );
     }
 
     #[test]
@@ -741,7 +885,10 @@ mod tests {
 
     #[test]
     fn normalize_resolves_dot_dot_lexically() {
-        assert_eq!(normalize(Path::new("/a/b/../c/./d")), PathBuf::from("/a/c/d"));
+        assert_eq!(
+            normalize(Path::new("/a/b/../c/./d")),
+            PathBuf::from("/a/c/d")
+        );
         assert_eq!(normalize(Path::new("/../../x")), PathBuf::from("/x"));
     }
 }

@@ -22,8 +22,13 @@ use crate::sds::secrets::SECRET_TYPE_URL;
 #[non_exhaustive]
 pub enum InspectError {
     #[error("cannot reach the SDS server at {socket}: {status}")]
-    Rpc { socket: String, status: tonic::Status },
-    #[error("no answer for {name:?} within {timeout:?}: the bridge is still waiting for it (see its logs)")]
+    Rpc {
+        socket: String,
+        status: tonic::Status,
+    },
+    #[error(
+        "no answer for {name:?} within {timeout:?}: the bridge is still waiting for it (see its logs)"
+    )]
     Timeout { name: String, timeout: Duration },
     #[error("the server closed the stream for {0:?} without an answer")]
     Closed(String),
@@ -32,18 +37,34 @@ pub enum InspectError {
 }
 
 /// Fetches and describes each name (or everything, for no names).
-pub async fn inspect(socket: PathBuf, names: &[String], timeout: Duration) -> Result<String, InspectError> {
+pub async fn inspect(
+    socket: PathBuf,
+    names: &[String],
+    timeout: Duration,
+) -> Result<String, InspectError> {
     let client = SecretDiscoveryServiceClient::new(unix_channel(socket.clone()));
-    let requests: Vec<Vec<String>> =
-        if names.is_empty() { vec![Vec::new()] } else { names.iter().map(|n| vec![n.clone()]).collect() };
+    let requests: Vec<Vec<String>> = if names.is_empty() {
+        vec![Vec::new()]
+    } else {
+        names.iter().map(|n| vec![n.clone()]).collect()
+    };
     let mut out = String::new();
     for resource_names in requests {
-        let label = resource_names.first().cloned().unwrap_or_else(|| "(all)".into());
+        let label = resource_names
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "(all)".into());
         let response = fetch_like_envoy(client.clone(), resource_names, timeout)
             .await
             .map_err(|e| match e {
-                FetchError::Rpc(status) => InspectError::Rpc { socket: socket.display().to_string(), status },
-                FetchError::Timeout => InspectError::Timeout { name: label.clone(), timeout },
+                FetchError::Rpc(status) => InspectError::Rpc {
+                    socket: socket.display().to_string(),
+                    status,
+                },
+                FetchError::Timeout => InspectError::Timeout {
+                    name: label.clone(),
+                    timeout,
+                },
                 FetchError::Closed => InspectError::Closed(label.clone()),
             })?;
         for any in &response.resources {
@@ -66,7 +87,12 @@ async fn fetch_like_envoy(
     timeout: Duration,
 ) -> Result<DiscoveryResponse, FetchError> {
     let first = DiscoveryRequest {
-        node: Some(Node { id: "svid-bridge-inspect".into(), cluster: "svid-bridge-inspect".into(), user_agent_name: "svid-bridge-inspect".into(), ..Default::default() }),
+        node: Some(Node {
+            id: "svid-bridge-inspect".into(),
+            cluster: "svid-bridge-inspect".into(),
+            user_agent_name: "svid-bridge-inspect".into(),
+            ..Default::default()
+        }),
         resource_names: resource_names.clone(),
         type_url: SECRET_TYPE_URL.into(),
         ..Default::default()
@@ -79,7 +105,11 @@ async fn fetch_like_envoy(
             .await
             .map_err(FetchError::Rpc)?
             .into_inner();
-        let response = responses.message().await.map_err(FetchError::Rpc)?.ok_or(FetchError::Closed)?;
+        let response = responses
+            .message()
+            .await
+            .map_err(FetchError::Rpc)?
+            .ok_or(FetchError::Closed)?;
         // ACK as Envoy does, then close.
         let _ = tx
             .send(DiscoveryRequest {
@@ -92,7 +122,9 @@ async fn fetch_like_envoy(
             .await;
         Ok(response)
     };
-    tokio::time::timeout(timeout, call).await.map_err(|_| FetchError::Timeout)?
+    tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| FetchError::Timeout)?
 }
 
 fn describe(secret: &Secret, version: &str, out: &mut String) {
@@ -106,7 +138,11 @@ fn describe(secret: &Secret, version: &str, out: &mut String) {
             }
         }
         Some(secret::Type::ValidationContext(ctx)) => {
-            let _ = writeln!(out, "{}  (validation_context, version {version})", secret.name);
+            let _ = writeln!(
+                out,
+                "{}  (validation_context, version {version})",
+                secret.name
+            );
             for (td, pem) in trust_bundles(ctx) {
                 for cert in certificates(&pem) {
                     let _ = writeln!(out, "  trust domain {td}: CA {}", describe_cert(&cert));
@@ -120,10 +156,17 @@ fn describe(secret: &Secret, version: &str, out: &mut String) {
 }
 
 fn trust_bundles(ctx: &CertificateValidationContext) -> Vec<(String, Vec<u8>)> {
-    if let Some(config) = ctx.custom_validator_config.as_ref().and_then(|c| c.typed_config.as_ref())
+    if let Some(config) = ctx
+        .custom_validator_config
+        .as_ref()
+        .and_then(|c| c.typed_config.as_ref())
         && let Ok(config) = SpiffeCertValidatorConfig::decode(config.value.as_slice())
     {
-        return config.trust_domains.into_iter().map(|td| (td.name, inline_pem(td.trust_bundle.as_ref()))).collect();
+        return config
+            .trust_domains
+            .into_iter()
+            .map(|td| (td.name, inline_pem(td.trust_bundle.as_ref())))
+            .collect();
     }
     vec![("(trusted_ca)".into(), inline_pem(ctx.trusted_ca.as_ref()))]
 }
@@ -146,7 +189,9 @@ fn certificates(pem_bytes: &[u8]) -> Vec<Vec<u8>> {
 }
 
 fn describe_cert(der: &[u8]) -> String {
-    let Ok((_, cert)) = X509Certificate::from_der(der) else { return "(unparseable certificate)".into() };
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return "(unparseable certificate)".into();
+    };
     let uris: Vec<String> = cert
         .subject_alternative_name()
         .ok()
@@ -155,14 +200,31 @@ fn describe_cert(der: &[u8]) -> String {
             san.value
                 .general_names
                 .iter()
-                .filter_map(|n| if let GeneralName::URI(u) = n { Some((*u).to_owned()) } else { None })
+                .filter_map(|n| {
+                    if let GeneralName::URI(u) = n {
+                        Some((*u).to_owned())
+                    } else {
+                        None
+                    }
+                })
                 .collect()
         })
         .unwrap_or_default();
-    let id = if uris.is_empty() { cert.subject().to_string() } else { uris.join(",") };
+    let id = if uris.is_empty() {
+        cert.subject().to_string()
+    } else {
+        uris.join(",")
+    };
     let not_after = cert.validity().not_after;
-    let remaining = cert.validity().time_to_expiration().map_or_else(|| "expired".into(), |d| format!("in {}s", d.whole_seconds()));
+    let remaining = cert.validity().time_to_expiration().map_or_else(
+        || "expired".into(),
+        |d| format!("in {}s", d.whole_seconds()),
+    );
     // Lowercase hex without separators: the form Envoy's /certs shows, so the two compare.
-    let serial: String = cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect();
+    let serial: String = cert
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     format!("{id}  serial {serial}  expires {not_after} ({remaining})")
 }

@@ -1,5 +1,8 @@
 //! The `svid-bridge` command line: `run`, `healthcheck`, `inspect`, `version`.
-#![expect(clippy::print_stdout, reason = "printing is what `version` and `inspect` are for")]
+#![expect(
+    clippy::print_stdout,
+    reason = "printing is what `version` and `inspect` are for"
+)]
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -27,7 +30,11 @@ enum Command {
     /// why and exit 1.
     Healthcheck {
         /// The bridge's health endpoint.
-        #[arg(long, default_value = "127.0.0.1:9989", env = "SVID_BRIDGE_HEALTH_ADDR")]
+        #[arg(
+            long,
+            default_value = "127.0.0.1:9989",
+            env = "SVID_BRIDGE_HEALTH_ADDR"
+        )]
         health_addr: String,
         /// Check liveness (/healthz) instead of readiness (/readyz).
         #[arg(long)]
@@ -52,8 +59,14 @@ enum Command {
 }
 
 fn parse_duration(value: &str) -> Result<Duration, String> {
-    let (number, unit) = value.split_at(value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len()));
-    let n: u64 = number.parse().map_err(|_| format!("invalid duration {value:?} (e.g. 10s, 500ms, 2m)"))?;
+    let (number, unit) = value.split_at(
+        value
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(value.len()),
+    );
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {value:?} (e.g. 10s, 500ms, 2m)"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" | "" => Ok(Duration::from_secs(n)),
@@ -70,7 +83,12 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run(args) => report(run(args)),
-        Command::Inspect { sds_socket, timeout, names, log } => report(inspect(sds_socket, timeout, names, log)),
+        Command::Inspect {
+            sds_socket,
+            timeout,
+            names,
+            log,
+        } => report(inspect(sds_socket, timeout, names, log)),
         Command::Healthcheck { health_addr, live } => {
             match svid_bridge::telemetry::health::healthcheck(&health_addr, live) {
                 Ok(body) => {
@@ -97,18 +115,31 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     svid_bridge::telemetry::init_logging(&args.log)?;
-    let config = args.validate(&ProcessEnv).context("invalid configuration")?;
+    let config = args
+        .validate(&ProcessEnv)
+        .context("invalid configuration")?;
     runtime()?.block_on(svid_bridge::bridge::run(config))?;
     Ok(())
 }
 
-fn inspect(socket: std::path::PathBuf, timeout: Duration, names: Vec<String>, log: LogArgs) -> anyhow::Result<()> {
-    let _ = svid_bridge::telemetry::init_logging(&LogArgs { log_level: "warn".into(), ..log });
+fn inspect(
+    socket: std::path::PathBuf,
+    timeout: Duration,
+    names: Vec<String>,
+    log: LogArgs,
+) -> anyhow::Result<()> {
+    let _ = svid_bridge::telemetry::init_logging(&LogArgs {
+        log_level: "warn".into(),
+        ..log
+    });
     let report = runtime()?.block_on(svid_bridge::inspect::inspect(socket, &names, timeout))?;
     print!("{report}");
     Ok(())

@@ -27,8 +27,10 @@ pub enum TelemetryError {
 /// Installs the global subscriber. `RUST_LOG`, when set, wins over `--log-level`.
 pub fn init_logging(args: &LogArgs) -> Result<(), TelemetryError> {
     let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| args.log_level.clone());
-    let filter = EnvFilter::try_new(&directives)
-        .map_err(|source| TelemetryError::Filter { filter: directives.clone(), source })?;
+    let filter = EnvFilter::try_new(&directives).map_err(|source| TelemetryError::Filter {
+        filter: directives.clone(),
+        source,
+    })?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -36,7 +38,11 @@ pub fn init_logging(args: &LogArgs) -> Result<(), TelemetryError> {
         .with_span_events(FmtSpan::NONE);
     let installed = match args.log_format {
         LogFormat::Text => builder.with_target(false).try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
     };
     installed.map_err(|_| TelemetryError::AlreadyInstalled)
 }

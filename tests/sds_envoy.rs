@@ -29,13 +29,25 @@ fn two_envoys_do_mtls_with_each_others_spiffe_ids() {
     client_spec.upstream_spiffe_id = server.spiffe_id.clone();
     let client = Sidecar::start(&spire, &client_spec);
 
-    let response = wait_until_with(TIMEOUT, "a request crosses client → server over mTLS", &[&bridge, &server.envoy, &client.envoy], || {
-        http_get(client.outbound()).ok().filter(|r| r.status == 200)
-    });
+    let response = wait_until_with(
+        TIMEOUT,
+        "a request crosses client → server over mTLS",
+        &[&bridge, &server.envoy, &client.envoy],
+        || http_get(client.outbound()).ok().filter(|r| r.status == 200),
+    );
     assert_eq!(response.body.trim(), "hello from server");
-    assert_eq!(response.headers["x-peer-spiffe-id"], client.spiffe_id, "server verified the client's SVID");
-    assert_eq!(response.headers["x-server-spiffe-id"], server.spiffe_id, "server presented its own SVID");
-    assert_eq!(response.headers["x-upstream-verified-spiffe-id"], server.spiffe_id, "client verified the server's SVID");
+    assert_eq!(
+        response.headers["x-peer-spiffe-id"], client.spiffe_id,
+        "server verified the client's SVID"
+    );
+    assert_eq!(
+        response.headers["x-server-spiffe-id"], server.spiffe_id,
+        "server presented its own SVID"
+    );
+    assert_eq!(
+        response.headers["x-upstream-verified-spiffe-id"], server.spiffe_id,
+        "client verified the server's SVID"
+    );
 
     // The same config under another identity: the server's SAN matcher refuses it.
     let mut intruder_spec = SidecarSpec::new("intruder", &socket);
@@ -43,8 +55,17 @@ fn two_envoys_do_mtls_with_each_others_spiffe_ids() {
     intruder_spec.upstream_spiffe_id = server.spiffe_id.clone();
     let intruder = Sidecar::start(&spire, &intruder_spec);
     let refused = http_get(intruder.outbound()).unwrap();
-    assert_eq!(refused.status, 503, "the server must refuse spiffe://example.org/intruder: {refused:?}");
-    assert!(server.stat("listener.127.0.0.1_0.ssl.fail_verify_san") > 0 || server.envoy.admin_get("/stats").contains("fail_verify_san: 1"));
+    assert_eq!(
+        refused.status, 503,
+        "the server must refuse spiffe://example.org/intruder: {refused:?}"
+    );
+    assert!(
+        server.stat("listener.127.0.0.1_0.ssl.fail_verify_san") > 0
+            || server
+                .envoy
+                .admin_get("/stats")
+                .contains("fail_verify_san: 1")
+    );
 
     // Every secret came from SDS, none was rejected.
     for sidecar in [&server, &client, &intruder] {
@@ -70,17 +91,32 @@ fn server_and_client(spire: &Spire, bridge: &Bridge, api_type: &'static str) -> 
 }
 
 fn assert_traffic_flows(client: &Sidecar, server: &Sidecar, sources: &[&dyn common::LogSource]) {
-    let response = wait_until_with(TIMEOUT, "client → server over mTLS answers 200", sources, || {
-        http_get(client.outbound()).ok().filter(|r| r.status == 200)
-    });
-    assert_eq!(response.headers["x-upstream-verified-spiffe-id"], server.spiffe_id);
+    let response = wait_until_with(
+        TIMEOUT,
+        "client → server over mTLS answers 200",
+        sources,
+        || http_get(client.outbound()).ok().filter(|r| r.status == 200),
+    );
+    assert_eq!(
+        response.headers["x-upstream-verified-spiffe-id"],
+        server.spiffe_id
+    );
 }
 
 /// The version Envoy holds for a dynamic secret (`/config_dump`, E44).
 fn active_secret_version(sidecar: &Sidecar, name: &str) -> Option<String> {
-    let dump: serde_json::Value =
-        serde_json::from_str(&sidecar.envoy.admin_get("/config_dump?resource=dynamic_active_secrets")).unwrap();
-    dump["configs"].as_array()?.iter().find(|c| c["name"] == name)?["version_info"].as_str().map(str::to_owned)
+    let dump: serde_json::Value = serde_json::from_str(
+        &sidecar
+            .envoy
+            .admin_get("/config_dump?resource=dynamic_active_secrets"),
+    )
+    .unwrap();
+    dump["configs"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == name)?["version_info"]
+        .as_str()
+        .map(str::to_owned)
 }
 
 /// DeltaSecrets (incremental xDS), which neither SPIRE nor istio-agent implements (F-1),
@@ -93,7 +129,10 @@ fn delta_sds_serves_a_real_envoy() {
     assert_traffic_flows(&client, &server, &[&bridge, &server.envoy, &client.envoy]);
     assert!(server.stat("sds.default.update_success") >= 1);
     assert_eq!(server.stat("sds.default.update_rejected"), 0);
-    assert!(bridge.logs().contains("api=\"delta\"") || bridge.logs().contains("api=delta"), "streams were delta streams");
+    assert!(
+        bridge.logs().contains("api=\"delta\"") || bridge.logs().contains("api=delta"),
+        "streams were delta streams"
+    );
 }
 
 /// Rotation with a short SVID TTL reaches Envoy (new serial in /certs, update_success
@@ -108,11 +147,24 @@ fn rotation_reaches_envoy_and_survives_an_agent_restart() {
     // Short-lived SVIDs for the server: the agent rotates at half-life.
     let binary = common::workload_binary("server", &common::peer("envoy"));
     let server_id = spire.id("server");
-    spire.create_entry(&common::EntrySpec { x509_svid_ttl: Some(20), ..common::EntrySpec::for_path(&server_id, &binary) });
+    spire.create_entry(&common::EntrySpec {
+        x509_svid_ttl: Some(20),
+        ..common::EntrySpec::for_path(&server_id, &binary)
+    });
     let mut spec = SidecarSpec::new("server", &socket);
     spec.inbound_allowed = spire.id("client");
-    let envoy = common::Envoy::start_with(&spec.render(), common::EnvoyOptions { binary: Some(binary.clone()), ..Default::default() });
-    let server = Sidecar { envoy, spiffe_id: server_id, binary };
+    let envoy = common::Envoy::start_with(
+        &spec.render(),
+        common::EnvoyOptions {
+            binary: Some(binary.clone()),
+            ..Default::default()
+        },
+    );
+    let server = Sidecar {
+        envoy,
+        spiffe_id: server_id,
+        binary,
+    };
     let mut client_spec = SidecarSpec::new("client", &socket);
     client_spec.upstream_port = server.inbound().port();
     client_spec.upstream_spiffe_id = server.spiffe_id.clone();
@@ -123,16 +175,28 @@ fn rotation_reaches_envoy_and_survives_an_agent_restart() {
     let first_serials = server.cert_serials();
     let rootca_pushes = server.stat("sds.ROOTCA.update_success");
     let rotated = |from: &Vec<String>| {
-        wait_until_with(TIMEOUT, "the server's Envoy holds a rotated SVID", &logs, || {
-            let now = server.cert_serials();
-            (!now.is_empty() && now != *from).then_some(now)
-        })
+        wait_until_with(
+            TIMEOUT,
+            "the server's Envoy holds a rotated SVID",
+            &logs,
+            || {
+                let now = server.cert_serials();
+                (!now.is_empty() && now != *from).then_some(now)
+            },
+        )
     };
     let second_serials = rotated(&first_serials);
     let third_serials = rotated(&second_serials);
-    assert!(server.stat("sds.default.update_success") >= 3, "initial + two rotations");
+    assert!(
+        server.stat("sds.default.update_success") >= 3,
+        "initial + two rotations"
+    );
     assert_eq!(server.stat("sds.default.update_rejected"), 0);
-    assert_eq!(server.stat("sds.ROOTCA.update_success"), rootca_pushes, "an unchanged ROOTCA is never re-sent");
+    assert_eq!(
+        server.stat("sds.ROOTCA.update_success"),
+        rootca_pushes,
+        "an unchanged ROOTCA is never re-sent"
+    );
     assert_traffic_flows(&client, &server, &logs);
 
     // The agent goes away: established streams keep their secrets, traffic flows.
@@ -141,10 +205,15 @@ fn rotation_reaches_envoy_and_survives_an_agent_restart() {
     assert_eq!(server.cert_serials(), third_serials);
     spire.start_agent();
     let logs: [&dyn common::LogSource; 4] = [&bridge, &server.envoy, &client.envoy, &spire];
-    wait_until_with(TIMEOUT, "rotation resumes after the agent returns", &logs, || {
-        let now = server.cert_serials();
-        (!now.is_empty() && now != third_serials).then_some(())
-    });
+    wait_until_with(
+        TIMEOUT,
+        "rotation resumes after the agent returns",
+        &logs,
+        || {
+            let now = server.cert_serials();
+            (!now.is_empty() && now != third_serials).then_some(())
+        },
+    );
     assert_traffic_flows(&client, &server, &logs);
     assert_eq!(server.stat("sds.default.update_rejected"), 0);
 }
@@ -166,19 +235,36 @@ fn envoy_and_bridge_restarts_are_recovered() {
     assert_traffic_flows(&client, &server, &[&server.envoy, &client.envoy]);
     let failures_before = server.stat("sds.default.update_failure");
     bridge.restart();
-    wait_until_with(TIMEOUT, "the server's Envoy re-opened its SDS stream", &[&bridge, &server.envoy], || {
-        (server.stat("cluster.sds-grpc.upstream_cx_total") >= 2).then_some(())
-    });
+    wait_until_with(
+        TIMEOUT,
+        "the server's Envoy re-opened its SDS stream",
+        &[&bridge, &server.envoy],
+        || (server.stat("cluster.sds-grpc.upstream_cx_total") >= 2).then_some(()),
+    );
     assert!(server.stat("sds.default.update_failure") >= failures_before);
     assert_traffic_flows(&client, &server, &[&bridge, &server.envoy, &client.envoy]);
-    assert_eq!(active_secret_version(&server, "default").unwrap(), version_before, "content-hash version survives a bridge restart");
+    assert_eq!(
+        active_secret_version(&server, "default").unwrap(),
+        version_before,
+        "content-hash version survives a bridge restart"
+    );
 
     // A restarted Envoy with the same identity gets its secret at once.
     let binary = client.binary.clone();
     let config = std::fs::read_to_string(client.envoy.config_path()).unwrap();
     drop(client);
-    let envoy = common::Envoy::start_with(&config, common::EnvoyOptions { binary: Some(binary.clone()), ..Default::default() });
-    let client = Sidecar { envoy, spiffe_id: spire.id("client"), binary };
+    let envoy = common::Envoy::start_with(
+        &config,
+        common::EnvoyOptions {
+            binary: Some(binary.clone()),
+            ..Default::default()
+        },
+    );
+    let client = Sidecar {
+        envoy,
+        spiffe_id: spire.id("client"),
+        binary,
+    };
     assert_traffic_flows(&client, &server, &[&bridge, &server.envoy, &client.envoy]);
 }
 
@@ -192,7 +278,10 @@ fn envoy_google_grpc_sds_client_is_served() {
     spec.inbound_allowed = spire.id("client");
     let config = spec.render().replace(
         "envoy_grpc: { cluster_name: sds-grpc }",
-        &format!("google_grpc: {{ target_uri: \"unix:{}\", stat_prefix: sds }}", bridge.sds_socket().display()),
+        &format!(
+            "google_grpc: {{ target_uri: \"unix:{}\", stat_prefix: sds }}",
+            bridge.sds_socket().display()
+        ),
     );
     assert!(config.contains("google_grpc"));
     let server = Sidecar::start_with_config(&spire, "server", &config);

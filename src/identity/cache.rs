@@ -17,10 +17,10 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::IdentityError;
 use super::process::ProcRoot;
 use super::source::{Source, Workload};
 use super::types::{BundleSet, SharedBundles, SharedSvids, WorkloadSvids};
-use super::IdentityError;
 use crate::telemetry::metrics::{Metrics, UpstreamLabel};
 
 /// What a workload's streams see.
@@ -45,7 +45,10 @@ impl Default for Backoff {
     /// Capped low enough that streams resume within about two seconds of the agent's
     /// return; the agent is a local socket, so a fast retry costs little.
     fn default() -> Self {
-        Self { initial: Duration::from_millis(100), max: Duration::from_millis(1500) }
+        Self {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(1500),
+        }
     }
 }
 
@@ -85,7 +88,9 @@ impl Default for CacheOptions {
 
 /// A workload already holds as many streams as it may.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("{open} SDS streams are already open for this workload; the limit is {limit} (--max-streams-per-process)")]
+#[error(
+    "{open} SDS streams are already open for this workload; the limit is {limit} (--max-streams-per-process)"
+)]
 pub struct TooManyStreams {
     pub open: usize,
     pub limit: usize,
@@ -151,7 +156,11 @@ impl Drop for Subscription {
 
 impl Cache {
     /// Starts the bundle subscription at once: bundles are node-wide, needed by every stream.
-    pub fn new(source: Arc<dyn Source>, options: CacheOptions, shutdown: CancellationToken) -> Arc<Self> {
+    pub fn new(
+        source: Arc<dyn Source>,
+        options: CacheOptions,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         let (bundles_tx, bundles) = watch::channel(None);
         let agent_reachable = Arc::new(AtomicBool::new(false));
         let upstream = Upstream::new(&source, "bundles", &options.metrics);
@@ -163,7 +172,14 @@ impl Cache {
             upstream,
             shutdown.clone(),
         ));
-        Arc::new(Self { source, options, workloads: Mutex::new(HashMap::new()), bundles, agent_reachable, shutdown })
+        Arc::new(Self {
+            source,
+            options,
+            workloads: Mutex::new(HashMap::new()),
+            bundles,
+            agent_reachable,
+            shutdown,
+        })
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -179,7 +195,10 @@ impl Cache {
                 _ => None,
             })
             .min();
-        CacheHealth { agent_reachable: self.agent_reachable.load(Ordering::Relaxed), earliest_expiry }
+        CacheHealth {
+            agent_reachable: self.agent_reachable.load(Ordering::Relaxed),
+            earliest_expiry,
+        }
     }
 
     pub fn bundles(&self) -> watch::Receiver<Option<SharedBundles>> {
@@ -197,7 +216,10 @@ impl Cache {
         if let Some(entry) = workloads.get(&workload)
             && entry.streams >= limit
         {
-            return Err(TooManyStreams { open: entry.streams, limit });
+            return Err(TooManyStreams {
+                open: entry.streams,
+                limit,
+            });
         }
         let entry = workloads.entry(workload).or_insert_with(|| {
             self.options.metrics.upstream.workloads.inc();
@@ -205,7 +227,11 @@ impl Cache {
         });
         entry.streams += 1;
         entry.generation += 1;
-        Ok(Subscription { workload, svids: entry.state.subscribe(), cache: Arc::downgrade(self) })
+        Ok(Subscription {
+            workload,
+            svids: entry.state.subscribe(),
+            cache: Arc::downgrade(self),
+        })
     }
 
     /// Number of workloads with a live upstream subscription (for metrics and tests).
@@ -222,13 +248,20 @@ impl Cache {
             self.options.clone(),
             self.shutdown.clone(),
         ));
-        Entry { state, streams: 0, generation: 0, supervisor: task.abort_handle() }
+        Entry {
+            state,
+            streams: 0,
+            generation: 0,
+            supervisor: task.abort_handle(),
+        }
     }
 
     fn release(self: Arc<Self>, workload: Workload) {
         let generation = {
             let mut workloads = self.lock();
-            let Some(entry) = workloads.get_mut(&workload) else { return };
+            let Some(entry) = workloads.get_mut(&workload) else {
+                return;
+            };
             entry.streams = entry.streams.saturating_sub(1);
             if entry.streams > 0 {
                 return;
@@ -248,7 +281,9 @@ impl Cache {
 
     fn forget_if_idle(&self, workload: Workload, generation: u64) {
         let mut workloads = self.lock();
-        let idle = workloads.get(&workload).is_some_and(|e| e.streams == 0 && e.generation == generation);
+        let idle = workloads
+            .get(&workload)
+            .is_some_and(|e| e.streams == 0 && e.generation == generation);
         if idle && let Some(entry) = workloads.remove(&workload) {
             entry.supervisor.abort();
             self.options.metrics.upstream.workloads.dec();
@@ -259,7 +294,9 @@ impl Cache {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Workload, Entry>> {
         // A panic while holding this lock leaves the map consistent (every update is a
         // single insert/remove/counter change), so a poisoned lock is safe to reuse.
-        self.workloads.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.workloads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -285,7 +322,9 @@ fn publish_svids(state: &watch::Sender<SvidState>, svids: WorkloadSvids) -> bool
 fn drop_expired(state: &watch::Sender<SvidState>) {
     let now = unix_now();
     state.send_if_modified(|current| {
-        let SvidState::Ready(svids) = current else { return false };
+        let SvidState::Ready(svids) = current else {
+            return false;
+        };
         if svids.svids.iter().all(|s| !s.is_expired_at(now)) {
             return false;
         }
@@ -304,16 +343,30 @@ struct Upstream {
 
 impl Upstream {
     fn new(source: &Arc<dyn Source>, subscription: &'static str, metrics: &Arc<Metrics>) -> Self {
-        Self { metrics: Arc::clone(metrics), label: UpstreamLabel { api: source.api(), subscription } }
+        Self {
+            metrics: Arc::clone(metrics),
+            label: UpstreamLabel {
+                api: source.api(),
+                subscription,
+            },
+        }
     }
 
     fn reconnecting(&self) {
-        self.metrics.upstream.reconnects.get_or_create(&self.label).inc();
+        self.metrics
+            .upstream
+            .reconnects
+            .get_or_create(&self.label)
+            .inc();
     }
 
     /// Counts this subscription as connected while the guard lives.
     fn connected(&self) -> ConnectedGuard {
-        self.metrics.upstream.connected.get_or_create(&self.label).inc();
+        self.metrics
+            .upstream
+            .connected
+            .get_or_create(&self.label)
+            .inc();
         ConnectedGuard(self.clone())
     }
 }
@@ -322,7 +375,12 @@ struct ConnectedGuard(Upstream);
 
 impl Drop for ConnectedGuard {
     fn drop(&mut self) {
-        self.0.metrics.upstream.connected.get_or_create(&self.0.label).dec();
+        self.0
+            .metrics
+            .upstream
+            .connected
+            .get_or_create(&self.0.label)
+            .dec();
     }
 }
 
@@ -338,20 +396,39 @@ async fn supervise_svids(
     let upstream = Upstream::new(&source, "svids", &options.metrics);
     loop {
         if !process_alive(&options.proc_root, workload) {
-            tracing::info!(?workload, "workload process exited; ending its subscription");
+            tracing::info!(
+                ?workload,
+                "workload process exited; ending its subscription"
+            );
             state.send_replace(SvidState::Gone);
             return;
         }
-        let outcome = follow_svids(&*source, workload, &state, &options.proc_root, &upstream, &mut attempt, &mut failing).await;
+        let outcome = follow_svids(
+            &*source,
+            workload,
+            &state,
+            &options.proc_root,
+            &upstream,
+            &mut attempt,
+            &mut failing,
+        )
+        .await;
         match outcome {
             Ok(Follow::ProcessGone) => {
-                tracing::info!(?workload, "workload process was replaced; ending its subscription");
+                tracing::info!(
+                    ?workload,
+                    "workload process was replaced; ending its subscription"
+                );
                 state.send_replace(SvidState::Gone);
                 return;
             }
             Ok(Follow::Ended) => {
                 if !failing {
-                    tracing::warn!(?workload, api = source.api(), "agent closed the SVID subscription; reconnecting");
+                    tracing::warn!(
+                        ?workload,
+                        api = source.api(),
+                        "agent closed the SVID subscription; reconnecting"
+                    );
                 }
                 failing = true;
             }
@@ -433,12 +510,25 @@ async fn supervise_bundles(
     let mut attempt = 0u32;
     let mut failing = false;
     loop {
-        let outcome = follow_bundles(&*source, &state, &agent_reachable, &upstream, &mut attempt, &mut failing).await;
+        let outcome = follow_bundles(
+            &*source,
+            &state,
+            &agent_reachable,
+            &upstream,
+            &mut attempt,
+            &mut failing,
+        )
+        .await;
         agent_reachable.store(false, Ordering::Relaxed);
         upstream.reconnecting();
         match outcome {
-            Ok(()) if !failing => tracing::warn!(api = source.api(), "agent closed the bundle subscription; reconnecting"),
-            Err(err) if !failing => tracing::warn!(api = source.api(), %err, "bundle subscription failed; retrying, serving the last good bundles meanwhile"),
+            Ok(()) if !failing => tracing::warn!(
+                api = source.api(),
+                "agent closed the bundle subscription; reconnecting"
+            ),
+            Err(err) if !failing => {
+                tracing::warn!(api = source.api(), %err, "bundle subscription failed; retrying, serving the last good bundles meanwhile")
+            }
             _ => {}
         }
         failing = true;

@@ -32,7 +32,10 @@ pub enum IdentityError {
 
 impl IdentityError {
     pub fn from_status(status: tonic::Status) -> Self {
-        Self::Agent { code: status.code(), message: status.message().to_owned() }
+        Self::Agent {
+            code: status.code(),
+            message: status.message().to_owned(),
+        }
     }
 
     fn workload_api(err: impl std::fmt::Display) -> Self {

@@ -60,7 +60,8 @@ mod tests {
 
     #[test]
     fn start_time_survives_hostile_command_names() {
-        let stat = "42 (a) b) (c) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 200";
+        let stat =
+            "42 (a) b) (c) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 200";
         assert_eq!(start_time_from_stat(stat), Some(987_654));
         assert_eq!(start_time_from_stat("42 (x) S 1"), None);
     }
@@ -70,8 +71,14 @@ mod tests {
         let proc = ProcRoot::default();
         let me = proc.process(std::process::id() as i32).unwrap();
         assert!(proc.is_alive(me));
-        let reused = ProcessKey { start_time: me.start_time + 1, ..me };
-        assert!(!proc.is_alive(reused), "same PID, other start time: another process");
+        let reused = ProcessKey {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        assert!(
+            !proc.is_alive(reused),
+            "same PID, other start time: another process"
+        );
     }
 
     #[test]

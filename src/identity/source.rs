@@ -37,7 +37,10 @@ pub type BundleStream = BoxStream<'static, Result<BundleSet, IdentityError>>;
 
 /// One upstream subscription per call; the stream ends or errs when the agent goes away.
 pub trait Source: Send + Sync + 'static {
-    fn subscribe_svids(&self, workload: Workload) -> BoxFuture<'static, Result<SvidStream, IdentityError>>;
+    fn subscribe_svids(
+        &self,
+        workload: Workload,
+    ) -> BoxFuture<'static, Result<SvidStream, IdentityError>>;
     fn subscribe_bundles(&self) -> BoxFuture<'static, Result<BundleStream, IdentityError>>;
     /// For logs and metrics: `delegated` or `workload_api`.
     fn api(&self) -> &'static str;
@@ -54,7 +57,11 @@ pub fn unix_channel(path: PathBuf) -> Channel {
     Endpoint::from_static("http://localhost").connect_with_connector_lazy(tower::service_fn(
         move |_: Uri| {
             let path = path.clone();
-            async move { tokio::net::UnixStream::connect(path).await.map(TokioIo::new) }
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(TokioIo::new)
+            }
         },
     ))
 }
@@ -76,13 +83,19 @@ impl DelegatedSource {
 }
 
 impl Source for DelegatedSource {
-    fn subscribe_svids(&self, workload: Workload) -> BoxFuture<'static, Result<SvidStream, IdentityError>> {
+    fn subscribe_svids(
+        &self,
+        workload: Workload,
+    ) -> BoxFuture<'static, Result<SvidStream, IdentityError>> {
         let mut client = self.client.clone();
         Box::pin(async move {
             let Workload::Process(process) = workload else {
                 return Err(IdentityError::NotAProcess);
             };
-            let request = SubscribeToX509sviDsRequest { selectors: Vec::new(), pid: process.pid };
+            let request = SubscribeToX509sviDsRequest {
+                selectors: Vec::new(),
+                pid: process.pid,
+            };
             let stream = client
                 .subscribe_to_x509svi_ds(request)
                 .await
@@ -103,9 +116,17 @@ impl Source for DelegatedSource {
                 .await
                 .map_err(IdentityError::from_status)?
                 .into_inner();
-            let bundles = stream.map_err(IdentityError::from_status).and_then(|response| async move {
-                bundles_from_der_map(response.ca_certificates.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
-            });
+            let bundles =
+                stream
+                    .map_err(IdentityError::from_status)
+                    .and_then(|response| async move {
+                        bundles_from_der_map(
+                            response
+                                .ca_certificates
+                                .iter()
+                                .map(|(k, v)| (k.as_str(), v.as_ref())),
+                        )
+                    });
             Ok(bundles.boxed())
         })
     }
@@ -117,24 +138,53 @@ impl Source for DelegatedSource {
 
 /// Keeps **every** SVID of the response, in the agent's order. (spire-api's convenience
 /// client keeps only the first.)
-fn svids_from_delegated(response: SubscribeToX509sviDsResponse) -> Result<WorkloadSvids, IdentityError> {
+fn svids_from_delegated(
+    response: SubscribeToX509sviDsResponse,
+) -> Result<WorkloadSvids, IdentityError> {
     let mut svids = Vec::with_capacity(response.x509_svids.len());
     for item in response.x509_svids {
-        let svid = item.x509_svid.ok_or(IdentityError::Malformed("X509SVIDWithKey without x509_svid"))?;
-        let id = svid.id.ok_or(IdentityError::Malformed("X509SVID without id"))?;
+        let svid = item.x509_svid.ok_or(IdentityError::Malformed(
+            "X509SVIDWithKey without x509_svid",
+        ))?;
+        let id = svid
+            .id
+            .ok_or(IdentityError::Malformed("X509SVID without id"))?;
         let spiffe_id = format!("spiffe://{}{}", id.trust_domain, id.path);
         let chain: Vec<Vec<u8>> = svid.cert_chain.iter().map(|c| c.to_vec()).collect();
-        svids.push(svid_from_parts(spiffe_id, chain, item.x509_svid_key.to_vec())?);
+        svids.push(svid_from_parts(
+            spiffe_id,
+            chain,
+            item.x509_svid_key.to_vec(),
+        )?);
     }
-    let federates_with = response.federates_with.iter().map(|td| trust_domain_name(td).to_owned()).collect();
-    Ok(WorkloadSvids { svids, federates_with })
+    let federates_with = response
+        .federates_with
+        .iter()
+        .map(|td| trust_domain_name(td).to_owned())
+        .collect();
+    Ok(WorkloadSvids {
+        svids,
+        federates_with,
+    })
 }
 
-fn svid_from_parts(spiffe_id: String, chain: Vec<Vec<u8>>, key_der: Vec<u8>) -> Result<Svid, IdentityError> {
+fn svid_from_parts(
+    spiffe_id: String,
+    chain: Vec<Vec<u8>>,
+    key_der: Vec<u8>,
+) -> Result<Svid, IdentityError> {
     let trust_domain = trust_domain_of(&spiffe_id)?.to_owned();
-    let leaf = chain.first().ok_or(IdentityError::Malformed("SVID with an empty certificate chain"))?;
+    let leaf = chain.first().ok_or(IdentityError::Malformed(
+        "SVID with an empty certificate chain",
+    ))?;
     let expires_at = leaf_not_after(leaf)?;
-    Ok(Svid { spiffe_id, trust_domain, chain, key: PrivateKey::from_pkcs8_der(key_der), expires_at })
+    Ok(Svid {
+        spiffe_id,
+        trust_domain,
+        chain,
+        key: PrivateKey::from_pkcs8_der(key_der),
+        expires_at,
+    })
 }
 
 /// The leaf's `notAfter`, in Unix seconds.
@@ -143,10 +193,15 @@ pub fn leaf_not_after(der: &[u8]) -> Result<i64, IdentityError> {
     Ok(cert.validity().not_after.timestamp())
 }
 
-fn bundles_from_der_map<'a>(entries: impl Iterator<Item = (&'a str, &'a [u8])>) -> Result<BundleSet, IdentityError> {
+fn bundles_from_der_map<'a>(
+    entries: impl Iterator<Item = (&'a str, &'a [u8])>,
+) -> Result<BundleSet, IdentityError> {
     let mut set = BundleSet::default();
     for (key, der) in entries {
-        set.bundles.insert(trust_domain_name(key).to_owned(), split_der_certificates(der)?);
+        set.bundles.insert(
+            trust_domain_name(key).to_owned(),
+            split_der_certificates(der)?,
+        );
     }
     Ok(set)
 }
@@ -160,7 +215,9 @@ pub struct WorkloadApiSource {
 
 impl WorkloadApiSource {
     pub fn new(agent_socket: PathBuf) -> Self {
-        Self { socket: agent_socket }
+        Self {
+            socket: agent_socket,
+        }
     }
 
     fn endpoint(&self) -> String {
@@ -169,11 +226,19 @@ impl WorkloadApiSource {
 }
 
 impl Source for WorkloadApiSource {
-    fn subscribe_svids(&self, _workload: Workload) -> BoxFuture<'static, Result<SvidStream, IdentityError>> {
+    fn subscribe_svids(
+        &self,
+        _workload: Workload,
+    ) -> BoxFuture<'static, Result<SvidStream, IdentityError>> {
         let endpoint = self.endpoint();
         Box::pin(async move {
-            let client = spiffe::WorkloadApiClient::connect_to(&endpoint).await.map_err(IdentityError::workload_api)?;
-            let stream = client.stream_x509_contexts().await.map_err(IdentityError::workload_api)?;
+            let client = spiffe::WorkloadApiClient::connect_to(&endpoint)
+                .await
+                .map_err(IdentityError::workload_api)?;
+            let stream = client
+                .stream_x509_contexts()
+                .await
+                .map_err(IdentityError::workload_api)?;
             let svids = stream
                 .map_err(IdentityError::workload_api)
                 .and_then(|context| async move { svids_from_context(&context) });
@@ -184,16 +249,28 @@ impl Source for WorkloadApiSource {
     fn subscribe_bundles(&self) -> BoxFuture<'static, Result<BundleStream, IdentityError>> {
         let endpoint = self.endpoint();
         Box::pin(async move {
-            let client = spiffe::WorkloadApiClient::connect_to(&endpoint).await.map_err(IdentityError::workload_api)?;
-            let stream = client.stream_x509_contexts().await.map_err(IdentityError::workload_api)?;
-            let bundles = stream.map_err(IdentityError::workload_api).and_then(|context| async move {
-                let mut set = BundleSet::default();
-                for (td, bundle) in context.bundle_set().iter() {
-                    let authorities = bundle.authorities().iter().map(|c| c.as_bytes().to_vec()).collect();
-                    set.bundles.insert(td.to_string(), authorities);
-                }
-                Ok(set)
-            });
+            let client = spiffe::WorkloadApiClient::connect_to(&endpoint)
+                .await
+                .map_err(IdentityError::workload_api)?;
+            let stream = client
+                .stream_x509_contexts()
+                .await
+                .map_err(IdentityError::workload_api)?;
+            let bundles =
+                stream
+                    .map_err(IdentityError::workload_api)
+                    .and_then(|context| async move {
+                        let mut set = BundleSet::default();
+                        for (td, bundle) in context.bundle_set().iter() {
+                            let authorities = bundle
+                                .authorities()
+                                .iter()
+                                .map(|c| c.as_bytes().to_vec())
+                                .collect();
+                            set.bundles.insert(td.to_string(), authorities);
+                        }
+                        Ok(set)
+                    });
             Ok(bundles.boxed())
         })
     }
@@ -208,8 +285,16 @@ fn svids_from_context(context: &spiffe::X509Context) -> Result<WorkloadSvids, Id
         .svids()
         .iter()
         .map(|svid| {
-            let chain = svid.cert_chain().iter().map(|c| c.as_bytes().to_vec()).collect();
-            svid_from_parts(svid.spiffe_id().to_string(), chain, svid.private_key().as_bytes().to_vec())
+            let chain = svid
+                .cert_chain()
+                .iter()
+                .map(|c| c.as_bytes().to_vec())
+                .collect();
+            svid_from_parts(
+                svid.spiffe_id().to_string(),
+                chain,
+                svid.private_key().as_bytes().to_vec(),
+            )
         })
         .collect::<Result<Vec<_>, _>>()?;
     let own = svids.first().map(|s: &Svid| s.trust_domain.clone());
@@ -220,5 +305,8 @@ fn svids_from_context(context: &spiffe::X509Context) -> Result<WorkloadSvids, Id
         .map(|(td, _)| td.to_string())
         .filter(|td| Some(td) != own.as_ref())
         .collect();
-    Ok(WorkloadSvids { svids, federates_with })
+    Ok(WorkloadSvids {
+        svids,
+        federates_with,
+    })
 }

@@ -69,7 +69,12 @@ impl WorkloadSvids {
     /// This set without the SVIDs that expired by `unix_now`.
     pub fn without_expired(&self, unix_now: i64) -> WorkloadSvids {
         WorkloadSvids {
-            svids: self.svids.iter().filter(|s| !s.is_expired_at(unix_now)).cloned().collect(),
+            svids: self
+                .svids
+                .iter()
+                .filter(|s| !s.is_expired_at(unix_now))
+                .cloned()
+                .collect(),
             federates_with: self.federates_with.clone(),
         }
     }
@@ -93,7 +98,9 @@ pub type SharedBundles = Arc<BundleSet>;
 /// `spiffe://td` or `td` → `td`. The Delegated Identity API keys bundles by trust domain ID,
 /// although its proto comment says "name" (spire-sds.md DI-6); accept both.
 pub fn trust_domain_name(key: &str) -> &str {
-    key.strip_prefix("spiffe://").unwrap_or(key).trim_end_matches('/')
+    key.strip_prefix("spiffe://")
+        .unwrap_or(key)
+        .trim_end_matches('/')
 }
 
 /// Splits `spiffe://td/path` into the trust domain name, checking the shape SPIFFE IDs have.
@@ -103,7 +110,9 @@ pub fn trust_domain_of(spiffe_id: &str) -> Result<&str, IdentityError> {
         .ok_or_else(|| IdentityError::BadSpiffeId(spiffe_id.chars().take(80).collect()))?;
     let td = rest.split('/').next().unwrap_or_default();
     if td.is_empty() {
-        return Err(IdentityError::BadSpiffeId(spiffe_id.chars().take(80).collect()));
+        return Err(IdentityError::BadSpiffeId(
+            spiffe_id.chars().take(80).collect(),
+        ));
     }
     Ok(td)
 }
@@ -136,7 +145,9 @@ fn der_element_len(der: &[u8]) -> Option<usize> {
             return None;
         }
         let bytes = der.get(2..2 + count)?;
-        let len = bytes.iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        let len = bytes
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
         (len, 2 + count)
     };
     let total = header_len.checked_add(content_len)?;
@@ -157,15 +168,26 @@ mod tests {
     fn trust_domain_names_accept_both_key_forms() {
         assert_eq!(trust_domain_name("spiffe://example.org"), "example.org");
         assert_eq!(trust_domain_name("example.org"), "example.org");
-        assert_eq!(trust_domain_of("spiffe://example.org/ns/a").unwrap(), "example.org");
+        assert_eq!(
+            trust_domain_of("spiffe://example.org/ns/a").unwrap(),
+            "example.org"
+        );
         assert!(trust_domain_of("http://example.org/a").is_err());
         assert!(trust_domain_of("spiffe:///a").is_err());
     }
 
     #[test]
     fn concatenated_der_splits_per_certificate() {
-        let a = rcgen::generate_simple_self_signed(vec!["a".into()]).unwrap().cert.der().to_vec();
-        let b = rcgen::generate_simple_self_signed(vec!["b".into()]).unwrap().cert.der().to_vec();
+        let a = rcgen::generate_simple_self_signed(vec!["a".into()])
+            .unwrap()
+            .cert
+            .der()
+            .to_vec();
+        let b = rcgen::generate_simple_self_signed(vec!["b".into()])
+            .unwrap()
+            .cert
+            .der()
+            .to_vec();
         let joined = [a.clone(), b.clone()].concat();
         assert_eq!(split_der_certificates(&joined).unwrap(), vec![a, b]);
         assert!(split_der_certificates(&joined[..joined.len() - 1]).is_err());

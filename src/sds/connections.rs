@@ -17,7 +17,11 @@ use crate::telemetry::metrics::Metrics;
 /// Logs about refused connections at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
-pub fn limit<S, IO>(incoming: S, max: usize, metrics: Arc<Metrics>) -> impl Stream<Item = io::Result<Counted<IO>>>
+pub fn limit<S, IO>(
+    incoming: S,
+    max: usize,
+    metrics: Arc<Metrics>,
+) -> impl Stream<Item = io::Result<Counted<IO>>>
 where
     S: Stream<Item = io::Result<IO>>,
 {
@@ -31,14 +35,23 @@ where
                 metrics.sds.connections_refused.inc();
                 if last_warning.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
                     last_warning = Some(Instant::now());
-                    tracing::warn!(limit = max, "refusing SDS connections: --max-connections reached");
+                    tracing::warn!(
+                        limit = max,
+                        "refusing SDS connections: --max-connections reached"
+                    );
                 }
                 drop(io);
                 None
             }
             Ok(io) => {
                 metrics.sds.connections.inc();
-                Some(Ok(Counted { io, _slot: Slot { open: Arc::clone(&open), metrics: Arc::clone(&metrics) } }))
+                Some(Ok(Counted {
+                    io,
+                    _slot: Slot {
+                        open: Arc::clone(&open),
+                        metrics: Arc::clone(&metrics),
+                    },
+                }))
             }
         };
         std::future::ready(result)
@@ -64,13 +77,21 @@ pub struct Counted<IO> {
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
 impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 

@@ -2,10 +2,10 @@
 //! state machine, incremental (delta) streams and unary fetches.
 
 mod connections;
-mod socket;
 pub mod names;
 pub mod secrets;
 pub mod service;
+mod socket;
 pub mod stream;
 
 use std::path::PathBuf;
@@ -54,16 +54,26 @@ impl SdsServer {
     ) -> Self {
         let metrics = Arc::clone(cache.metrics());
         let service = SdsService::new(cache, settings, caller_identity, proc_root, shutdown);
-        Self { socket, service, limits, metrics }
+        Self {
+            socket,
+            service,
+            limits,
+            metrics,
+        }
     }
 
     /// Binds the socket, reports `serving`, serves until `shutdown`, ends every stream
     /// (Envoy reconnects to the next instance), and removes the socket.
-    pub async fn serve(self, serving: watch::Sender<bool>, shutdown: CancellationToken) -> Result<(), SdsError> {
+    pub async fn serve(
+        self,
+        serving: watch::Sender<bool>,
+        shutdown: CancellationToken,
+    ) -> Result<(), SdsError> {
         let accepted = socket::serve(self.socket.clone(), shutdown.clone())?;
         tracing::info!(socket = %self.socket.display(), "SDS server listening");
         serving.send_replace(true);
-        let server = SecretDiscoveryServiceServer::new(self.service).max_decoding_message_size(self.limits.max_request_bytes);
+        let server = SecretDiscoveryServiceServer::new(self.service)
+            .max_decoding_message_size(self.limits.max_request_bytes);
         let incoming = connections::limit(accepted, self.limits.max_connections, self.metrics);
         let signal = async {
             shutdown.cancelled().await;

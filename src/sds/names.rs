@@ -16,7 +16,11 @@ pub struct SpecialNames {
 
 impl Default for SpecialNames {
     fn default() -> Self {
-        Self { default_svid: "default".into(), default_bundle: "ROOTCA".into(), all_bundles: "ALL".into() }
+        Self {
+            default_svid: "default".into(),
+            default_bundle: "ROOTCA".into(),
+            all_bundles: "ALL".into(),
+        }
     }
 }
 
@@ -43,13 +47,20 @@ pub enum NameError {
          Istio 1.26 and later serve file-* names from istio-agent itself"
     )]
     IstioFileName(Quoted),
-    #[error("{0} names an external SDS provider (Istio credentialName); svid-bridge does not serve it")]
+    #[error(
+        "{0} names an external SDS provider (Istio credentialName); svid-bridge does not serve it"
+    )]
     ExternalSds(Quoted),
     #[error(
         "unknown secret name {name}: expected {default_svid:?}, {default_bundle:?}, {all_bundles:?}, \
          a SPIFFE ID or spiffe://<trust-domain>"
     )]
-    Unknown { name: Quoted, default_svid: String, default_bundle: String, all_bundles: String },
+    Unknown {
+        name: Quoted,
+        default_svid: String,
+        default_bundle: String,
+        all_bundles: String,
+    },
     #[error("malformed SPIFFE ID {0}: {1}")]
     BadSpiffeId(Quoted, &'static str),
 }
@@ -123,12 +134,19 @@ fn parse_spiffe(name: &str, rest: &str) -> Result<Resource, NameError> {
     if name.len() > MAX_SPIFFE_ID_BYTES {
         return Err(bad("longer than 2048 bytes"));
     }
-    let (td, path) = rest.split_once('/').map_or((rest, ""), |(td, path)| (td, path));
+    let (td, path) = rest
+        .split_once('/')
+        .map_or((rest, ""), |(td, path)| (td, path));
     if td.is_empty() {
         return Err(bad("empty trust domain"));
     }
-    if !td.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')) {
-        return Err(bad("trust domain may contain only lowercase letters, digits, '.', '-' and '_'"));
+    if !td
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
+    {
+        return Err(bad(
+            "trust domain may contain only lowercase letters, digits, '.', '-' and '_'",
+        ));
     }
     if path.is_empty() {
         return if rest.ends_with('/') {
@@ -144,8 +162,13 @@ fn parse_spiffe(name: &str, rest: &str) -> Result<Resource, NameError> {
         if segment == "." || segment == ".." {
             return Err(bad("'.' or '..' path segment"));
         }
-        if !segment.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_')) {
-            return Err(bad("path may contain only letters, digits, '.', '-' and '_'"));
+        if !segment
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        {
+            return Err(bad(
+                "path may contain only letters, digits, '.', '-' and '_'",
+            ));
         }
     }
     Ok(Resource::Svid(name.to_owned()))
@@ -165,14 +188,24 @@ mod tests {
         assert_eq!(p("default"), Ok(Resource::DefaultSvid));
         assert_eq!(p("ROOTCA"), Ok(Resource::OwnBundle));
         assert_eq!(p("ALL"), Ok(Resource::AllBundles));
-        assert_eq!(p("spiffe://example.org"), Ok(Resource::TrustDomainBundle("example.org".into())));
-        assert_eq!(p("spiffe://example.org/ns/a/sa/b"), Ok(Resource::Svid("spiffe://example.org/ns/a/sa/b".into())));
+        assert_eq!(
+            p("spiffe://example.org"),
+            Ok(Resource::TrustDomainBundle("example.org".into()))
+        );
+        assert_eq!(
+            p("spiffe://example.org/ns/a/sa/b"),
+            Ok(Resource::Svid("spiffe://example.org/ns/a/sa/b".into()))
+        );
     }
 
     #[test]
     fn configured_special_names_replace_the_defaults() {
         // The OpenShift/Istio federation setup (spire-sds.md B-11, envoy-and-istio.md I5).
-        let special = SpecialNames { default_svid: "default".into(), default_bundle: "null".into(), all_bundles: "ROOTCA".into() };
+        let special = SpecialNames {
+            default_svid: "default".into(),
+            default_bundle: "null".into(),
+            all_bundles: "ROOTCA".into(),
+        };
         assert_eq!(parse("ROOTCA", &special), Ok(Resource::AllBundles));
         assert_eq!(parse("null", &special), Ok(Resource::OwnBundle));
         assert!(parse("ALL", &special).is_err());
@@ -183,10 +216,23 @@ mod tests {
         // envoy-and-istio.md I6: Istio < 1.26 sends these to the workload socket.
         let err = p("file-root:system").unwrap_err();
         assert!(err.to_string().contains("Istio 1.26"), "{err}");
-        assert!(matches!(p("file-cert:/a~/b"), Err(NameError::IstioFileName(_))));
-        assert!(matches!(p("sds://gateway-cert"), Err(NameError::ExternalSds(_))));
+        assert!(matches!(
+            p("file-cert:/a~/b"),
+            Err(NameError::IstioFileName(_))
+        ));
+        assert!(matches!(
+            p("sds://gateway-cert"),
+            Err(NameError::ExternalSds(_))
+        ));
         assert!(matches!(p("nonsense"), Err(NameError::Unknown { .. })));
-        for bad in ["spiffe://", "spiffe://Example.org", "spiffe://td/a//b", "spiffe://td/../x", "spiffe://td/", "spiffe://td/a b"] {
+        for bad in [
+            "spiffe://",
+            "spiffe://Example.org",
+            "spiffe://td/a//b",
+            "spiffe://td/../x",
+            "spiffe://td/",
+            "spiffe://td/a b",
+        ] {
             assert!(matches!(p(bad), Err(NameError::BadSpiffeId(..))), "{bad}");
         }
     }

@@ -1,6 +1,8 @@
 //! Builds Envoy `Secret`s from a workload's SVIDs and the node's bundles.
 
-use envoy_types::pb::envoy::config::core::v3::{DataSource, Node, TypedExtensionConfig, data_source, node};
+use envoy_types::pb::envoy::config::core::v3::{
+    DataSource, Node, TypedExtensionConfig, data_source, node,
+};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, Secret, SpiffeCertValidatorConfig, TlsCertificate, secret,
     spiffe_cert_validator_config::TrustDomain,
@@ -13,7 +15,8 @@ use super::names::Resource;
 use crate::identity::{BundleSet, Svid, WorkloadSvids};
 
 /// The one resource type SDS serves (spire-sds.md §1, envoy-and-istio.md E9, E16).
-pub const SECRET_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+pub const SECRET_TYPE_URL: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 const SPIFFE_VALIDATOR: &str = "envoy.tls.cert_validator.spiffe";
 
 /// How bundles are expressed in validation contexts.
@@ -31,23 +34,37 @@ pub fn validation_mode(node: Option<&Node>, disabled_by_flag: bool) -> Validatio
     if node.is_some_and(envoy_too_old_for_spiffe_validator) {
         return ValidationMode::TrustedCa;
     }
-    let disabled = node.and_then(disable_flag_from_metadata).unwrap_or(disabled_by_flag);
-    if disabled { ValidationMode::TrustedCa } else { ValidationMode::Spiffe }
+    let disabled = node
+        .and_then(disable_flag_from_metadata)
+        .unwrap_or(disabled_by_flag);
+    if disabled {
+        ValidationMode::TrustedCa
+    } else {
+        ValidationMode::Spiffe
+    }
 }
 
 /// The SPIFFE validator arrived in Envoy 1.18; no version given means a modern Envoy (C-6).
 fn envoy_too_old_for_spiffe_validator(node: &Node) -> bool {
-    let Some(node::UserAgentVersionType::UserAgentBuildVersion(build)) = &node.user_agent_version_type else {
+    let Some(node::UserAgentVersionType::UserAgentBuildVersion(build)) =
+        &node.user_agent_version_type
+    else {
         return false;
     };
-    let Some(version) = &build.version else { return false };
+    let Some(version) = &build.version else {
+        return false;
+    };
     version.major_number < 1 || (version.major_number == 1 && version.minor_number <= 17)
 }
 
 /// `disable_spiffe_cert_validation` node metadata: a bool, or a string Go's
 /// `strconv.ParseBool` accepts; anything else is ignored (B-14).
 fn disable_flag_from_metadata(node: &Node) -> Option<bool> {
-    let value = node.metadata.as_ref()?.fields.get("disable_spiffe_cert_validation")?;
+    let value = node
+        .metadata
+        .as_ref()?
+        .fields
+        .get("disable_spiffe_cert_validation")?;
     match value.kind.as_ref()? {
         Kind::BoolValue(b) => Some(*b),
         Kind::StringValue(s) => match s.as_str() {
@@ -74,10 +91,19 @@ pub struct Waiting(pub &'static str);
 
 impl View<'_> {
     /// Resolves one requested name; `Secret.name` is always the requested name (E19).
-    pub fn resolve(&self, name: &str, resource: &Resource, mode: ValidationMode) -> Result<Secret, Waiting> {
+    pub fn resolve(
+        &self,
+        name: &str,
+        resource: &Resource,
+        mode: ValidationMode,
+    ) -> Result<Secret, Waiting> {
         match resource {
             Resource::DefaultSvid => {
-                let svid = self.svids.svids.first().ok_or(Waiting("the agent has issued no SVID to this workload"))?;
+                let svid = self
+                    .svids
+                    .svids
+                    .first()
+                    .ok_or(Waiting("the agent has issued no SVID to this workload"))?;
                 Ok(certificate_secret(name, svid))
             }
             Resource::Svid(id) => {
@@ -91,7 +117,9 @@ impl View<'_> {
             }
             Resource::OwnBundle => {
                 let td = self.own_trust_domain()?;
-                let bundle = self.bundles.get(td).ok_or(Waiting("the agent holds no bundle for the own trust domain yet"))?;
+                let bundle = self.bundles.get(td).ok_or(Waiting(
+                    "the agent holds no bundle for the own trust domain yet",
+                ))?;
                 let own = self.with_extra_anchors(bundle);
                 Ok(validation_secret(name, &[(td, &own)], mode))
             }
@@ -110,9 +138,13 @@ impl View<'_> {
             }
             Resource::TrustDomainBundle(td) => {
                 if !self.may_see(td) {
-                    return Err(Waiting("the workload's entries do not federate with this trust domain"));
+                    return Err(Waiting(
+                        "the workload's entries do not federate with this trust domain",
+                    ));
                 }
-                let bundle = self.bundles.get(td).ok_or(Waiting("the agent holds no bundle for this trust domain yet"))?;
+                let bundle = self.bundles.get(td).ok_or(Waiting(
+                    "the agent holds no bundle for this trust domain yet",
+                ))?;
                 Ok(validation_secret(name, &[(td.as_str(), bundle)], mode))
             }
         }
@@ -139,11 +171,14 @@ impl View<'_> {
     }
 
     fn own_trust_domain(&self) -> Result<&str, Waiting> {
-        self.svids.own_trust_domain().ok_or(Waiting("no SVID yet, so the workload's trust domain is unknown"))
+        self.svids.own_trust_domain().ok_or(Waiting(
+            "no SVID yet, so the workload's trust domain is unknown",
+        ))
     }
 
     fn may_see(&self, td: &str) -> bool {
-        self.svids.own_trust_domain() == Some(td) || self.svids.federates_with.iter().any(|f| f == td)
+        self.svids.own_trust_domain() == Some(td)
+            || self.svids.federates_with.iter().any(|f| f == td)
     }
 
     /// Own trust domain plus federated ones the agent holds, sorted by name (B-4, B-13 fixed).
@@ -158,7 +193,10 @@ impl View<'_> {
 }
 
 fn inline(bytes: Vec<u8>) -> Option<DataSource> {
-    Some(DataSource { specifier: Some(data_source::Specifier::InlineBytes(bytes)), ..Default::default() })
+    Some(DataSource {
+        specifier: Some(data_source::Specifier::InlineBytes(bytes)),
+        ..Default::default()
+    })
 }
 
 /// Chain PEM leaf first, key PKCS#8 PEM (C-1).
@@ -170,7 +208,10 @@ fn certificate_secret(name: &str, svid: &Svid) -> Secret {
         private_key: inline(key.into_bytes()),
         ..Default::default()
     };
-    Secret { name: name.to_owned(), r#type: Some(secret::Type::TlsCertificate(tls)) }
+    Secret {
+        name: name.to_owned(),
+        r#type: Some(secret::Type::TlsCertificate(tls)),
+    }
 }
 
 fn validation_secret(name: &str, bundles: &[(&str, &[Vec<u8>])], mode: ValidationMode) -> Secret {
@@ -179,11 +220,21 @@ fn validation_secret(name: &str, bundles: &[(&str, &[Vec<u8>])], mode: Validatio
         // SPIRE fails ALL here (C-5); one trusted_ca with every visible bundle serves it,
         // which is what an operator who disabled the validator asked for.
         ValidationMode::TrustedCa => CertificateValidationContext {
-            trusted_ca: inline(pem_certificates(bundles.iter().flat_map(|(_, b)| b.iter().map(Vec::as_slice))).into_bytes()),
+            trusted_ca: inline(
+                pem_certificates(
+                    bundles
+                        .iter()
+                        .flat_map(|(_, b)| b.iter().map(Vec::as_slice)),
+                )
+                .into_bytes(),
+            ),
             ..Default::default()
         },
     };
-    Secret { name: name.to_owned(), r#type: Some(secret::Type::ValidationContext(context)) }
+    Secret {
+        name: name.to_owned(),
+        r#type: Some(secret::Type::ValidationContext(context)),
+    }
 }
 
 fn spiffe_validator_context(bundles: &[(&str, &[Vec<u8>])]) -> CertificateValidationContext {
@@ -195,7 +246,10 @@ fn spiffe_validator_context(bundles: &[(&str, &[Vec<u8>])]) -> CertificateValida
             ..Default::default()
         })
         .collect();
-    let config = SpiffeCertValidatorConfig { trust_domains, ..Default::default() };
+    let config = SpiffeCertValidatorConfig {
+        trust_domains,
+        ..Default::default()
+    };
     CertificateValidationContext {
         custom_validator_config: Some(TypedExtensionConfig {
             name: SPIFFE_VALIDATOR.to_owned(),
@@ -206,7 +260,9 @@ fn spiffe_validator_context(bundles: &[(&str, &[Vec<u8>])]) -> CertificateValida
 }
 
 fn pem_certificates<'a>(ders: impl Iterator<Item = &'a [u8]>) -> String {
-    let pems: Vec<pem::Pem> = ders.map(|der| pem::Pem::new("CERTIFICATE", der.to_vec())).collect();
+    let pems: Vec<pem::Pem> = ders
+        .map(|der| pem::Pem::new("CERTIFICATE", der.to_vec()))
+        .collect();
     pem::encode_many(&pems)
 }
 
@@ -242,7 +298,12 @@ pub(crate) mod tests {
     use envoy_types::pb::google::protobuf::{Struct, Value};
 
     pub(crate) fn svid(id: &str) -> Svid {
-        let td = id.trim_start_matches("spiffe://").split('/').next().unwrap().to_owned();
+        let td = id
+            .trim_start_matches("spiffe://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned();
         Svid {
             spiffe_id: id.into(),
             trust_domain: td,
@@ -255,7 +316,8 @@ pub(crate) mod tests {
     pub(crate) fn bundles(tds: &[&str]) -> BundleSet {
         let mut set = BundleSet::default();
         for td in tds {
-            set.bundles.insert((*td).into(), vec![format!("root of {td}").into_bytes()]);
+            set.bundles
+                .insert((*td).into(), vec![format!("root of {td}").into_bytes()]);
         }
         set
     }
@@ -263,14 +325,23 @@ pub(crate) mod tests {
     fn node(version: Option<(u32, u32)>, disable: Option<Kind>) -> Node {
         let mut node = Node::default();
         if let Some((major, minor)) = version {
-            node.user_agent_version_type = Some(node::UserAgentVersionType::UserAgentBuildVersion(BuildVersion {
-                version: Some(SemanticVersion { major_number: major, minor_number: minor, patch: 0 }),
-                ..Default::default()
-            }));
+            node.user_agent_version_type = Some(node::UserAgentVersionType::UserAgentBuildVersion(
+                BuildVersion {
+                    version: Some(SemanticVersion {
+                        major_number: major,
+                        minor_number: minor,
+                        patch: 0,
+                    }),
+                    ..Default::default()
+                },
+            ));
         }
         if let Some(kind) = disable {
             let mut fields = std::collections::HashMap::new();
-            fields.insert("disable_spiffe_cert_validation".to_owned(), Value { kind: Some(kind) });
+            fields.insert(
+                "disable_spiffe_cert_validation".to_owned(),
+                Value { kind: Some(kind) },
+            );
             node.metadata = Some(Struct { fields });
         }
         node
@@ -279,75 +350,194 @@ pub(crate) mod tests {
     #[test]
     fn validation_mode_follows_version_flag_and_metadata() {
         use ValidationMode::*;
-        assert_eq!(validation_mode(None, false), Spiffe, "no node: SPIFFE (C-6)");
-        assert_eq!(validation_mode(Some(&node(Some((1, 17)), None)), false), TrustedCa, "1.17 is old (C-6)");
-        assert_eq!(validation_mode(Some(&node(Some((1, 18)), None)), false), Spiffe);
+        assert_eq!(
+            validation_mode(None, false),
+            Spiffe,
+            "no node: SPIFFE (C-6)"
+        );
+        assert_eq!(
+            validation_mode(Some(&node(Some((1, 17)), None)), false),
+            TrustedCa,
+            "1.17 is old (C-6)"
+        );
+        assert_eq!(
+            validation_mode(Some(&node(Some((1, 18)), None)), false),
+            Spiffe
+        );
         assert_eq!(validation_mode(None, true), TrustedCa);
         // B-14: metadata overrides the flag both ways; strings as Go's ParseBool.
-        assert_eq!(validation_mode(Some(&node(None, Some(Kind::BoolValue(false)))), true), Spiffe);
-        assert_eq!(validation_mode(Some(&node(None, Some(Kind::StringValue("T".into())))), false), TrustedCa);
-        assert_eq!(validation_mode(Some(&node(None, Some(Kind::StringValue("yes".into())))), true), TrustedCa, "unparseable: ignored");
-        assert_eq!(validation_mode(Some(&node(None, Some(Kind::NumberValue(1.0)))), false), Spiffe, "numbers ignored");
+        assert_eq!(
+            validation_mode(Some(&node(None, Some(Kind::BoolValue(false)))), true),
+            Spiffe
+        );
+        assert_eq!(
+            validation_mode(
+                Some(&node(None, Some(Kind::StringValue("T".into())))),
+                false
+            ),
+            TrustedCa
+        );
+        assert_eq!(
+            validation_mode(
+                Some(&node(None, Some(Kind::StringValue("yes".into())))),
+                true
+            ),
+            TrustedCa,
+            "unparseable: ignored"
+        );
+        assert_eq!(
+            validation_mode(Some(&node(None, Some(Kind::NumberValue(1.0)))), false),
+            Spiffe,
+            "numbers ignored"
+        );
     }
 
     #[test]
     fn names_resolve_and_secret_name_is_the_requested_name() {
         let svids = WorkloadSvids {
-            svids: vec![svid("spiffe://example.org/a"), svid("spiffe://example.org/b")],
+            svids: vec![
+                svid("spiffe://example.org/a"),
+                svid("spiffe://example.org/b"),
+            ],
             federates_with: vec!["other.org".into()],
         };
         let bundles = bundles(&["example.org", "other.org", "stranger.org"]);
-        let view = View { svids: &svids, bundles: &bundles, extra_anchors: &[] };
+        let view = View {
+            svids: &svids,
+            bundles: &bundles,
+            extra_anchors: &[],
+        };
         let mode = ValidationMode::Spiffe;
 
-        let default = view.resolve("default", &Resource::DefaultSvid, mode).unwrap();
+        let default = view
+            .resolve("default", &Resource::DefaultSvid, mode)
+            .unwrap();
         assert_eq!(default.name, "default");
         assert!(chain_pem(&default).contains("BEGIN CERTIFICATE"));
 
         // B-10 fixed: the default SVID also by its own ID, on the same request.
-        let by_id = view.resolve("spiffe://example.org/a", &Resource::Svid("spiffe://example.org/a".into()), mode).unwrap();
+        let by_id = view
+            .resolve(
+                "spiffe://example.org/a",
+                &Resource::Svid("spiffe://example.org/a".into()),
+                mode,
+            )
+            .unwrap();
         assert_eq!(chain_pem(&by_id), chain_pem(&default));
 
         let all = view.resolve("ALL", &Resource::AllBundles, mode).unwrap();
-        assert_eq!(spiffe_trust_domains(&all), ["example.org", "other.org"], "sorted, federated only");
+        assert_eq!(
+            spiffe_trust_domains(&all),
+            ["example.org", "other.org"],
+            "sorted, federated only"
+        );
 
         let rootca = view.resolve("ROOTCA", &Resource::OwnBundle, mode).unwrap();
         assert_eq!(spiffe_trust_domains(&rootca), ["example.org"]);
 
-        assert!(view.resolve("spiffe://stranger.org", &Resource::TrustDomainBundle("stranger.org".into()), mode).is_err(), "not federated: nothing of it");
-        assert!(view.resolve("spiffe://example.org/c", &Resource::Svid("spiffe://example.org/c".into()), mode).is_err());
+        assert!(
+            view.resolve(
+                "spiffe://stranger.org",
+                &Resource::TrustDomainBundle("stranger.org".into()),
+                mode
+            )
+            .is_err(),
+            "not federated: nothing of it"
+        );
+        assert!(
+            view.resolve(
+                "spiffe://example.org/c",
+                &Resource::Svid("spiffe://example.org/c".into()),
+                mode
+            )
+            .is_err()
+        );
     }
 
     #[test]
     fn all_bundles_without_the_spiffe_validator_is_one_trusted_ca() {
         // C-5 fixed: SPIRE fails this request with Internal.
-        let svids = WorkloadSvids { svids: vec![svid("spiffe://example.org/a")], federates_with: vec!["other.org".into()] };
+        let svids = WorkloadSvids {
+            svids: vec![svid("spiffe://example.org/a")],
+            federates_with: vec!["other.org".into()],
+        };
         let bundles = bundles(&["example.org", "other.org"]);
-        let all = View { svids: &svids, bundles: &bundles, extra_anchors: &[] }.resolve("ALL", &Resource::AllBundles, ValidationMode::TrustedCa).unwrap();
-        let Some(secret::Type::ValidationContext(ctx)) = all.r#type else { panic!() };
-        let Some(data_source::Specifier::InlineBytes(pem)) = ctx.trusted_ca.unwrap().specifier else { panic!() };
-        assert_eq!(String::from_utf8(pem).unwrap().matches("BEGIN CERTIFICATE").count(), 2);
+        let all = View {
+            svids: &svids,
+            bundles: &bundles,
+            extra_anchors: &[],
+        }
+        .resolve("ALL", &Resource::AllBundles, ValidationMode::TrustedCa)
+        .unwrap();
+        let Some(secret::Type::ValidationContext(ctx)) = all.r#type else {
+            panic!()
+        };
+        let Some(data_source::Specifier::InlineBytes(pem)) = ctx.trusted_ca.unwrap().specifier
+        else {
+            panic!()
+        };
+        assert_eq!(
+            String::from_utf8(pem)
+                .unwrap()
+                .matches("BEGIN CERTIFICATE")
+                .count(),
+            2
+        );
     }
 
     #[test]
     fn extra_trust_anchors_join_the_own_trust_domain_in_rootca_and_all() {
         // Migration from istiod's CA (istio/istio#50783): both roots verify peers of the
         // own trust domain during the switch.
-        let svids = WorkloadSvids { svids: vec![svid("spiffe://example.org/a")], federates_with: vec!["other.org".into()] };
+        let svids = WorkloadSvids {
+            svids: vec![svid("spiffe://example.org/a")],
+            federates_with: vec!["other.org".into()],
+        };
         let bundles = bundles(&["example.org", "other.org"]);
         let extra = vec![b"istiod root".to_vec()];
-        let view = View { svids: &svids, bundles: &bundles, extra_anchors: &extra };
-        for (name, resource) in [("ROOTCA", Resource::OwnBundle), ("ALL", Resource::AllBundles)] {
-            let secret = view.resolve(name, &resource, ValidationMode::Spiffe).unwrap();
-            let Some(secret::Type::ValidationContext(ctx)) = secret.r#type else { panic!() };
+        let view = View {
+            svids: &svids,
+            bundles: &bundles,
+            extra_anchors: &extra,
+        };
+        for (name, resource) in [
+            ("ROOTCA", Resource::OwnBundle),
+            ("ALL", Resource::AllBundles),
+        ] {
+            let secret = view
+                .resolve(name, &resource, ValidationMode::Spiffe)
+                .unwrap();
+            let Some(secret::Type::ValidationContext(ctx)) = secret.r#type else {
+                panic!()
+            };
             let any = ctx.custom_validator_config.unwrap().typed_config.unwrap();
             let config = SpiffeCertValidatorConfig::decode(any.value.as_slice()).unwrap();
-            let own = config.trust_domains.iter().find(|t| t.name == "example.org").unwrap();
-            let Some(data_source::Specifier::InlineBytes(pem)) = own.trust_bundle.clone().unwrap().specifier else { panic!() };
-            assert_eq!(pem::parse_many(&pem).unwrap().len(), 2, "{name}: agent root + extra root");
+            let own = config
+                .trust_domains
+                .iter()
+                .find(|t| t.name == "example.org")
+                .unwrap();
+            let Some(data_source::Specifier::InlineBytes(pem)) =
+                own.trust_bundle.clone().unwrap().specifier
+            else {
+                panic!()
+            };
+            assert_eq!(
+                pem::parse_many(&pem).unwrap().len(),
+                2,
+                "{name}: agent root + extra root"
+            );
             if let Some(other) = config.trust_domains.iter().find(|t| t.name == "other.org") {
-                let Some(data_source::Specifier::InlineBytes(pem)) = other.trust_bundle.clone().unwrap().specifier else { panic!() };
-                assert_eq!(pem::parse_many(&pem).unwrap().len(), 1, "federated domains get no extra roots");
+                let Some(data_source::Specifier::InlineBytes(pem)) =
+                    other.trust_bundle.clone().unwrap().specifier
+                else {
+                    panic!()
+                };
+                assert_eq!(
+                    pem::parse_many(&pem).unwrap().len(),
+                    1,
+                    "federated domains get no extra roots"
+                );
             }
         }
     }
@@ -355,11 +545,22 @@ pub(crate) mod tests {
     #[test]
     fn wildcard_lists_each_name_once() {
         let svids = WorkloadSvids {
-            svids: vec![svid("spiffe://example.org/a"), svid("spiffe://example.org/a")],
+            svids: vec![
+                svid("spiffe://example.org/a"),
+                svid("spiffe://example.org/a"),
+            ],
             federates_with: vec![],
         };
         let bundles = bundles(&["example.org"]);
-        let names: Vec<String> = View { svids: &svids, bundles: &bundles, extra_anchors: &[] }.everything(ValidationMode::Spiffe).into_iter().map(|s| s.name).collect();
+        let names: Vec<String> = View {
+            svids: &svids,
+            bundles: &bundles,
+            extra_anchors: &[],
+        }
+        .everything(ValidationMode::Spiffe)
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
         assert_eq!(names, ["spiffe://example.org", "spiffe://example.org/a"]);
     }
 
@@ -369,22 +570,44 @@ pub(crate) mod tests {
         let mut other_key = svid("spiffe://example.org/a");
         other_key.key = PrivateKey::from_pkcs8_der(b"another key".to_vec());
         let b = certificate_secret("default", &other_key);
-        assert_eq!(content_version([&a]), content_version([&a.clone()]), "deterministic");
-        assert_eq!(content_version([&a]), content_version([&b]), "key not hashed");
+        assert_eq!(
+            content_version([&a]),
+            content_version([&a.clone()]),
+            "deterministic"
+        );
+        assert_eq!(
+            content_version([&a]),
+            content_version([&b]),
+            "key not hashed"
+        );
         let c = certificate_secret("default", &svid("spiffe://example.org/c"));
         assert_ne!(content_version([&a]), content_version([&c]));
         assert_eq!(content_version([&a]).len(), 16);
     }
 
     pub(crate) fn chain_pem(secret: &Secret) -> String {
-        let Some(secret::Type::TlsCertificate(tls)) = &secret.r#type else { panic!("not a certificate") };
-        let Some(data_source::Specifier::InlineBytes(b)) = &tls.certificate_chain.as_ref().unwrap().specifier else { panic!() };
+        let Some(secret::Type::TlsCertificate(tls)) = &secret.r#type else {
+            panic!("not a certificate")
+        };
+        let Some(data_source::Specifier::InlineBytes(b)) =
+            &tls.certificate_chain.as_ref().unwrap().specifier
+        else {
+            panic!()
+        };
         String::from_utf8(b.clone()).unwrap()
     }
 
     pub(crate) fn spiffe_trust_domains(secret: &Secret) -> Vec<String> {
-        let Some(secret::Type::ValidationContext(ctx)) = &secret.r#type else { panic!("not a validation context") };
-        let any = ctx.custom_validator_config.as_ref().unwrap().typed_config.as_ref().unwrap();
+        let Some(secret::Type::ValidationContext(ctx)) = &secret.r#type else {
+            panic!("not a validation context")
+        };
+        let any = ctx
+            .custom_validator_config
+            .as_ref()
+            .unwrap()
+            .typed_config
+            .as_ref()
+            .unwrap();
         let config = SpiffeCertValidatorConfig::decode(any.value.as_slice()).unwrap();
         config.trust_domains.into_iter().map(|t| t.name).collect()
     }

@@ -78,10 +78,11 @@ impl SdsService {
                  (run svid-bridge with hostPID, beside the SPIRE agent)",
             ));
         }
-        let process = self
-            .proc_root
-            .process(pid)
-            .ok_or_else(|| Status::unavailable(format!("caller process {pid} exited before it could be identified")))?;
+        let process = self.proc_root.process(pid).ok_or_else(|| {
+            Status::unavailable(format!(
+                "caller process {pid} exited before it could be identified"
+            ))
+        })?;
         Ok(Workload::Process(process))
     }
 
@@ -134,7 +135,10 @@ impl SecretDiscoveryService for SdsService {
 
     /// Unary, for tools: waits briefly for the names to resolve (a first call creates the
     /// workload's subscription), then answers with all of them or says what is missing.
-    async fn fetch_secrets(&self, request: Request<DiscoveryRequest>) -> Result<Response<DiscoveryResponse>, Status> {
+    async fn fetch_secrets(
+        &self,
+        request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
         let workload = self.workload_of(&request)?;
         let mut context = self.context(workload)?;
         let mut stream = SotwStream::default();
@@ -148,10 +152,17 @@ impl SecretDiscoveryService for SdsService {
         let mut last_waiting = BTreeMap::new();
         loop {
             if let Some(snapshot) = context.snapshot()? {
-                let (response, waiting) = stream.respond(&snapshot.view(&self.settings), &self.settings);
+                let (response, waiting) =
+                    stream.respond(&snapshot.view(&self.settings), &self.settings);
                 match response {
                     Some(response) if waiting.is_empty() || wanted == 0 => {
-                        context.gauges.metrics().sds.responses.get_or_create(&ApiLabel { api: "fetch" }).inc();
+                        context
+                            .gauges
+                            .metrics()
+                            .sds
+                            .responses
+                            .get_or_create(&ApiLabel { api: "fetch" })
+                            .inc();
                         return Ok(Response::new(response));
                     }
                     _ => last_waiting = waiting,
@@ -169,7 +180,10 @@ fn still_waiting(waiting: &BTreeMap<String, Waiting>) -> Status {
     if waiting.is_empty() {
         return Status::unavailable("no answer from the SPIRE agent yet");
     }
-    let reasons: Vec<String> = waiting.iter().map(|(name, why)| format!("{}: {}", super::names::Quoted::new(name), why.0)).collect();
+    let reasons: Vec<String> = waiting
+        .iter()
+        .map(|(name, why)| format!("{}: {}", super::names::Quoted::new(name), why.0))
+        .collect();
     Status::unavailable(format!("still waiting for {}", reasons.join("; ")))
 }
 
@@ -196,7 +210,11 @@ struct Snapshot {
 
 impl Snapshot {
     fn view<'a>(&'a self, settings: &'a StreamSettings) -> View<'a> {
-        View { svids: &self.svids, bundles: &self.bundles, extra_anchors: &settings.extra_trust_anchors }
+        View {
+            svids: &self.svids,
+            bundles: &self.bundles,
+            extra_anchors: &settings.extra_trust_anchors,
+        }
     }
 }
 
@@ -208,7 +226,9 @@ impl StreamContext {
             SvidState::Gone => return Err(Status::unavailable("the calling process exited")),
             SvidState::Ready(svids) => Arc::clone(svids),
         };
-        let Some(bundles) = self.bundles.borrow_and_update().clone() else { return Ok(None) };
+        let Some(bundles) = self.bundles.borrow_and_update().clone() else {
+            return Ok(None);
+        };
         Ok(Some(Snapshot { svids, bundles }))
     }
 
@@ -259,7 +279,10 @@ enum Event<R> {
     Closed,
 }
 
-async fn next_event<R>(context: &mut StreamContext, inbound: &mut Streaming<R>) -> Result<Event<R>, Status> {
+async fn next_event<R>(
+    context: &mut StreamContext,
+    inbound: &mut Streaming<R>,
+) -> Result<Event<R>, Status> {
     let shutdown = context.shutdown.clone();
     tokio::select! {
         request = inbound.next() => match request {
@@ -272,7 +295,11 @@ async fn next_event<R>(context: &mut StreamContext, inbound: &mut Streaming<R>) 
     }
 }
 
-async fn run_sotw(mut context: StreamContext, mut inbound: Streaming<DiscoveryRequest>, tx: mpsc::Sender<Result<DiscoveryResponse, Status>>) {
+async fn run_sotw(
+    mut context: StreamContext,
+    mut inbound: Streaming<DiscoveryRequest>,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+) {
     let mut stream = SotwStream::default();
     let mut waits = WaitLog::default();
     loop {
@@ -298,12 +325,19 @@ async fn run_sotw(mut context: StreamContext, mut inbound: Streaming<DiscoveryRe
             Ok(None) => continue,
             Err(status) => return finish(&tx, status).await,
         };
-        let (response, waiting) = stream.respond(&snapshot.view(&context.settings), &context.settings);
+        let (response, waiting) =
+            stream.respond(&snapshot.view(&context.settings), &context.settings);
         context.gauges.set_waiting(!waiting.is_empty());
         waits.update(waiting);
         if let Some(response) = response {
             tracing::debug!(version = %response.version_info, resources = response.resources.len(), "pushing secrets");
-            context.gauges.metrics().sds.responses.get_or_create(&ApiLabel { api: "sotw" }).inc();
+            context
+                .gauges
+                .metrics()
+                .sds
+                .responses
+                .get_or_create(&ApiLabel { api: "sotw" })
+                .inc();
             if tx.send(Ok(response)).await.is_err() {
                 return;
             }
@@ -311,7 +345,11 @@ async fn run_sotw(mut context: StreamContext, mut inbound: Streaming<DiscoveryRe
     }
 }
 
-async fn run_delta(mut context: StreamContext, mut inbound: Streaming<DeltaDiscoveryRequest>, tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>) {
+async fn run_delta(
+    mut context: StreamContext,
+    mut inbound: Streaming<DeltaDiscoveryRequest>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+) {
     let mut stream = DeltaStream::default();
     let mut waits = WaitLog::default();
     loop {
@@ -324,7 +362,11 @@ async fn run_delta(mut context: StreamContext, mut inbound: Streaming<DeltaDisco
             Event::IdentityChanged => {}
             Event::Request(request) => match stream.on_request(&request, &context.settings) {
                 Ok(reaction) => {
-                    count_reaction(context.gauges.metrics(), &reaction, &request.resource_names_subscribe);
+                    count_reaction(
+                        context.gauges.metrics(),
+                        &reaction,
+                        &request.resource_names_subscribe,
+                    );
                     context.gauges.set_names(stream.subscribed().values());
                 }
                 Err(status) => return refuse(&context, &tx, status).await,
@@ -335,13 +377,20 @@ async fn run_delta(mut context: StreamContext, mut inbound: Streaming<DeltaDisco
             Ok(None) => continue,
             Err(status) => return finish(&tx, status).await,
         };
-        let (response, waiting) = stream.respond(&snapshot.view(&context.settings), &context.settings);
+        let (response, waiting) =
+            stream.respond(&snapshot.view(&context.settings), &context.settings);
         context.gauges.set_waiting(!waiting.is_empty());
         waits.update(waiting);
         if let Some(response) = response {
             let names: Vec<&str> = response.resources.iter().map(|r| r.name.as_str()).collect();
             tracing::debug!(secrets = ?names, "pushing secrets");
-            context.gauges.metrics().sds.responses.get_or_create(&ApiLabel { api: "delta" }).inc();
+            context
+                .gauges
+                .metrics()
+                .sds
+                .responses
+                .get_or_create(&ApiLabel { api: "delta" })
+                .inc();
             if tx.send(Ok(response)).await.is_err() {
                 return;
             }

@@ -22,12 +22,17 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Which file the socket is: (device, inode).
 fn file_identity(path: &Path) -> Option<(u64, u64)> {
-    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 /// Binds `path` and yields its connections until `shutdown`, re-binding whenever the file
 /// at `path` stops being the socket we bound.
-pub fn serve(path: PathBuf, shutdown: CancellationToken) -> Result<ReceiverStream<io::Result<AuthorityFixingStream<UnixStream>>>, UdsError> {
+pub fn serve(
+    path: PathBuf,
+    shutdown: CancellationToken,
+) -> Result<ReceiverStream<io::Result<AuthorityFixingStream<UnixStream>>>, UdsError> {
     let listener = uds::bind(&path, SocketAccess::World)?;
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(accept_loop(path, listener, tx, shutdown));
@@ -85,7 +90,10 @@ fn rebind(path: &Path) -> Result<UnixListener, UdsError> {
         && !dir.exists()
     {
         // Readable by all (pods' Envoys connect under any UID), writable by us only.
-        let _ = std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir);
+        let _ = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir);
     }
     uds::bind(path, SocketAccess::World)
 }

@@ -26,7 +26,10 @@ impl Default for Limits {
     /// Envoy sends one name per stream (E7); gRPC xDS clients batch a few. A SPIFFE ID is at
     /// most 2048 bytes, so longer names cannot be anything we serve.
     fn default() -> Self {
-        Self { max_names_per_request: 100, max_name_bytes: 4096 }
+        Self {
+            max_names_per_request: 100,
+            max_name_bytes: 4096,
+        }
     }
 }
 
@@ -91,7 +94,8 @@ fn parse_names<'a>(
         if name.is_empty() {
             continue;
         }
-        let resource = names::parse(name, &settings.special).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let resource = names::parse(name, &settings.special)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         parsed.insert(name.clone(), resource);
     }
     Ok(parsed)
@@ -107,7 +111,11 @@ pub struct Resolution {
     pub waiting: BTreeMap<String, Waiting>,
 }
 
-fn resolve_all(requested: &BTreeMap<String, Resource>, view: &View<'_>, mode: ValidationMode) -> Resolution {
+fn resolve_all(
+    requested: &BTreeMap<String, Resource>,
+    view: &View<'_>,
+    mode: ValidationMode,
+) -> Resolution {
     let mut secrets = Vec::new();
     let mut waiting = BTreeMap::new();
     for (name, resource) in requested {
@@ -145,7 +153,11 @@ impl SotwStream {
         self.names.as_ref()
     }
 
-    pub fn on_request(&mut self, request: &DiscoveryRequest, settings: &StreamSettings) -> Result<Reaction, Status> {
+    pub fn on_request(
+        &mut self,
+        request: &DiscoveryRequest,
+        settings: &StreamSettings,
+    ) -> Result<Reaction, Status> {
         check_type_url(&request.type_url)?;
         if let Some(node) = &request.node {
             self.node.get_or_insert_with(|| node.clone());
@@ -170,11 +182,20 @@ impl SotwStream {
 
     /// The response to send for the current snapshot, if any: when an answer is due and
     /// something resolved, or when the content differs from what was last sent.
-    pub fn respond(&mut self, view: &View<'_>, settings: &StreamSettings) -> (Option<DiscoveryResponse>, BTreeMap<String, Waiting>) {
-        let Some(names) = &self.names else { return (None, BTreeMap::new()) };
+    pub fn respond(
+        &mut self,
+        view: &View<'_>,
+        settings: &StreamSettings,
+    ) -> (Option<DiscoveryResponse>, BTreeMap<String, Waiting>) {
+        let Some(names) = &self.names else {
+            return (None, BTreeMap::new());
+        };
         let mode = secrets::validation_mode(self.node.as_ref(), settings.validation_disabled);
         let resolution = if names.is_empty() {
-            Resolution { secrets: view.everything(mode), waiting: BTreeMap::new() }
+            Resolution {
+                secrets: view.everything(mode),
+                waiting: BTreeMap::new(),
+            }
         } else {
             resolve_all(names, view, mode)
         };
@@ -192,7 +213,11 @@ impl SotwStream {
         self.last_version = Some(version.clone());
         let response = DiscoveryResponse {
             version_info: version,
-            resources: resolution.secrets.into_iter().map(envoy_types::util::pack_any).collect(),
+            resources: resolution
+                .secrets
+                .into_iter()
+                .map(envoy_types::util::pack_any)
+                .collect(),
             type_url: SECRET_TYPE_URL.to_owned(),
             nonce,
             ..Default::default()
@@ -224,7 +249,11 @@ impl DeltaStream {
         &self.subscribed
     }
 
-    pub fn on_request(&mut self, request: &DeltaDiscoveryRequest, settings: &StreamSettings) -> Result<Reaction, Status> {
+    pub fn on_request(
+        &mut self,
+        request: &DeltaDiscoveryRequest,
+        settings: &StreamSettings,
+    ) -> Result<Reaction, Status> {
         check_type_url(&request.type_url)?;
         if let Some(node) = &request.node {
             self.node.get_or_insert_with(|| node.clone());
@@ -258,7 +287,11 @@ impl DeltaStream {
         }
     }
 
-    pub fn respond(&mut self, view: &View<'_>, settings: &StreamSettings) -> (Option<DeltaDiscoveryResponse>, BTreeMap<String, Waiting>) {
+    pub fn respond(
+        &mut self,
+        view: &View<'_>,
+        settings: &StreamSettings,
+    ) -> (Option<DeltaDiscoveryResponse>, BTreeMap<String, Waiting>) {
         let mode = secrets::validation_mode(self.node.as_ref(), settings.validation_disabled);
         let resolution = resolve_all(&self.subscribed, view, mode);
         let mut resources = Vec::new();
@@ -311,11 +344,29 @@ mod tests {
     }
 
     fn snapshot(ids: &[&str]) -> (WorkloadSvids, BundleSet) {
-        (WorkloadSvids { svids: ids.iter().map(|id| svid(id)).collect(), federates_with: vec![] }, bundles(&["example.org"]))
+        (
+            WorkloadSvids {
+                svids: ids.iter().map(|id| svid(id)).collect(),
+                federates_with: vec![],
+            },
+            bundles(&["example.org"]),
+        )
     }
 
-    fn respond(stream: &mut SotwStream, snap: &(WorkloadSvids, BundleSet)) -> Option<DiscoveryResponse> {
-        stream.respond(&View { svids: &snap.0, bundles: &snap.1, extra_anchors: &[] }, &StreamSettings::default()).0
+    fn respond(
+        stream: &mut SotwStream,
+        snap: &(WorkloadSvids, BundleSet),
+    ) -> Option<DiscoveryResponse> {
+        stream
+            .respond(
+                &View {
+                    svids: &snap.0,
+                    bundles: &snap.1,
+                    extra_anchors: &[],
+                },
+                &StreamSettings::default(),
+            )
+            .0
     }
 
     #[test]
@@ -323,18 +374,43 @@ mod tests {
         let settings = StreamSettings::default();
         let snap = snapshot(&["spiffe://example.org/a"]);
         let mut s = SotwStream::default();
-        assert_eq!(s.on_request(&request(&["default"], "", ""), &settings).unwrap(), Reaction::Answer);
+        assert_eq!(
+            s.on_request(&request(&["default"], "", ""), &settings)
+                .unwrap(),
+            Reaction::Answer
+        );
         let first = respond(&mut s, &snap).unwrap();
         assert_eq!(first.type_url, SECRET_TYPE_URL, "E16: exact type_url");
         // E12: ACK → nothing.
-        assert_eq!(s.on_request(&request(&["default"], &first.version_info, &first.nonce), &settings).unwrap(), Reaction::Acked);
-        assert!(respond(&mut s, &snap).is_none(), "nothing changed, nothing sent");
+        assert_eq!(
+            s.on_request(
+                &request(&["default"], &first.version_info, &first.nonce),
+                &settings
+            )
+            .unwrap(),
+            Reaction::Acked
+        );
+        assert!(
+            respond(&mut s, &snap).is_none(),
+            "nothing changed, nothing sent"
+        );
         // E14: a stale nonce is ignored, even with other names.
-        assert_eq!(s.on_request(&request(&["ROOTCA"], "", "0000"), &settings).unwrap(), Reaction::Stale);
+        assert_eq!(
+            s.on_request(&request(&["ROOTCA"], "", "0000"), &settings)
+                .unwrap(),
+            Reaction::Stale
+        );
         // E13: NACK → no resend of the same content (D-7 "does not spin").
         let mut nack = request(&["default"], "", &first.nonce);
-        nack.error_detail = Some(RpcStatus { code: 13, message: "bad cert".into(), details: vec![] });
-        assert_eq!(s.on_request(&nack, &settings).unwrap(), Reaction::Nacked("bad cert".into()));
+        nack.error_detail = Some(RpcStatus {
+            code: 13,
+            message: "bad cert".into(),
+            details: vec![],
+        });
+        assert_eq!(
+            s.on_request(&nack, &settings).unwrap(),
+            Reaction::Nacked("bad cert".into())
+        );
         assert!(respond(&mut s, &snap).is_none());
         // A rotation after the NACK is pushed.
         let rotated = snapshot(&["spiffe://example.org/b"]);
@@ -349,12 +425,20 @@ mod tests {
         let settings = StreamSettings::default();
         let snap = snapshot(&["spiffe://example.org/a"]);
         let mut old = SotwStream::default();
-        old.on_request(&request(&["default"], "", ""), &settings).unwrap();
+        old.on_request(&request(&["default"], "", ""), &settings)
+            .unwrap();
         let sent = respond(&mut old, &snap).unwrap();
         let mut new = SotwStream::default();
-        assert_eq!(new.on_request(&request(&["default"], &sent.version_info, ""), &settings).unwrap(), Reaction::Answer);
+        assert_eq!(
+            new.on_request(&request(&["default"], &sent.version_info, ""), &settings)
+                .unwrap(),
+            Reaction::Answer
+        );
         let again = respond(&mut new, &snap).unwrap();
-        assert_eq!(again.version_info, sent.version_info, "content hash: stable across streams and restarts");
+        assert_eq!(
+            again.version_info, sent.version_info,
+            "content hash: stable across streams and restarts"
+        );
     }
 
     #[test]
@@ -363,7 +447,21 @@ mod tests {
         let settings = StreamSettings::default();
         let snap = snapshot(&["spiffe://example.org/a"]);
         let mut s = SotwStream::default();
-        s.on_request(&request(&["default", "spiffe://example.org/a", "ROOTCA", "ALL", "spiffe://example.org"], "", ""), &settings).unwrap();
+        s.on_request(
+            &request(
+                &[
+                    "default",
+                    "spiffe://example.org/a",
+                    "ROOTCA",
+                    "ALL",
+                    "spiffe://example.org",
+                ],
+                "",
+                "",
+            ),
+            &settings,
+        )
+        .unwrap();
         let response = respond(&mut s, &snap).unwrap();
         assert_eq!(response.resources.len(), 5);
     }
@@ -372,22 +470,45 @@ mod tests {
     fn unresolvable_names_wait_and_bad_ones_fail() {
         let settings = StreamSettings::default();
         let mut s = SotwStream::default();
-        s.on_request(&request(&["default"], "", ""), &settings).unwrap();
+        s.on_request(&request(&["default"], "", ""), &settings)
+            .unwrap();
         let empty = snapshot(&[]);
-        let (response, waiting) = s.respond(&View { svids: &empty.0, bundles: &empty.1, extra_anchors: &[] }, &settings);
+        let (response, waiting) = s.respond(
+            &View {
+                svids: &empty.0,
+                bundles: &empty.1,
+                extra_anchors: &[],
+            },
+            &settings,
+        );
         assert!(response.is_none());
         assert!(waiting.contains_key("default"));
         let later = snapshot(&["spiffe://example.org/a"]);
-        assert!(respond(&mut s, &later).is_some(), "pushed the moment it resolves");
+        assert!(
+            respond(&mut s, &later).is_some(),
+            "pushed the moment it resolves"
+        );
 
-        let err = SotwStream::default().on_request(&request(&["file-root:system"], "", ""), &settings).unwrap_err();
+        let err = SotwStream::default()
+            .on_request(&request(&["file-root:system"], "", ""), &settings)
+            .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         let mut wrong_type = request(&["default"], "", "");
         wrong_type.type_url = "type.googleapis.com/envoy.config.cluster.v3.Cluster".into();
-        assert_eq!(SotwStream::default().on_request(&wrong_type, &settings).unwrap_err().code(), tonic::Code::InvalidArgument);
-        let many: Vec<String> = (0..10_000).map(|i| format!("spiffe://example.org/{i}")).collect();
+        assert_eq!(
+            SotwStream::default()
+                .on_request(&wrong_type, &settings)
+                .unwrap_err()
+                .code(),
+            tonic::Code::InvalidArgument
+        );
+        let many: Vec<String> = (0..10_000)
+            .map(|i| format!("spiffe://example.org/{i}"))
+            .collect();
         let refs: Vec<&str> = many.iter().map(String::as_str).collect();
-        let err = SotwStream::default().on_request(&request(&refs, "", ""), &settings).unwrap_err();
+        let err = SotwStream::default()
+            .on_request(&request(&refs, "", ""), &settings)
+            .unwrap_err();
         assert!(err.message().contains("limit is 100"), "{}", err.message());
     }
 
@@ -397,9 +518,13 @@ mod tests {
         let settings = StreamSettings::default();
         let mut s = SotwStream::default();
         let mut first = request(&["ROOTCA"], "", "");
-        first.node = Some(Node { id: "sidecar~1".into(), ..Default::default() });
+        first.node = Some(Node {
+            id: "sidecar~1".into(),
+            ..Default::default()
+        });
         s.on_request(&first, &settings).unwrap();
-        s.on_request(&request(&["ROOTCA", "default"], "", ""), &settings).unwrap();
+        s.on_request(&request(&["ROOTCA", "default"], "", ""), &settings)
+            .unwrap();
         assert_eq!(s.node().unwrap().id, "sidecar~1");
     }
 
@@ -407,22 +532,46 @@ mod tests {
     fn delta_sends_subscribed_names_and_only_changes() {
         let settings = StreamSettings::default();
         let snap = snapshot(&["spiffe://example.org/a"]);
-        let view = View { svids: &snap.0, bundles: &snap.1, extra_anchors: &[] };
+        let view = View {
+            svids: &snap.0,
+            bundles: &snap.1,
+            extra_anchors: &[],
+        };
         let mut d = DeltaStream::default();
         let subscribe = DeltaDiscoveryRequest {
             type_url: SECRET_TYPE_URL.into(),
             resource_names_subscribe: vec!["default".into()],
             ..Default::default()
         };
-        assert_eq!(d.on_request(&subscribe, &settings).unwrap(), Reaction::Answer);
+        assert_eq!(
+            d.on_request(&subscribe, &settings).unwrap(),
+            Reaction::Answer
+        );
         let first = d.respond(&view, &settings).0.unwrap();
         assert_eq!(first.resources.len(), 1);
         assert_eq!(first.resources[0].name, "default");
-        assert!(d.respond(&view, &settings).0.is_none(), "unchanged: nothing");
-        let ack = DeltaDiscoveryRequest { type_url: SECRET_TYPE_URL.into(), response_nonce: first.nonce.clone(), ..Default::default() };
+        assert!(
+            d.respond(&view, &settings).0.is_none(),
+            "unchanged: nothing"
+        );
+        let ack = DeltaDiscoveryRequest {
+            type_url: SECRET_TYPE_URL.into(),
+            response_nonce: first.nonce.clone(),
+            ..Default::default()
+        };
         assert_eq!(d.on_request(&ack, &settings).unwrap(), Reaction::Acked);
         let rotated = snapshot(&["spiffe://example.org/b"]);
-        let second = d.respond(&View { svids: &rotated.0, bundles: &rotated.1, extra_anchors: &[] }, &settings).0.unwrap();
+        let second = d
+            .respond(
+                &View {
+                    svids: &rotated.0,
+                    bundles: &rotated.1,
+                    extra_anchors: &[],
+                },
+                &settings,
+            )
+            .0
+            .unwrap();
         assert_ne!(second.resources[0].version, first.resources[0].version);
     }
 

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use tower::{Layer, Service};
 
-use super::metrics::{CsiCallLabel, Metrics, MethodLabel};
+use super::metrics::{CsiCallLabel, MethodLabel, Metrics};
 
 #[derive(Clone)]
 pub struct CsiCallsLayer {
@@ -27,7 +27,10 @@ impl<S> Layer<S> for CsiCallsLayer {
     type Service = CsiCalls<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CsiCalls { inner, metrics: Arc::clone(&self.metrics) }
+        CsiCalls {
+            inner,
+            metrics: Arc::clone(&self.metrics),
+        }
     }
 }
 
@@ -68,8 +71,19 @@ where
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<i32>().ok())
                     .map_or(tonic::Code::Ok, tonic::Code::from);
-                metrics.csi.calls.get_or_create(&CsiCallLabel { method: method.clone(), code: code_name(code) }).inc();
-                metrics.csi.duration.get_or_create(&MethodLabel { method }).observe(started.elapsed().as_secs_f64());
+                metrics
+                    .csi
+                    .calls
+                    .get_or_create(&CsiCallLabel {
+                        method: method.clone(),
+                        code: code_name(code),
+                    })
+                    .inc();
+                metrics
+                    .csi
+                    .duration
+                    .get_or_create(&MethodLabel { method })
+                    .observe(started.elapsed().as_secs_f64());
             }
             response
         })
@@ -90,7 +104,11 @@ fn method_label(path: &str) -> String {
         "NotifyRegistrationStatus",
     ];
     let method = path.rsplit('/').next().unwrap_or_default();
-    if KNOWN.contains(&method) { method.to_owned() } else { "other".to_owned() }
+    if KNOWN.contains(&method) {
+        method.to_owned()
+    } else {
+        "other".to_owned()
+    }
 }
 
 fn code_name(code: tonic::Code) -> &'static str {
@@ -122,7 +140,10 @@ mod tests {
 
     #[test]
     fn method_labels_are_bounded() {
-        assert_eq!(method_label("/csi.v1.Node/NodePublishVolume"), "NodePublishVolume");
+        assert_eq!(
+            method_label("/csi.v1.Node/NodePublishVolume"),
+            "NodePublishVolume"
+        );
         assert_eq!(method_label("/csi.v1.Controller/CreateVolume"), "other");
         assert_eq!(method_label(&format!("/x/{}", "y".repeat(1000))), "other");
     }

@@ -41,12 +41,17 @@ impl Readiness {
                     RegistrationStatus::Unavailable { reason } => format!(": {reason}"),
                     _ => String::new(),
                 };
-                return Err(format!("the CSI plugin is not registered with the kubelet ({}){detail}", status.state()));
+                return Err(format!(
+                    "the CSI plugin is not registered with the kubelet ({}){detail}",
+                    status.state()
+                ));
             }
         }
         let health = self.cache.health();
         if !health.serving_valid_identities(unix_now()) {
-            return Err("the SPIRE agent is unreachable and no valid cached SVID is left to serve".into());
+            return Err(
+                "the SPIRE agent is unreachable and no valid cached SVID is left to serve".into(),
+            );
         }
         Ok(())
     }
@@ -65,13 +70,19 @@ async fn healthz() -> &'static str {
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     match state.readiness.check() {
         Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
-        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        ),
     }
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
-        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.encode(),
     )
 }
@@ -94,7 +105,11 @@ pub async fn serve(
         tracing::info!(%address, "metrics and health endpoints listening");
         let app = app.clone();
         let shutdown = shutdown.clone();
-        servers.spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await });
+        servers.spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+        });
     }
     while let Some(result) = servers.join_next().await {
         result.map_err(std::io::Error::other)??;
@@ -106,25 +121,45 @@ pub async fn serve(
 #[non_exhaustive]
 pub enum HealthcheckError {
     #[error("cannot reach svid-bridge's health endpoint at {addr}: {source}")]
-    Unreachable { addr: String, source: std::io::Error },
+    Unreachable {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     NotReady(String),
 }
 
 /// `svid-bridge healthcheck`: asks `/readyz` (or `/healthz` with `live_only`) on `addr`.
 pub fn healthcheck(addr: &str, live_only: bool) -> Result<String, HealthcheckError> {
-    let unreachable = |source| HealthcheckError::Unreachable { addr: addr.to_owned(), source };
+    let unreachable = |source| HealthcheckError::Unreachable {
+        addr: addr.to_owned(),
+        source,
+    };
     let path = if live_only { "/healthz" } else { "/readyz" };
-    let socket: SocketAddr = addr
-        .parse()
-        .map_err(|_| unreachable(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a host:port address")))?;
-    let mut stream = TcpStream::connect_timeout(&socket, Duration::from_secs(2)).map_err(unreachable)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(unreachable)?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(unreachable)?;
+    let socket: SocketAddr = addr.parse().map_err(|_| {
+        unreachable(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a host:port address",
+        ))
+    })?;
+    let mut stream =
+        TcpStream::connect_timeout(&socket, Duration::from_secs(2)).map_err(unreachable)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(unreachable)?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(unreachable)?;
     let mut response = String::new();
     stream.read_to_string(&mut response).map_err(unreachable)?;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
     let ok = head.split_whitespace().nth(1) == Some("200");
     let body = body.trim().to_owned();
-    if ok { Ok(body) } else { Err(HealthcheckError::NotReady(body)) }
+    if ok {
+        Ok(body)
+    } else {
+        Err(HealthcheckError::NotReady(body))
+    }
 }

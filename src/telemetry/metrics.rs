@@ -137,33 +137,110 @@ impl Metrics {
             registration: Family::default(),
         };
         let mut registry = Registry::with_prefix("svid_bridge");
-        registry.register("sds_streams", "SDS streams open, by the class of the names they ask for", sds.streams.clone());
-        registry.register("sds_responses", "SDS responses pushed", sds.responses.clone());
-        registry.register("sds_acks", "SDS responses Envoy accepted (ACK)", sds.acks.clone());
-        registry.register("sds_nacks", "SDS responses Envoy rejected (NACK); the reason is logged", sds.nacks.clone());
-        registry.register("sds_requests_refused", "SDS requests refused with InvalidArgument (names that can never resolve, limits)", sds.refused.clone());
-        registry.register("sds_waiting_streams", "SDS streams waiting for a secret that cannot be served yet", sds.waiting_streams.clone());
-        registry.register("sds_wait_seconds", "How long SDS streams waited before their secrets resolved", sds.wait_seconds.clone());
-        registry.register("sds_connections", "Open connections to the SDS socket", sds.connections.clone());
-        registry.register("sds_connections_refused", "SDS connections closed at once because --max-connections was reached", sds.connections_refused.clone());
-        registry.register("sds_streams_refused", "SDS streams refused because their process reached --max-streams-per-process", sds.streams_refused.clone());
+        registry.register(
+            "sds_streams",
+            "SDS streams open, by the class of the names they ask for",
+            sds.streams.clone(),
+        );
+        registry.register(
+            "sds_responses",
+            "SDS responses pushed",
+            sds.responses.clone(),
+        );
+        registry.register(
+            "sds_acks",
+            "SDS responses Envoy accepted (ACK)",
+            sds.acks.clone(),
+        );
+        registry.register(
+            "sds_nacks",
+            "SDS responses Envoy rejected (NACK); the reason is logged",
+            sds.nacks.clone(),
+        );
+        registry.register(
+            "sds_requests_refused",
+            "SDS requests refused with InvalidArgument (names that can never resolve, limits)",
+            sds.refused.clone(),
+        );
+        registry.register(
+            "sds_waiting_streams",
+            "SDS streams waiting for a secret that cannot be served yet",
+            sds.waiting_streams.clone(),
+        );
+        registry.register(
+            "sds_wait_seconds",
+            "How long SDS streams waited before their secrets resolved",
+            sds.wait_seconds.clone(),
+        );
+        registry.register(
+            "sds_connections",
+            "Open connections to the SDS socket",
+            sds.connections.clone(),
+        );
+        registry.register(
+            "sds_connections_refused",
+            "SDS connections closed at once because --max-connections was reached",
+            sds.connections_refused.clone(),
+        );
+        registry.register(
+            "sds_streams_refused",
+            "SDS streams refused because their process reached --max-streams-per-process",
+            sds.streams_refused.clone(),
+        );
         registry.register("upstream_connected", "1 while the subscription to the SPIRE agent delivers (bundles), or the number of workload subscriptions connected (svids)", upstream.connected.clone());
-        registry.register("upstream_reconnects", "Reconnects to the SPIRE agent after a failed or closed subscription", upstream.reconnects.clone());
-        registry.register("workload_subscriptions", "Workloads with an upstream SVID subscription (shared by all their streams)", upstream.workloads.clone());
-        registry.register("csi_calls", "CSI calls by method and gRPC code", csi.calls.clone());
-        registry.register("csi_call_duration_seconds", "CSI call latency", csi.duration.clone());
-        registry.register("csi_volumes_published", "Volumes currently bind-mounted into pods", csi.published_volumes.clone());
-        registry.register("kubelet_registration", "1 for the current kubelet registration state", csi.registration.clone());
+        registry.register(
+            "upstream_reconnects",
+            "Reconnects to the SPIRE agent after a failed or closed subscription",
+            upstream.reconnects.clone(),
+        );
+        registry.register(
+            "workload_subscriptions",
+            "Workloads with an upstream SVID subscription (shared by all their streams)",
+            upstream.workloads.clone(),
+        );
+        registry.register(
+            "csi_calls",
+            "CSI calls by method and gRPC code",
+            csi.calls.clone(),
+        );
+        registry.register(
+            "csi_call_duration_seconds",
+            "CSI call latency",
+            csi.duration.clone(),
+        );
+        registry.register(
+            "csi_volumes_published",
+            "Volumes currently bind-mounted into pods",
+            csi.published_volumes.clone(),
+        );
+        registry.register(
+            "kubelet_registration",
+            "1 for the current kubelet registration state",
+            csi.registration.clone(),
+        );
         let build_info: Family<VersionLabel, Gauge> = Family::default();
-        build_info.get_or_create(&VersionLabel { version: crate::VERSION }).set(1);
+        build_info
+            .get_or_create(&VersionLabel {
+                version: crate::VERSION,
+            })
+            .set(1);
         registry.register("build_info", "svid-bridge version", build_info);
-        Self { registry: Mutex::new(registry), sds, upstream, csi }
+        Self {
+            registry: Mutex::new(registry),
+            sds,
+            upstream,
+            csi,
+        }
     }
 
     /// Adds a gauge computed at scrape time: seconds until the earliest expiry among the
     /// SVIDs the bridge currently serves (absent when it serves none).
-    pub fn register_earliest_expiry(&self, earliest: impl Fn() -> Option<i64> + Send + Sync + 'static) {
-        self.lock().register_collector(Box::new(ExpiryCollector(Arc::new(earliest))));
+    pub fn register_earliest_expiry(
+        &self,
+        earliest: impl Fn() -> Option<i64> + Send + Sync + 'static,
+    ) {
+        self.lock()
+            .register_collector(Box::new(ExpiryCollector(Arc::new(earliest))));
     }
 
     /// OpenMetrics text exposition.
@@ -176,12 +253,17 @@ impl Metrics {
 
     pub fn set_registration_state(&self, state: &'static str) {
         for known in crate::csi::RegistrationStatus::STATES {
-            self.csi.registration.get_or_create(&StateLabel { state: known }).set(i64::from(*known == state));
+            self.csi
+                .registration
+                .get_or_create(&StateLabel { state: known })
+                .set(i64::from(*known == state));
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
-        self.registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -195,7 +277,9 @@ impl std::fmt::Debug for ExpiryCollector {
 
 impl Collector for ExpiryCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let Some(expires_at) = (self.0)() else { return Ok(()) };
+        let Some(expires_at) = (self.0)() else {
+            return Ok(());
+        };
         let gauge = ConstGauge::new(expires_at.saturating_sub(crate::identity::cache::unix_now()));
         let metric = encoder.encode_descriptor(
             "svid_earliest_expiry_seconds",
@@ -217,7 +301,11 @@ pub struct StreamGauges {
 
 impl StreamGauges {
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics, classes: Vec::new(), waiting_since: None }
+        Self {
+            metrics,
+            classes: Vec::new(),
+            waiting_since: None,
+        }
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -236,10 +324,18 @@ impl StreamGauges {
             return;
         }
         for class in &self.classes {
-            self.metrics.sds.streams.get_or_create(&ClassLabel { class }).dec();
+            self.metrics
+                .sds
+                .streams
+                .get_or_create(&ClassLabel { class })
+                .dec();
         }
         for class in &classes {
-            self.metrics.sds.streams.get_or_create(&ClassLabel { class }).inc();
+            self.metrics
+                .sds
+                .streams
+                .get_or_create(&ClassLabel { class })
+                .inc();
         }
         self.classes = classes;
     }
@@ -254,7 +350,10 @@ impl StreamGauges {
             (false, Some(since)) => {
                 self.waiting_since = None;
                 self.metrics.sds.waiting_streams.dec();
-                self.metrics.sds.wait_seconds.observe(since.elapsed().as_secs_f64());
+                self.metrics
+                    .sds
+                    .wait_seconds
+                    .observe(since.elapsed().as_secs_f64());
             }
             _ => {}
         }
@@ -269,7 +368,11 @@ impl StreamGauges {
 impl Drop for StreamGauges {
     fn drop(&mut self) {
         for class in &self.classes {
-            self.metrics.sds.streams.get_or_create(&ClassLabel { class }).dec();
+            self.metrics
+                .sds
+                .streams
+                .get_or_create(&ClassLabel { class })
+                .dec();
         }
         if self.waiting_since.take().is_some() {
             self.metrics.sds.waiting_streams.dec();
@@ -290,26 +393,48 @@ mod tests {
             gauges.set_names([Resource::DefaultSvid, Resource::OwnBundle].iter());
             gauges.set_waiting(true);
             let text = metrics.encode();
-            assert!(text.contains("svid_bridge_sds_streams{class=\"default\"} 1"), "{text}");
+            assert!(
+                text.contains("svid_bridge_sds_streams{class=\"default\"} 1"),
+                "{text}"
+            );
             assert!(text.contains("svid_bridge_sds_waiting_streams 1"), "{text}");
             gauges.set_names([].iter());
-            assert!(metrics.encode().contains("svid_bridge_sds_streams{class=\"wildcard\"} 1"));
+            assert!(
+                metrics
+                    .encode()
+                    .contains("svid_bridge_sds_streams{class=\"wildcard\"} 1")
+            );
         }
         let text = metrics.encode();
-        assert!(text.contains("svid_bridge_sds_streams{class=\"default\"} 0"), "{text}");
-        assert!(text.contains("svid_bridge_sds_streams{class=\"wildcard\"} 0"), "{text}");
-        assert!(text.contains("svid_bridge_sds_waiting_streams 0"), "gave up waiting: {text}");
+        assert!(
+            text.contains("svid_bridge_sds_streams{class=\"default\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("svid_bridge_sds_streams{class=\"wildcard\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("svid_bridge_sds_waiting_streams 0"),
+            "gave up waiting: {text}"
+        );
         assert!(text.contains("svid_bridge_build_info{version="), "{text}");
     }
 
     #[test]
     fn expiry_is_computed_at_scrape_time() {
         let metrics = Metrics::new();
-        assert!(!metrics.encode().contains("earliest_expiry"), "absent when nothing is served");
+        assert!(
+            !metrics.encode().contains("earliest_expiry"),
+            "absent when nothing is served"
+        );
         let at = crate::identity::cache::unix_now() + 600;
         metrics.register_earliest_expiry(move || Some(at));
         let text = metrics.encode();
-        let line = text.lines().find(|l| l.starts_with("svid_bridge_svid_earliest_expiry_seconds ")).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("svid_bridge_svid_earliest_expiry_seconds "))
+            .unwrap();
         let seconds: i64 = line.split(' ').nth(1).unwrap().parse().unwrap();
         assert!((598..=600).contains(&seconds), "{line}");
     }
