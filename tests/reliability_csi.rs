@@ -223,8 +223,8 @@ figures_mount_ns_test! {
 
 figures_mount_ns_test! {
     /// Decided behaviour (the lead's): the socket directory deleted underneath the running
-    /// bridge, and re-created. The bridge notices and re-creates its socket; a volume
-    /// published afterwards shows it. A pod mounted before keeps its bind mount of the old, deleted directory:
+    /// bridge. The bridge notices and re-creates the directory (0755) and its socket; a
+    /// volume published afterwards shows it. A pod mounted before keeps its bind mount of the old, deleted directory:
     /// nothing can re-appear there (documented in RELIABILITY.md; such pods need a restart).
     async fn deleted_socket_directory_new_mounts_see_the_new_socket() {
         let spire = block(|| Spire::start(spire_options_for_bridge("example.org")));
@@ -241,14 +241,15 @@ figures_mount_ns_test! {
         let dir = socket.parent().unwrap().to_path_buf();
         std::fs::remove_dir_all(&dir).unwrap();
         let deleted = Instant::now();
-        // The directory comes back as a hostPath `DirectoryOrCreate` (or the bridge itself)
-        // would bring it back; the bridge must put its socket in it again.
-        std::fs::create_dir_all(&dir).unwrap();
         let recreated_ms = block(|| {
             wait_until_with(Duration::from_secs(15), "the bridge re-creates its socket after its directory was deleted", &[&bridge], || {
                 std::os::unix::net::UnixStream::connect(&socket).ok().map(|_| deleted.elapsed().as_millis())
             })
         });
+        // Re-created by the bridge, as src/sds/socket.rs says: readable and traversable by
+        // all (pods' Envoys connect under any UID), writable by the bridge only.
+        use std::os::unix::fs::PermissionsExt;
+        let dir_mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o7777;
         fetch_default(&socket).await.unwrap();
 
         // A pod published now sees the new socket.
@@ -263,6 +264,7 @@ figures_mount_ns_test! {
         for (id, target) in [("vol-old", &old_pod), ("vol-new", &new_pod)] {
             node_client(&node.csi_socket()).await.node_unpublish_volume(unpublish_request(id, target)).await.unwrap();
         }
-        eprintln!("FIGURES socket_dir_deleted: recreated_after_ms={recreated_ms} old_mount_sees_socket=0 new_mount_sees_socket=1");
+        eprintln!("FIGURES socket_dir_deleted: recreated_after_ms={recreated_ms} dir_mode={dir_mode:o} old_mount_sees_socket=0 new_mount_sees_socket=1");
+        assert_eq!(dir_mode, 0o755, "the re-created socket directory must let any UID reach the socket");
     }
 }

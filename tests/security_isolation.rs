@@ -22,7 +22,6 @@ use common::load::{
     spawn_child,
 };
 use common::{EntrySpec, Spire, SpireOptions, wait_until_with};
-use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use svid_bridge::identity::source::{BundleStream, SvidStream};
@@ -31,7 +30,7 @@ use svid_bridge::identity::{
     BundleSet, Cache, CacheOptions, IdentityError, ProcRoot, ProcessKey, Source, Svid, SvidState,
     Workload, WorkloadSvids,
 };
-use svid_bridge::sds::{CallerIdentity, SdsService, StreamSettings};
+use svid_bridge::sds::{CallerIdentity, SdsServer, StreamSettings};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -464,7 +463,18 @@ async fn an_exited_process_gets_nothing() {
     shutdown.cancel();
 }
 
-/// An in-process SDS server (the real service and Unix listener) on a fake `/proc`.
+fn default_limits() -> svid_bridge::config::SdsLimits {
+    svid_bridge::config::SdsLimits {
+        max_names_per_request: 100,
+        max_name_bytes: 4096,
+        max_request_bytes: 1024 * 1024,
+        max_streams_per_connection: 100_000,
+        max_streams_per_process: 1000,
+        max_connections: 10_000,
+    }
+}
+
+/// An in-process SDS server (the real server and Unix listener) on a fake `/proc`.
 struct InProcess {
     _dir: tempfile::TempDir,
     socket: PathBuf,
@@ -483,23 +493,19 @@ async fn serve_in_process(proc: &FakeProc, agent: &Arc<FakeAgent>) -> InProcess 
         options(proc),
         shutdown.clone(),
     );
-    let service = SdsService::new(
+    // The production server: its accept loop pins each connection's process.
+    let server = SdsServer::new(
+        socket.clone(),
         cache,
         StreamSettings::default(),
         CallerIdentity::Process,
         proc.root(),
         shutdown.clone(),
+        default_limits(),
     );
-    let listener = svid_bridge::uds::bind(&socket, svid_bridge::uds::SocketAccess::World).unwrap();
-    let stop = shutdown.clone();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(SecretDiscoveryServiceServer::new(service))
-            .serve_with_incoming_shutdown(
-                svid_bridge::uds::incoming(listener),
-                stop.cancelled_owned(),
-            ),
-    );
+    let (serving, mut is_serving) = tokio::sync::watch::channel(false);
+    tokio::spawn(server.serve(serving, shutdown.clone()));
+    is_serving.wait_for(|up| *up).await.unwrap();
     InProcess {
         _dir: dir,
         socket,

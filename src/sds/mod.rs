@@ -5,7 +5,7 @@ mod connections;
 pub mod names;
 pub mod secrets;
 pub mod service;
-mod socket;
+pub mod socket;
 pub mod stream;
 
 use std::path::PathBuf;
@@ -40,6 +40,7 @@ pub struct SdsServer {
     /// (E7), so the per-connection default is istio-agent's 100,000.
     pub limits: SdsLimits,
     metrics: Arc<Metrics>,
+    proc_root: ProcRoot,
 }
 
 impl SdsServer {
@@ -53,11 +54,13 @@ impl SdsServer {
         limits: SdsLimits,
     ) -> Self {
         let metrics = Arc::clone(cache.metrics());
-        let service = SdsService::new(cache, settings, caller_identity, proc_root, shutdown);
+        let service =
+            SdsService::new(cache, settings, caller_identity, proc_root.clone(), shutdown);
         Self {
             socket,
             service,
             limits,
+            proc_root,
             metrics,
         }
     }
@@ -69,7 +72,7 @@ impl SdsServer {
         serving: watch::Sender<bool>,
         shutdown: CancellationToken,
     ) -> Result<(), SdsError> {
-        let accepted = socket::serve(self.socket.clone(), shutdown.clone())?;
+        let accepted = socket::serve(self.socket.clone(), self.proc_root.clone(), shutdown.clone())?;
         tracing::info!(socket = %self.socket.display(), "SDS server listening");
         serving.send_replace(true);
         let server = SecretDiscoveryServiceServer::new(self.service)

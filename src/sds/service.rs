@@ -14,11 +14,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::secrets::{View, Waiting};
+use super::socket::PeerInfo;
 use super::stream::{DeltaStream, Reaction, SotwStream, StreamSettings};
 use crate::identity::types::SharedBundles;
 use crate::identity::{Cache, ProcRoot, Subscription, SvidState, Workload};
@@ -60,29 +60,28 @@ impl SdsService {
         }
     }
 
-    /// The workload behind a request: the process on the other end of the Unix socket,
-    /// pinned by its start time (spire-sds.md A-2, DI-4).
+    /// The workload behind a request: the process that opened the connection, pinned by
+    /// its start time when the connection was accepted (spire-sds.md A-2, A-4, DI-4).
     fn workload_of<T>(&self, request: &Request<T>) -> Result<Workload, Status> {
         if self.caller_identity == CallerIdentity::Bridge {
             return Ok(Workload::Bridge);
         }
-        let pid = request
+        let peer = request
             .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|info| info.peer_cred)
-            .and_then(|cred| cred.pid())
-            .unwrap_or(0);
-        if pid <= 0 {
+            .get::<PeerInfo>()
+            .ok_or_else(|| Status::internal("no peer information on this connection"))?;
+        let Some(process) = peer.process else {
             return Err(Status::unavailable(
-                "cannot identify the caller: its PID is not visible in svid-bridge's PID namespace \
-                 (run svid-bridge with hostPID, beside the SPIRE agent)",
+                "cannot identify the caller: its PID is not visible in svid-bridge's PID \
+                 namespace (run svid-bridge with hostPID, beside the SPIRE agent)",
             ));
+        };
+        if !self.proc_root.is_alive(process) {
+            return Err(Status::unavailable(format!(
+                "the process that opened this connection (PID {}) has exited; reconnect",
+                process.pid
+            )));
         }
-        let process = self.proc_root.process(pid).ok_or_else(|| {
-            Status::unavailable(format!(
-                "caller process {pid} exited before it could be identified"
-            ))
-        })?;
         Ok(Workload::Process(process))
     }
 

@@ -6,15 +6,21 @@
 //! volume stats report as abnormal.
 
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::{Connected, UdsConnectInfo};
 
+use crate::identity::{ProcRoot, ProcessKey};
 use crate::uds::{self, AuthorityFixingStream, SocketAccess, UdsError};
 
 /// How often the socket's presence is checked.
@@ -27,22 +33,101 @@ fn file_identity(path: &Path) -> Option<(u64, u64)> {
         .map(|m| (m.dev(), m.ino()))
 }
 
+/// Who is on the other end of an SDS connection, recorded when it was accepted.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    pub uds: UdsConnectInfo,
+    /// The connecting process, pinned by its start time at accept: a later RPC on the same
+    /// connection (held by a child, or passed on) is refused once that process is gone,
+    /// even if its PID was reused meanwhile (spire-sds.md, DI-4). `None` when the
+    /// peer's PID is not visible in our PID namespace.
+    pub process: Option<ProcessKey>,
+}
+
+/// An accepted SDS connection and its [`PeerInfo`].
+pub struct Connection {
+    io: AuthorityFixingStream<UnixStream>,
+    peer: PeerInfo,
+}
+
+impl Connection {
+    fn accept(stream: UnixStream, proc_root: &ProcRoot) -> Self {
+        let uds = stream.connect_info();
+        let process = uds
+            .peer_cred
+            .and_then(|cred| cred.pid())
+            .filter(|pid| *pid > 0)
+            .and_then(|pid| proc_root.process(pid));
+        Self { io: AuthorityFixingStream::new(stream), peer: PeerInfo { uds, process } }
+    }
+}
+
+impl Connected for Connection {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// Binds `path` and yields its connections until `shutdown`, re-binding whenever the file
 /// at `path` stops being the socket we bound.
 pub fn serve(
     path: PathBuf,
+    proc_root: ProcRoot,
     shutdown: CancellationToken,
-) -> Result<ReceiverStream<io::Result<AuthorityFixingStream<UnixStream>>>, UdsError> {
+) -> Result<ReceiverStream<io::Result<Connection>>, UdsError> {
     let listener = uds::bind(&path, SocketAccess::World)?;
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(accept_loop(path, listener, tx, shutdown));
+    tokio::spawn(accept_loop(path, listener, proc_root, tx, shutdown));
     Ok(ReceiverStream::new(rx))
 }
 
 async fn accept_loop(
     path: PathBuf,
     mut listener: UnixListener,
-    tx: mpsc::Sender<io::Result<AuthorityFixingStream<UnixStream>>>,
+    proc_root: ProcRoot,
+    tx: mpsc::Sender<io::Result<Connection>>,
     shutdown: CancellationToken,
 ) {
     let mut bound = file_identity(&path);
@@ -52,7 +137,7 @@ async fn accept_loop(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    if tx.send(Ok(AuthorityFixingStream::new(stream))).await.is_err() {
+                    if tx.send(Ok(Connection::accept(stream, &proc_root))).await.is_err() {
                         return;
                     }
                 }
@@ -89,11 +174,12 @@ fn rebind(path: &Path) -> Result<UnixListener, UdsError> {
     if let Some(dir) = path.parent()
         && !dir.exists()
     {
-        // Readable by all (pods' Envoys connect under any UID), writable by us only.
-        let _ = std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir);
+        // Searchable by all (pods' Envoys connect under any UID), writable by us only. Set
+        // explicitly: the process umask (0077) would leave it 0700.
+        let created = std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir);
+        if created.is_ok() {
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+        }
     }
     uds::bind(path, SocketAccess::World)
 }
