@@ -74,7 +74,11 @@ pub fn bind(path: &Path, access: SocketAccess) -> Result<UnixListener, UdsError>
     })?;
     let mode = access.mode();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
-        UdsError::Chmod { path: path.to_path_buf(), mode, source }
+        UdsError::Chmod {
+            path: path.to_path_buf(),
+            mode,
+            source,
+        }
     })?;
     Ok(listener)
 }
@@ -85,7 +89,8 @@ pub fn bind(path: &Path, access: SocketAccess) -> Result<UnixListener, UdsError>
 /// (see [`AuthorityFixingStream`]).
 pub fn incoming(
     listener: UnixListener,
-) -> impl futures::Stream<Item = io::Result<AuthorityFixingStream<UnixStream>>> + Send + Unpin + 'static {
+) -> impl futures::Stream<Item = io::Result<AuthorityFixingStream<UnixStream>>> + Send + Unpin + 'static
+{
     use futures::StreamExt as _;
     tokio_stream::wrappers::UnixListenerStream::new(listener)
         .map(|conn| conn.map(AuthorityFixingStream::new))
@@ -100,9 +105,14 @@ pub fn remove_stale_socket(path: &Path) -> Result<(), UdsError> {
                 source,
             })
         }
-        Ok(_) => Err(UdsError::NotASocket { path: path.to_path_buf() }),
+        Ok(_) => Err(UdsError::NotASocket {
+            path: path.to_path_buf(),
+        }),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(UdsError::RemoveStale { path: path.to_path_buf(), source }),
+        Err(source) => Err(UdsError::RemoveStale {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 

@@ -15,8 +15,8 @@
 //! fix on, every block is re-encoded with literals that never touch the dynamic table, so h2's
 //! table stays as it was and can never disagree with what the client meant.
 //!
-//! Anything we cannot follow (not HTTP/2, frames out of order, undecodable HPACK, oversized
-//! blocks) is handed to h2 so that h2 reports the protocol error itself; once blocks have been
+//! Anything we cannot follow (not HTTP/2, frames out of order, undecodable HPACK, oversized or
+//! too costly blocks) is handed to h2 so that h2 reports the protocol error itself; once blocks have been
 //! re-encoded, h2 first gets a block it must reject, because its table no longer matches the
 //! client's and passing the client's bytes on could make it misread them.
 
@@ -67,7 +67,7 @@ const HUFFMAN_BUDGET: usize = 1024;
 
 const READ_CHUNK: usize = 16 * 1024;
 
-/// An `out` buffer grown past this by a large block is given back once drained.
+/// A buffer grown past this by a large block is given back once emptied.
 const OUT_KEEP_CAPACITY: usize = 64 * 1024;
 
 const REPLACEMENT_AUTHORITY: &[u8] = b"localhost";
@@ -106,12 +106,13 @@ impl<S> AuthorityFixingStream<S> {
             eof: false,
         }
     }
-
 }
 
 impl<S: std::fmt::Debug> std::fmt::Debug for AuthorityFixingStream<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuthorityFixingStream").field("inner", &self.inner).finish_non_exhaustive()
+        f.debug_struct("AuthorityFixingStream")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
     }
 }
 
@@ -125,7 +126,11 @@ impl<S: Connected> Connected for AuthorityFixingStream<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFixingStream<S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
             if buf.remaining() == 0 || this.transcoder.drain_into(buf) {
@@ -183,7 +188,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFixingStream<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFixingStream<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
 
@@ -292,7 +301,12 @@ impl Transcoder {
             compression: Compression::Mirrored,
             head: [0; FRAME_HEAD_LEN],
             head_len: 0,
-            frame: FrameHead { len: 0, kind: 0, flags: 0, stream: 0 },
+            frame: FrameHead {
+                len: 0,
+                kind: 0,
+                flags: 0,
+                stream: 0,
+            },
             frame_start: 0,
             raw: Vec::new(),
             block: Vec::new(),
@@ -317,7 +331,11 @@ impl Transcoder {
     fn passed_through(&mut self, n: usize) {
         if let Phase::Forward { remaining } = self.phase {
             let remaining = remaining.saturating_sub(n);
-            self.phase = if remaining == 0 { Phase::Head } else { Phase::Forward { remaining } };
+            self.phase = if remaining == 0 {
+                Phase::Head
+            } else {
+                Phase::Forward { remaining }
+            };
         }
     }
 
@@ -363,7 +381,9 @@ impl Transcoder {
                     if n == remaining {
                         self.on_frame_payload();
                     } else {
-                        self.phase = Phase::Collect { remaining: remaining - n };
+                        self.phase = Phase::Collect {
+                            remaining: remaining - n,
+                        };
                     }
                     n
                 }
@@ -399,7 +419,11 @@ impl Transcoder {
     fn check_preface(&mut self, matched: usize, input: &[u8]) -> usize {
         let expected = &PREFACE[matched..];
         let n = expected.len().min(input.len());
-        match input[..n].iter().zip(expected).position(|(got, want)| got != want) {
+        match input[..n]
+            .iter()
+            .zip(expected)
+            .position(|(got, want)| got != want)
+        {
             Some(mismatch) => {
                 let mut received = PREFACE[..matched].to_vec();
                 received.extend_from_slice(&input[..input.len().min(64)]);
@@ -414,8 +438,13 @@ impl Transcoder {
             }
             None => {
                 self.out.extend_from_slice(&input[..n]);
-                self.phase =
-                    if matched + n == PREFACE.len() { Phase::Head } else { Phase::Preface { matched: matched + n } };
+                self.phase = if matched + n == PREFACE.len() {
+                    Phase::Head
+                } else {
+                    Phase::Preface {
+                        matched: matched + n,
+                    }
+                };
                 n
             }
         }
@@ -424,16 +453,26 @@ impl Transcoder {
     fn on_frame_head(&mut self) {
         let frame = FrameHead::parse(&self.head);
         let starts_block = frame.kind == TYPE_HEADERS && self.open.is_none();
-        let continues_block = frame.kind == TYPE_CONTINUATION && self.open.is_some_and(|b| b.stream == frame.stream);
+        let continues_block =
+            frame.kind == TYPE_CONTINUATION && self.open.is_some_and(|b| b.stream == frame.stream);
         if !starts_block && !continues_block {
-            if self.open.is_some() || frame.kind == TYPE_CONTINUATION || frame.kind == TYPE_PUSH_PROMISE {
+            if self.open.is_some()
+                || frame.kind == TYPE_CONTINUATION
+                || frame.kind == TYPE_PUSH_PROMISE
+            {
                 // h2 refuses each of these with a connection error.
                 self.give_up();
                 self.out.extend_from_slice(&self.head);
                 return;
             }
             self.out.extend_from_slice(&self.head);
-            self.phase = if frame.len == 0 { Phase::Head } else { Phase::Forward { remaining: frame.len } };
+            self.phase = if frame.len == 0 {
+                Phase::Head
+            } else {
+                Phase::Forward {
+                    remaining: frame.len,
+                }
+            };
             return;
         }
         if self.raw.len() + FRAME_HEAD_LEN + frame.len > MAX_BLOCK {
@@ -454,7 +493,9 @@ impl Transcoder {
         if frame.len == 0 {
             self.on_frame_payload();
         } else {
-            self.phase = Phase::Collect { remaining: frame.len };
+            self.phase = Phase::Collect {
+                remaining: frame.len,
+            };
         }
     }
 
@@ -462,7 +503,8 @@ impl Transcoder {
         self.phase = Phase::Head;
         let payload = &self.raw[self.frame_start..];
         let fragment = if self.frame.kind == TYPE_HEADERS {
-            let Some((priority, fragment)) = split_headers_payload(payload, self.frame.flags) else {
+            let Some((priority, fragment)) = split_headers_payload(payload, self.frame.flags)
+            else {
                 self.give_up();
                 return;
             };
@@ -484,18 +526,30 @@ impl Transcoder {
             self.give_up();
             return;
         };
-        let Some(huffman) = count_huffman_strings(&self.block).filter(|&n| n <= self.huffman_budget) else {
-            tracing::debug!("stopped following a client's header compression (malformed, or too costly)");
+        let Some(huffman) =
+            count_huffman_strings(&self.block).filter(|&n| n <= self.huffman_budget)
+        else {
+            tracing::debug!(
+                "stopped following a client's header compression (malformed, or too costly)"
+            );
             self.open = Some(open);
             self.give_up();
             return;
         };
         self.huffman_budget -= huffman;
         self.encoded.clear();
-        let fixed = match reencode(&mut self.decoder, &self.block, self.needs_fix, &mut self.encoded) {
+        let fixed = match reencode(
+            &mut self.decoder,
+            &self.block,
+            self.needs_fix,
+            &mut self.encoded,
+        ) {
             Ok(fixed) => fixed,
             Err(reason) => {
-                tracing::debug!(reason, "cannot follow a client's header block; h2 will judge it");
+                tracing::debug!(
+                    reason,
+                    "cannot follow a client's header block; h2 will judge it"
+                );
                 self.open = Some(open);
                 self.give_up();
                 return;
@@ -529,7 +583,13 @@ impl Transcoder {
             Compression::Mirrored => self.out.extend_from_slice(&self.raw),
             Compression::Reencoding => {
                 let stream = self.open.map_or(self.frame.stream, |b| b.stream);
-                write_frame_head(&mut self.out, UNDECODABLE_BLOCK.len(), TYPE_HEADERS, FLAG_END_HEADERS, stream);
+                write_frame_head(
+                    &mut self.out,
+                    UNDECODABLE_BLOCK.len(),
+                    TYPE_HEADERS,
+                    FLAG_END_HEADERS,
+                    stream,
+                );
                 self.out.extend_from_slice(&UNDECODABLE_BLOCK);
             }
         }
@@ -603,7 +663,8 @@ fn reencode(
         if first & 0xe0 != 0x20 {
             break;
         }
-        let (size, used) = decode_prefix_int(rest, 5).ok_or("malformed dynamic table size update")?;
+        let (size, used) =
+            decode_prefix_int(rest, 5).ok_or("malformed dynamic table size update")?;
         if size > HEADER_TABLE_SIZE {
             return Err("dynamic table size update above SETTINGS_HEADER_TABLE_SIZE");
         }
@@ -686,7 +747,11 @@ fn write_frame_head(dst: &mut Vec<u8>, len: usize, kind: u8, flags: u8, stream: 
 
 /// Frames a re-encoded block as HEADERS + CONTINUATIONs, none above `MAX_EMITTED_FRAME`.
 fn emit_block(out: &mut Vec<u8>, open: OpenBlock, block: &[u8]) {
-    let priority_len = if open.priority.is_some() { PRIORITY_LEN } else { 0 };
+    let priority_len = if open.priority.is_some() {
+        PRIORITY_LEN
+    } else {
+        0
+    };
     let (first, mut rest) = block.split_at(block.len().min(MAX_EMITTED_FRAME - priority_len));
     let mut flags = 0;
     if open.end_stream {
@@ -698,15 +763,27 @@ fn emit_block(out: &mut Vec<u8>, open: OpenBlock, block: &[u8]) {
     if rest.is_empty() {
         flags |= FLAG_END_HEADERS;
     }
-    out.reserve(block.len() + FRAME_HEAD_LEN * (1 + block.len() / MAX_EMITTED_FRAME) + priority_len);
-    write_frame_head(out, first.len() + priority_len, TYPE_HEADERS, flags, open.stream);
+    out.reserve(
+        block.len() + FRAME_HEAD_LEN * (1 + block.len() / MAX_EMITTED_FRAME) + priority_len,
+    );
+    write_frame_head(
+        out,
+        first.len() + priority_len,
+        TYPE_HEADERS,
+        flags,
+        open.stream,
+    );
     if let Some(priority) = open.priority {
         out.extend_from_slice(&priority);
     }
     out.extend_from_slice(first);
     while !rest.is_empty() {
         let (chunk, after) = rest.split_at(rest.len().min(MAX_EMITTED_FRAME));
-        let flags = if after.is_empty() { FLAG_END_HEADERS } else { 0 };
+        let flags = if after.is_empty() {
+            FLAG_END_HEADERS
+        } else {
+            0
+        };
         write_frame_head(out, chunk.len(), TYPE_CONTINUATION, flags, open.stream);
         out.extend_from_slice(chunk);
         rest = after;
@@ -740,14 +817,18 @@ mod tests {
     /// Its second request on the same connection: nothing but references to the first.
     const GRPCIO_SECOND: &str = "c4c38386c2c1c0bfbe";
     /// `:authority: run%2Fsvid%2Fsds.sock` Huffman-coded (Python hpack 4.2, huffman=True).
-    const HUFFMAN_AUTHORITY: &str = "83864485606bdd62f74190b2da95161477348a8b0a2442e8393aff4082497f864d833505b11f";
+    const HUFFMAN_AUTHORITY: &str =
+        "83864485606bdd62f74190b2da95161477348a8b0a2442e8393aff4082497f864d833505b11f";
 
     const SETTINGS: u8 = 0x4;
     const PING: u8 = 0x6;
     const DATA: u8 = 0x0;
 
     fn unhex(s: &str) -> Vec<u8> {
-        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
     }
 
     fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
@@ -784,12 +865,24 @@ mod tests {
 
     impl<S> Chunked<S> {
         fn new(inner: S, sizes: &[usize]) -> Self {
-            Chunked { inner, sizes: if sizes.is_empty() { vec![usize::MAX] } else { sizes.to_vec() }, next: 0 }
+            Chunked {
+                inner,
+                sizes: if sizes.is_empty() {
+                    vec![usize::MAX]
+                } else {
+                    sizes.to_vec()
+                },
+                next: 0,
+            }
         }
     }
 
     impl<S: AsyncRead + Unpin> AsyncRead for Chunked<S> {
-        fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
             let this = self.get_mut();
             let size = this.sizes[this.next % this.sizes.len()].clamp(1, buf.remaining().max(1));
             let mut limited = ReadBuf::new(buf.initialize_unfilled_to(size.min(buf.remaining())));
@@ -802,7 +895,11 @@ mod tests {
     }
 
     impl<S: AsyncWrite + Unpin> AsyncWrite for Chunked<S> {
-        fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
             Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
         }
         fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -819,7 +916,11 @@ mod tests {
         let mut out = Vec::new();
         let mut buf = vec![0; 1 << 16];
         for i in 0.. {
-            let size = reads.get(i % reads.len().max(1)).copied().unwrap_or(16_384).clamp(1, buf.len());
+            let size = reads
+                .get(i % reads.len().max(1))
+                .copied()
+                .unwrap_or(16_384)
+                .clamp(1, buf.len());
             let n = adapter.read(&mut buf[..size]).await.unwrap();
             if n == 0 {
                 return out;
@@ -840,7 +941,10 @@ mod tests {
         let mut frames = Vec::new();
         while !bytes.is_empty() {
             let head = FrameHead::parse(bytes[..FRAME_HEAD_LEN].try_into().unwrap());
-            frames.push((head, bytes[FRAME_HEAD_LEN..FRAME_HEAD_LEN + head.len].to_vec()));
+            frames.push((
+                head,
+                bytes[FRAME_HEAD_LEN..FRAME_HEAD_LEN + head.len].to_vec(),
+            ));
             bytes = &bytes[FRAME_HEAD_LEN + head.len..];
         }
         frames
@@ -862,7 +966,10 @@ mod tests {
             field("te", "trailers"),
             field("grpc-accept-encoding", "identity, deflate, gzip"),
             field("grpc-timeout", "1010m"),
-            field("user-agent", "grpc-python/1.85.1 grpc-c/58.0.0 (linux; chttp2)"),
+            field(
+                "user-agent",
+                "grpc-python/1.85.1 grpc-c/58.0.0 (linux; chttp2)",
+            ),
         ]
     }
 
@@ -879,10 +986,15 @@ mod tests {
                     let (_, fragment) = split_headers_payload(payload, head.flags).unwrap();
                     block = Some(fragment.to_vec());
                 }
-                TYPE_CONTINUATION => block.as_mut().expect("CONTINUATION outside a block").extend(payload),
+                TYPE_CONTINUATION => block
+                    .as_mut()
+                    .expect("CONTINUATION outside a block")
+                    .extend(payload),
                 _ => assert!(block.is_none(), "{head:?} inside a block"),
             }
-            if matches!(head.kind, TYPE_HEADERS | TYPE_CONTINUATION) && head.flags & FLAG_END_HEADERS != 0 {
+            if matches!(head.kind, TYPE_HEADERS | TYPE_CONTINUATION)
+                && head.flags & FLAG_END_HEADERS != 0
+            {
                 blocks.push(decoder.decode(&block.take().unwrap()).unwrap());
             }
         }
@@ -902,7 +1014,10 @@ mod tests {
     async fn serve_h2(input: &[u8], chunks: &[usize], adapt: bool) -> H2Outcome {
         let (mut client, server) = tokio::io::duplex(1 << 22);
         client.write_all(input).await.unwrap();
-        client.write_all(&frame(PING, 0, 0, b"lastping")).await.unwrap();
+        client
+            .write_all(&frame(PING, 0, 0, b"lastping"))
+            .await
+            .unwrap();
         let server = Chunked::new(server, chunks);
         if adapt {
             accept_all(AuthorityFixingStream::new(server), client).await
@@ -911,11 +1026,19 @@ mod tests {
         }
     }
 
-    async fn accept_all<T: AsyncRead + AsyncWrite + Unpin>(io: T, mut client: DuplexStream) -> H2Outcome {
+    async fn accept_all<T: AsyncRead + AsyncWrite + Unpin>(
+        io: T,
+        mut client: DuplexStream,
+    ) -> H2Outcome {
         let mut requests = Vec::new();
         let mut conn = match h2::server::handshake(io).await {
             Ok(conn) => conn,
-            Err(err) => return H2Outcome { requests, error: Some(err) },
+            Err(err) => {
+                return H2Outcome {
+                    requests,
+                    error: Some(err),
+                };
+            }
         };
         let ack = wait_for_ping_ack(&mut client);
         tokio::pin!(ack);
@@ -938,7 +1061,10 @@ mod tests {
                 }
             }
         }
-        H2Outcome { requests, error: None }
+        H2Outcome {
+            requests,
+            error: None,
+        }
     }
 
     async fn wait_for_ping_ack(client: &mut DuplexStream) {
@@ -978,26 +1104,41 @@ mod tests {
 
     #[tokio::test]
     async fn grpcio_requests_reach_h2_as_localhost_across_the_dynamic_table() {
-        let input = connection(&[headers(1, &unhex(GRPCIO_FIRST)), headers(3, &unhex(GRPCIO_SECOND))]);
+        let input = connection(&[
+            headers(1, &unhex(GRPCIO_FIRST)),
+            headers(3, &unhex(GRPCIO_SECOND)),
+        ]);
         let outcome = serve_h2(&input, &[], true).await;
         assert!(outcome.error.is_none(), "{outcome:?}");
         assert_eq!(outcome.requests.len(), 2, "{outcome:?}");
         for request in &outcome.requests {
             assert_eq!(request.uri.to_string(), "http://localhost/a.B/C");
             assert_eq!(request.method, http::Method::POST);
-            assert_eq!(header_str(request, "user-agent"), "grpc-python/1.85.1 grpc-c/58.0.0 (linux; chttp2)");
+            assert_eq!(
+                header_str(request, "user-agent"),
+                "grpc-python/1.85.1 grpc-c/58.0.0 (linux; chttp2)"
+            );
             assert_eq!(header_str(request, "grpc-timeout"), "1010m");
             assert_eq!(header_str(request, "te"), "trailers");
         }
 
         let blocks = decode_blocks(&parse_frames(&transcode(&input)));
-        assert_eq!(blocks, vec![grpcio_fields("localhost"), grpcio_fields("localhost")]);
+        assert_eq!(
+            blocks,
+            vec![grpcio_fields("localhost"), grpcio_fields("localhost")]
+        );
     }
 
     #[test]
     fn reencoded_blocks_leave_the_dynamic_table_alone() {
-        let input = connection(&[headers(1, &unhex(GRPCIO_FIRST)), headers(3, &unhex(GRPCIO_SECOND))]);
-        for (head, payload) in parse_frames(&transcode(&input)).iter().filter(|(h, _)| h.kind == TYPE_HEADERS) {
+        let input = connection(&[
+            headers(1, &unhex(GRPCIO_FIRST)),
+            headers(3, &unhex(GRPCIO_SECOND)),
+        ]);
+        for (head, payload) in parse_frames(&transcode(&input))
+            .iter()
+            .filter(|(h, _)| h.kind == TYPE_HEADERS)
+        {
             // Every field "literal without indexing, new name": 0x00, then name and value.
             let mut rest = &payload[..];
             while !rest.is_empty() {
@@ -1021,11 +1162,19 @@ mod tests {
         // Table now: 62 content-type, 63 :path, 64 :authority.
         let mut second = vec![0x83, 0x86, 0xbf, 0xc0, 0xbe];
         encode_literal(&mut second, b"te", b"trailers");
-        let input = connection(&[headers(1, &first), frame(DATA, 0x1, 1, b"\0\0\0\0\0"), headers(3, &second)]);
+        let input = connection(&[
+            headers(1, &first),
+            frame(DATA, 0x1, 1, b"\0\0\0\0\0"),
+            headers(3, &second),
+        ]);
         assert_eq!(transcode(&input), input);
         let outcome = serve_h2(&input, &[3, 1, 7], true).await;
         assert!(outcome.error.is_none(), "{outcome:?}");
-        let authorities: Vec<_> = outcome.requests.iter().map(|r| r.uri.authority().unwrap().as_str()).collect();
+        let authorities: Vec<_> = outcome
+            .requests
+            .iter()
+            .map(|r| r.uri.authority().unwrap().as_str())
+            .collect();
         assert_eq!(authorities, ["sds-grpc", "sds-grpc"]);
     }
 
@@ -1058,13 +1207,19 @@ mod tests {
         let frames = parse_frames(&transcode(&input));
         let (head, payload) = &frames[1];
         assert_eq!(head.kind, TYPE_HEADERS);
-        assert_eq!(head.flags, FLAG_END_HEADERS | FLAG_PRIORITY | FLAG_END_STREAM);
+        assert_eq!(
+            head.flags,
+            FLAG_END_HEADERS | FLAG_PRIORITY | FLAG_END_STREAM
+        );
         assert_eq!(payload[..PRIORITY_LEN], priority);
         assert_eq!(decode_blocks(&frames), vec![grpcio_fields("localhost")]);
 
         let outcome = serve_h2(&input, &[], true).await;
         assert!(outcome.error.is_none(), "{outcome:?}");
-        assert_eq!(outcome.requests[0].uri.to_string(), "http://localhost/a.B/C");
+        assert_eq!(
+            outcome.requests[0].uri.to_string(),
+            "http://localhost/a.B/C"
+        );
     }
 
     #[tokio::test]
@@ -1078,7 +1233,11 @@ mod tests {
         for (i, w) in cuts.windows(2).enumerate() {
             let last = w[1] == block.len();
             let flags = if last { FLAG_END_HEADERS } else { 0 };
-            let kind = if i == 0 { TYPE_HEADERS } else { TYPE_CONTINUATION };
+            let kind = if i == 0 {
+                TYPE_HEADERS
+            } else {
+                TYPE_CONTINUATION
+            };
             frames.push(frame(kind, flags, 1, &block[w[0]..w[1]]));
         }
         let input = connection(&frames);
@@ -1086,8 +1245,15 @@ mod tests {
         let out = parse_frames(&transcode(&input));
         let kinds: Vec<_> = out.iter().map(|(h, _)| (h.kind, h.flags, h.len)).collect();
         assert_eq!(kinds[1].0, TYPE_HEADERS);
-        assert!(kinds[2..].iter().all(|k| k.0 == TYPE_CONTINUATION), "{kinds:?}");
-        assert!(kinds[1..kinds.len() - 1].iter().all(|k| k.1 & FLAG_END_HEADERS == 0 && k.2 == MAX_EMITTED_FRAME));
+        assert!(
+            kinds[2..].iter().all(|k| k.0 == TYPE_CONTINUATION),
+            "{kinds:?}"
+        );
+        assert!(
+            kinds[1..kinds.len() - 1]
+                .iter()
+                .all(|k| k.1 & FLAG_END_HEADERS == 0 && k.2 == MAX_EMITTED_FRAME)
+        );
         assert_eq!(kinds[kinds.len() - 1].1, FLAG_END_HEADERS);
         let mut expected = grpcio_fields("localhost");
         expected.push(field("x-big", &big));
@@ -1108,9 +1274,16 @@ mod tests {
         assert!(outcome.error.is_none(), "{outcome:?}");
         assert_eq!(outcome.requests.len(), 2);
 
-        let input = connection(&[headers(1, &unhex(GRPCIO_FIRST)), headers(3, &[0x20]), headers(5, &unhex(GRPCIO_SECOND))]);
+        let input = connection(&[
+            headers(1, &unhex(GRPCIO_FIRST)),
+            headers(3, &[0x20]),
+            headers(5, &unhex(GRPCIO_SECOND)),
+        ]);
         let outcome = serve_h2(&input, &[], true).await;
-        assert!(outcome.error.as_ref().is_some_and(h2::Error::is_go_away), "{outcome:?}");
+        assert!(
+            outcome.error.as_ref().is_some_and(h2::Error::is_go_away),
+            "{outcome:?}"
+        );
         let frames = parse_frames(&transcode(&input));
         assert_eq!(frames.last().unwrap().1, UNDECODABLE_BLOCK);
     }
@@ -1118,11 +1291,20 @@ mod tests {
     #[tokio::test]
     async fn an_undecodable_block_after_a_fix_fails_the_connection() {
         // The client refers to an entry that was never indexed.
-        let input = connection(&[headers(1, &unhex(GRPCIO_FIRST)), headers(3, &[0x83, 0x86, 0xff, 0x10])]);
+        let input = connection(&[
+            headers(1, &unhex(GRPCIO_FIRST)),
+            headers(3, &[0x83, 0x86, 0xff, 0x10]),
+        ]);
         let outcome = serve_h2(&input, &[], true).await;
-        assert!(outcome.error.as_ref().is_some_and(h2::Error::is_go_away), "{outcome:?}");
+        assert!(
+            outcome.error.as_ref().is_some_and(h2::Error::is_go_away),
+            "{outcome:?}"
+        );
         let frames = parse_frames(&transcode(&input));
-        assert_eq!(decode_blocks(&frames[..2]), vec![grpcio_fields("localhost")]);
+        assert_eq!(
+            decode_blocks(&frames[..2]),
+            vec![grpcio_fields("localhost")]
+        );
         assert_eq!(frames.last().unwrap().1, UNDECODABLE_BLOCK);
     }
 
@@ -1134,7 +1316,10 @@ mod tests {
         let input = connection(&[frame(TYPE_HEADERS, 0, 1, &block), frame(DATA, 0x1, 1, b"x")]);
         assert_eq!(transcode(&input), input);
         let outcome = serve_h2(&input, &[], true).await;
-        assert!(outcome.error.as_ref().is_some_and(h2::Error::is_go_away), "{outcome:?}");
+        assert!(
+            outcome.error.as_ref().is_some_and(h2::Error::is_go_away),
+            "{outcome:?}"
+        );
 
         let stray = connection(&[frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 1, &block)]);
         assert_eq!(transcode(&stray), stray);
@@ -1165,7 +1350,10 @@ mod tests {
     fn http1_clients_pass_through_and_are_reported() {
         let captured = Captured::default();
         let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
         let input = b"POST /envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets HTTP/1.1\r\nHost: sds-grpc\r\n\r\n";
         let out = tracing::subscriber::with_default(subscriber, || transcode(input));
         assert_eq!(out, input);
@@ -1179,7 +1367,10 @@ mod tests {
     async fn connect_info_is_the_unix_peer() {
         let (ours, _theirs) = UnixStream::pair().unwrap();
         let info = AuthorityFixingStream::new(ours).connect_info();
-        assert_eq!(info.peer_cred.unwrap().pid(), Some(std::process::id() as i32));
+        assert_eq!(
+            info.peer_cred.unwrap().pid(),
+            Some(std::process::id() as i32)
+        );
     }
 
     #[test]
@@ -1196,7 +1387,11 @@ mod tests {
         }
         let out = parse_frames(&transcode(&connection(&frames)));
         // Every block within the budget was re-encoded; then h2 is made to end the connection.
-        assert_eq!(out.len(), 1 + blocks + 1, "SETTINGS, the blocks, the undecodable block");
+        assert_eq!(
+            out.len(),
+            1 + blocks + 1,
+            "SETTINGS, the blocks, the undecodable block"
+        );
         assert_eq!(out.last().unwrap().1, UNDECODABLE_BLOCK);
         assert_eq!(decode_blocks(&out[..out.len() - 1]).len(), blocks);
     }
@@ -1207,28 +1402,43 @@ mod tests {
             for prefix in [5, 7] {
                 let mut buf = Vec::new();
                 encode_prefix_int(&mut buf, value, prefix, 0);
-                assert_eq!(decode_prefix_int(&buf, prefix), Some((value, buf.len())), "{value} {prefix}");
+                assert_eq!(
+                    decode_prefix_int(&buf, prefix),
+                    Some((value, buf.len())),
+                    "{value} {prefix}"
+                );
             }
         }
-        assert_eq!(decode_prefix_int(&[0x1f, 0xff, 0xff, 0xff, 0xff, 0x01], 5), None);
+        assert_eq!(
+            decode_prefix_int(&[0x1f, 0xff, 0xff, 0xff, 0xff, 0x01], 5),
+            None
+        );
         assert_eq!(decode_prefix_int(&[0x1f, 0xff], 5), None);
     }
 
     fn any_frame() -> impl Strategy<Value = Vec<u8>> {
-        let kind = prop_oneof![Just(TYPE_HEADERS), Just(TYPE_CONTINUATION), Just(DATA), Just(PING), any::<u8>()];
+        let kind = prop_oneof![
+            Just(TYPE_HEADERS),
+            Just(TYPE_CONTINUATION),
+            Just(DATA),
+            Just(PING),
+            any::<u8>()
+        ];
         let payload = prop_oneof![
             prop::collection::vec(any::<u8>(), 0..64),
             Just(unhex(GRPCIO_FIRST)),
             Just(unhex(GRPCIO_SECOND)),
             Just(unhex(HUFFMAN_AUTHORITY)),
         ];
-        (kind, any::<u8>(), 0u32..4, payload, any::<bool>()).prop_map(|(kind, flags, stream, payload, lie)| {
-            let mut f = frame(kind, flags, stream, &payload);
-            if lie {
-                f[2] ^= 0x10; // a length that doesn't match the payload
-            }
-            f
-        })
+        (kind, any::<u8>(), 0u32..4, payload, any::<bool>()).prop_map(
+            |(kind, flags, stream, payload, lie)| {
+                let mut f = frame(kind, flags, stream, &payload);
+                if lie {
+                    f[2] ^= 0x10; // a length that doesn't match the payload
+                }
+                f
+            },
+        )
     }
 
     proptest! {
@@ -1267,23 +1477,35 @@ mod tests {
     }
 
     fn any_request() -> impl Strategy<Value = Req> {
-        let authority = ("(fix-)?[a-z]{1,10}(\\.[a-z]{1,6})?", prop::option::of(1u16..65535)).prop_map(|(h, p)| match p {
-            Some(p) => format!("{h}:{p}"),
-            None => h,
-        });
+        let authority = (
+            "(fix-)?[a-z]{1,10}(\\.[a-z]{1,6})?",
+            prop::option::of(1u16..65535),
+        )
+            .prop_map(|(h, p)| match p {
+                Some(p) => format!("{h}:{p}"),
+                None => h,
+            });
         let value = prop_oneof![
             8 => "[!-~]([ -~]{0,40}[!-~])?",
             1 => (17_000usize..24_000).prop_map(|n| "v".repeat(n)),
         ];
         let headers = prop::collection::vec(("x-[a-z]{1,8}", value), 0..5);
         let body = prop::collection::vec(any::<u8>(), 0..20_000);
-        (authority, headers, body).prop_map(|(authority, headers, body)| Req { authority, headers, body })
+        (authority, headers, body).prop_map(|(authority, headers, body)| Req {
+            authority,
+            headers,
+            body,
+        })
     }
 
-    async fn round_trip(reqs: Vec<Req>, chunks: Vec<usize>) -> Vec<(http::request::Parts, Vec<u8>)> {
+    async fn round_trip(
+        reqs: Vec<Req>,
+        chunks: Vec<usize>,
+    ) -> Vec<(http::request::Parts, Vec<u8>)> {
         let (client_io, server_io) = tokio::io::duplex(1 << 16);
         let server = tokio::spawn(async move {
-            let io = AuthorityFixingStream::with_check(Chunked::new(server_io, &chunks), fix_marked);
+            let io =
+                AuthorityFixingStream::with_check(Chunked::new(server_io, &chunks), fix_marked);
             let mut conn = h2::server::handshake(io).await.unwrap();
             // Each request in its own task: h2 only reads the connection while accept() is polled.
             let mut handlers = Vec::new();
@@ -1297,7 +1519,9 @@ mod tests {
                         body.flow_control().release_capacity(chunk.len()).unwrap();
                         data.extend_from_slice(&chunk);
                     }
-                    respond.send_response(http::Response::new(()), true).unwrap();
+                    respond
+                        .send_response(http::Response::new(()), true)
+                        .unwrap();
                     (parts, data)
                 }));
             }
@@ -1313,8 +1537,12 @@ mod tests {
                     builder = builder.header(name, value);
                 }
                 sender = sender.ready().await.unwrap();
-                let (response, mut stream) = sender.send_request(builder.body(()).unwrap(), false).unwrap();
-                stream.send_data(bytes::Bytes::from(req.body), true).unwrap();
+                let (response, mut stream) = sender
+                    .send_request(builder.body(()).unwrap(), false)
+                    .unwrap();
+                stream
+                    .send_data(bytes::Bytes::from(req.body), true)
+                    .unwrap();
                 response.await.unwrap();
             }
         });
