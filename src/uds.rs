@@ -96,6 +96,44 @@ pub fn incoming(
         .map(|conn| conn.map(AuthorityFixingStream::new))
 }
 
+/// A lazy gRPC channel to the server on the Unix socket at `path`: it connects on first use
+/// and reconnects after a failure, so the server may start later. The URI is a
+/// placeholder; the connector dials the socket.
+pub fn channel(path: PathBuf) -> tonic::transport::Channel {
+    endpoint().connect_with_connector_lazy(connector(path))
+}
+
+/// A gRPC channel connected now to the server on the Unix socket at `path`.
+pub async fn connect(path: &Path) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    endpoint()
+        .connect_with_connector(connector(path.to_path_buf()))
+        .await
+}
+
+fn endpoint() -> tonic::transport::Endpoint {
+    tonic::transport::Endpoint::from_static("http://localhost")
+}
+
+fn connector(
+    path: PathBuf,
+) -> impl tower::Service<
+    tonic::transport::Uri,
+    Response = hyper_util::rt::TokioIo<UnixStream>,
+    Error = io::Error,
+    Future = impl Future<Output = io::Result<hyper_util::rt::TokioIo<UnixStream>>> + Send,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(move |_: tonic::transport::Uri| {
+        let path = path.clone();
+        async move {
+            UnixStream::connect(path)
+                .await
+                .map(hyper_util::rt::TokioIo::new)
+        }
+    })
+}
+
 /// Removes `path` if it is a socket; fine if absent; refuses any other kind of file.
 pub fn remove_stale_socket(path: &Path) -> Result<(), UdsError> {
     match std::fs::symlink_metadata(path) {

@@ -19,12 +19,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint, Server, Uri};
+use tonic::transport::Server;
 
 use crate::config::CsiConfig;
 use crate::proto::csi::GetPluginInfoRequest;
@@ -75,7 +74,14 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), CsiError> {
     let (status, _) = watch::channel(RegistrationStatus::NotStarted);
-    serve_with_registration(config, sds_serving, shutdown, status, Arc::new(Metrics::new())).await
+    serve_with_registration(
+        config,
+        sds_serving,
+        shutdown,
+        status,
+        Arc::new(Metrics::new()),
+    )
+    .await
 }
 
 /// [`serve`], publishing the kubelet registration state on `registration` (for /healthz and
@@ -99,7 +105,13 @@ pub async fn serve_with_registration(
         "CSI node plugin listening"
     );
     let csi_stop = CancellationToken::new();
-    let mut csi = tokio::spawn(serve_csi(&config, sds_serving, listener, csi_stop.clone(), metrics));
+    let mut csi = tokio::spawn(serve_csi(
+        &config,
+        sds_serving,
+        listener,
+        csi_stop.clone(),
+        metrics,
+    ));
     let result = tokio::select! {
         ended = &mut csi => Err(server_ended(&config.socket, ended)),
         registered = register_until_shutdown(&config, registration, &shutdown) => {
@@ -249,8 +261,11 @@ impl RunningRegistration {
             }
         };
         status.send_replace(RegistrationStatus::AwaitingKubelet);
-        let service =
-            registration::RegistrationService::new(&config.plugin_name, &config.registration_endpoint, status);
+        let service = registration::RegistrationService::new(
+            &config.plugin_name,
+            &config.registration_endpoint,
+            status,
+        );
         let stop = CancellationToken::new();
         let task = tokio::spawn(
             Server::builder()
@@ -299,13 +314,4 @@ fn bind_registration_socket(socket: &Path) -> Result<UnixListener, String> {
     uds::bind(socket, SocketAccess::Owner).map_err(|err| err.to_string())
 }
 
-/// A gRPC channel over the Unix socket at `path` (the authority is a placeholder).
-pub async fn connect_uds(path: &Path) -> Result<Channel, tonic::transport::Error> {
-    let path = path.to_path_buf();
-    Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { UnixStream::connect(path).await.map(TokioIo::new) }
-        }))
-        .await
-}
+pub use crate::uds::connect as connect_uds;

@@ -11,7 +11,6 @@ use tracing::Instrument;
 
 use super::locks::{TargetGuard, TargetLocks};
 use super::mount::{self, MountError, Published};
-use crate::telemetry::metrics::Metrics;
 use super::target::{Target, shorten};
 use super::validate;
 use crate::config::CsiConfig;
@@ -26,13 +25,16 @@ use crate::proto::csi::{
     NodePublishVolumeRequest, NodePublishVolumeResponse, NodeServiceCapability,
     NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse, VolumeCondition, VolumeUsage,
 };
+use crate::telemetry::metrics::Metrics;
 
 /// `volume_context` keys the kubelet adds with `podInfoOnMount: true` (csi.md §4).
 /// Volumes already published when the plugin starts (a restart must not reset the gauge):
 /// mounts under `pods_dir` whose device and root are those of `mount_dir`. Read once, so
 /// the mountinfo scan's cost on busy nodes does not matter.
 fn count_published(mount_dir: &Path, pods_dir: &Path) -> usize {
-    let Ok(mounts) = super::mountinfo::read_own() else { return 0 };
+    let Ok(mounts) = super::mountinfo::read_own() else {
+        return 0;
+    };
     let Some(holder) = mounts
         .iter()
         .filter(|m| mount_dir.starts_with(&m.mount_point))
@@ -40,11 +42,15 @@ fn count_published(mount_dir: &Path, pods_dir: &Path) -> usize {
     else {
         return 0;
     };
-    let Ok(relative) = mount_dir.strip_prefix(&holder.mount_point) else { return 0 };
+    let Ok(relative) = mount_dir.strip_prefix(&holder.mount_point) else {
+        return 0;
+    };
     let root = holder.root.join(relative);
     mounts
         .iter()
-        .filter(|m| m.mount_point.starts_with(pods_dir) && m.device == holder.device && m.root == root)
+        .filter(|m| {
+            m.mount_point.starts_with(pods_dir) && m.device == holder.device && m.root == root
+        })
         .count()
 }
 
@@ -70,7 +76,10 @@ struct Inner {
 impl NodeService {
     pub fn new(config: &CsiConfig, metrics: Arc<Metrics>) -> Self {
         let published = count_published(&config.mount_dir, &config.pods_dir());
-        metrics.csi.published_volumes.set(i64::try_from(published).unwrap_or(i64::MAX));
+        metrics
+            .csi
+            .published_volumes
+            .set(i64::try_from(published).unwrap_or(i64::MAX));
         NodeService {
             inner: Arc::new(Inner {
                 node_id: config.node_id.clone(),

@@ -36,8 +36,13 @@ pub enum RegistrationStatus {
 
 impl RegistrationStatus {
     /// Every value of [`RegistrationStatus::state`], for the metric's label.
-    pub const STATES: &'static [&'static str] =
-        &["not_started", "awaiting_kubelet", "registered", "rejected", "unavailable"];
+    pub const STATES: &'static [&'static str] = &[
+        "not_started",
+        "awaiting_kubelet",
+        "registered",
+        "rejected",
+        "unavailable",
+    ];
 
     /// A short name for metrics and health.
     pub fn state(&self) -> &'static str {

@@ -9,12 +9,11 @@ use std::path::PathBuf;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
-use hyper_util::rt::TokioIo;
 use spire_api::pb::spire::api::agent::delegatedidentity::v1::{
     SubscribeToX509BundlesRequest, SubscribeToX509sviDsRequest, SubscribeToX509sviDsResponse,
     delegated_identity_client::DelegatedIdentityClient,
 };
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use super::IdentityError;
 use super::process::ProcessKey;
@@ -50,21 +49,7 @@ pub trait Source: Send + Sync + 'static {
 /// (Cilium raised its limit to 20 MB, spire-sds.md §4).
 const MAX_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
 
-/// A gRPC channel over a Unix socket. Lazy: it connects on first use and reconnects
-/// on later calls after a failure, so the agent may start after the bridge.
-pub fn unix_channel(path: PathBuf) -> Channel {
-    // The URI is a placeholder: the connector ignores it and dials the socket.
-    Endpoint::from_static("http://localhost").connect_with_connector_lazy(tower::service_fn(
-        move |_: Uri| {
-            let path = path.clone();
-            async move {
-                tokio::net::UnixStream::connect(path)
-                    .await
-                    .map(TokioIo::new)
-            }
-        },
-    ))
-}
+pub use crate::uds::channel as unix_channel;
 
 // === impl DelegatedSource ===
 

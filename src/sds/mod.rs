@@ -54,8 +54,13 @@ impl SdsServer {
         limits: SdsLimits,
     ) -> Self {
         let metrics = Arc::clone(cache.metrics());
-        let service =
-            SdsService::new(cache, settings, caller_identity, proc_root.clone(), shutdown);
+        let service = SdsService::new(
+            cache,
+            settings,
+            caller_identity,
+            proc_root.clone(),
+            shutdown,
+        );
         Self {
             socket,
             service,
@@ -72,7 +77,11 @@ impl SdsServer {
         serving: watch::Sender<bool>,
         shutdown: CancellationToken,
     ) -> Result<(), SdsError> {
-        let accepted = socket::serve(self.socket.clone(), self.proc_root.clone(), shutdown.clone())?;
+        let accepted = socket::serve(
+            self.socket.clone(),
+            self.proc_root.clone(),
+            shutdown.clone(),
+        )?;
         tracing::info!(socket = %self.socket.display(), "SDS server listening");
         serving.send_replace(true);
         let server = SecretDiscoveryServiceServer::new(self.service)

@@ -58,7 +58,10 @@ impl Connection {
             .and_then(|cred| cred.pid())
             .filter(|pid| *pid > 0)
             .and_then(|pid| proc_root.process(pid));
-        Self { io: AuthorityFixingStream::new(stream), peer: PeerInfo { uds, process } }
+        Self {
+            io: AuthorityFixingStream::new(stream),
+            peer: PeerInfo { uds, process },
+        }
     }
 }
 
@@ -176,7 +179,10 @@ fn rebind(path: &Path) -> Result<UnixListener, UdsError> {
     {
         // Searchable by all (pods' Envoys connect under any UID), writable by us only. Set
         // explicitly: the process umask (0077) would leave it 0700.
-        let created = std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir);
+        let created = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir);
         if created.is_ok() {
             let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
         }
