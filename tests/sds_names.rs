@@ -366,3 +366,50 @@ async fn a_nack_is_never_answered_with_the_same_content() {
         "the NACK is logged with Envoy's error text"
     );
 }
+
+/// SIGTERM: open streams end (Envoy reconnects to the next instance), the process exits 0,
+/// and every socket it created is gone, registration first (csi.md §6, R-5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_streams_and_removes_every_socket() {
+    let spire = Spire::start(spire_options_for_bridge("example.org"));
+    spire.create_entry(&EntrySpec::for_path(
+        &spire.id("tester"),
+        &this_test_binary(),
+    ));
+    let kubelet = common::temp_dir("kubelet");
+    std::fs::create_dir_all(kubelet.path().join("pods")).unwrap();
+    let csi = common::SocketDir::new(kubelet.path(), "plugins_registry/csi.spiffe.io-reg.sock");
+    let csi_socket = csi.path().join("csi.sock");
+    let registration = kubelet
+        .path()
+        .join("plugins_registry/csi.spiffe.io-reg.sock");
+    let mut bridge = Bridge::start_with(
+        &spire,
+        &[
+            &format!("--csi-socket={}", csi_socket.display()),
+            &format!("--kubelet-root={}", kubelet.path().display()),
+            "--node-id=node-1",
+        ],
+    );
+    let sds_socket = bridge.sds_socket();
+    let mut stream = SdsStream::open(&sds_socket, request(&["default"]))
+        .await
+        .unwrap();
+    stream.next(WAIT).await.unwrap();
+    tokio::task::block_in_place(|| {
+        common::wait_until(WAIT, "the registration socket appears", || {
+            registration.exists().then_some(())
+        })
+    });
+
+    let status = tokio::task::block_in_place(|| bridge.stop()).expect("the bridge exited");
+    assert!(status.success(), "exit status after SIGTERM: {status:?}");
+    let ended = stream.next(WAIT).await.unwrap_err();
+    assert!(
+        matches!(ended.code(), tonic::Code::Unavailable | tonic::Code::Ok),
+        "the stream ends cleanly: {ended:?}"
+    );
+    for socket in [&sds_socket, &csi_socket, &registration] {
+        assert!(!socket.exists(), "{} is left behind", socket.display());
+    }
+}
