@@ -1,7 +1,6 @@
 //! Envoy's Secret Discovery Service (SDS v3): names → secrets, the state-of-the-world stream
 //! state machine, incremental (delta) streams and unary fetches.
 
-mod connections;
 pub mod names;
 pub mod secrets;
 pub mod service;
@@ -77,16 +76,20 @@ impl SdsServer {
         serving: watch::Sender<bool>,
         shutdown: CancellationToken,
     ) -> Result<(), SdsError> {
-        let accepted = socket::serve(
+        let limit = socket::ConnectionLimit {
+            max: self.limits.max_connections,
+            metrics: self.metrics,
+        };
+        let incoming = socket::serve(
             self.socket.clone(),
             self.proc_root.clone(),
+            limit,
             shutdown.clone(),
         )?;
         tracing::info!(socket = %self.socket.display(), "SDS server listening");
         serving.send_replace(true);
         let server = SecretDiscoveryServiceServer::new(self.service)
             .max_decoding_message_size(self.limits.max_request_bytes);
-        let incoming = connections::limit(accepted, self.limits.max_connections, self.metrics);
         let signal = async {
             shutdown.cancelled().await;
             // Streams end on the same token; give their final frames a moment to flush.

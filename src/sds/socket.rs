@@ -8,9 +8,11 @@
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -21,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Connected, UdsConnectInfo};
 
 use crate::identity::{ProcRoot, ProcessKey};
+use crate::telemetry::metrics::Metrics;
 use crate::uds::{self, AuthorityFixingStream, SocketAccess, UdsError};
 
 /// How often the socket's presence is checked.
@@ -44,14 +47,69 @@ pub struct PeerInfo {
     pub process: Option<ProcessKey>,
 }
 
+/// `--max-connections`: connections beyond the limit are closed as soon as they are
+/// accepted, so a runaway client cannot exhaust the bridge's file descriptors.
+pub struct ConnectionLimit {
+    pub max: usize,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Logs about refused connections at most this often.
+const WARN_REFUSED_EVERY: Duration = Duration::from_secs(10);
+
+struct Slots {
+    limit: ConnectionLimit,
+    open: Arc<AtomicUsize>,
+    last_warning: Option<Instant>,
+}
+
+impl Slots {
+    fn take(&mut self) -> Option<Slot> {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= self.limit.max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            self.limit.metrics.sds.connections_refused.inc();
+            if self
+                .last_warning
+                .is_none_or(|at| at.elapsed() >= WARN_REFUSED_EVERY)
+            {
+                self.last_warning = Some(Instant::now());
+                tracing::warn!(
+                    limit = self.limit.max,
+                    "refusing SDS connections: --max-connections reached"
+                );
+            }
+            return None;
+        }
+        self.limit.metrics.sds.connections.inc();
+        Some(Slot {
+            open: Arc::clone(&self.open),
+            metrics: Arc::clone(&self.limit.metrics),
+        })
+    }
+}
+
+/// A connection's place under the limit, freed when the connection closes.
+struct Slot {
+    open: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.sds.connections.dec();
+    }
+}
+
 /// An accepted SDS connection and its [`PeerInfo`].
 pub struct Connection {
     io: AuthorityFixingStream<UnixStream>,
     peer: PeerInfo,
+    _slot: Slot,
 }
 
 impl Connection {
-    fn accept(stream: UnixStream, proc_root: &ProcRoot) -> Self {
+    fn accept(stream: UnixStream, proc_root: &ProcRoot, slot: Slot) -> Self {
         let uds = stream.connect_info();
         let process = uds
             .peer_cred
@@ -61,6 +119,7 @@ impl Connection {
         Self {
             io: AuthorityFixingStream::new(stream),
             peer: PeerInfo { uds, process },
+            _slot: slot,
         }
     }
 }
@@ -118,11 +177,17 @@ impl AsyncWrite for Connection {
 pub fn serve(
     path: PathBuf,
     proc_root: ProcRoot,
+    limit: ConnectionLimit,
     shutdown: CancellationToken,
 ) -> Result<ReceiverStream<io::Result<Connection>>, UdsError> {
     let listener = uds::bind(&path, SocketAccess::World)?;
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(accept_loop(path, listener, proc_root, tx, shutdown));
+    let slots = Slots {
+        limit,
+        open: Arc::new(AtomicUsize::new(0)),
+        last_warning: None,
+    };
+    tokio::spawn(accept_loop(path, listener, proc_root, slots, tx, shutdown));
     Ok(ReceiverStream::new(rx))
 }
 
@@ -130,6 +195,7 @@ async fn accept_loop(
     path: PathBuf,
     mut listener: UnixListener,
     proc_root: ProcRoot,
+    mut slots: Slots,
     tx: mpsc::Sender<io::Result<Connection>>,
     shutdown: CancellationToken,
 ) {
@@ -140,7 +206,9 @@ async fn accept_loop(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    if tx.send(Ok(Connection::accept(stream, &proc_root))).await.is_err() {
+                    // Over the limit, the stream is dropped here: closed at once.
+                    let Some(slot) = slots.take() else { continue };
+                    if tx.send(Ok(Connection::accept(stream, &proc_root, slot))).await.is_err() {
                         return;
                     }
                 }
