@@ -413,3 +413,22 @@ async fn sigterm_ends_streams_and_removes_every_socket() {
         assert!(!socket.exists(), "{} is left behind", socket.display());
     }
 }
+
+/// Workload API mode (a sidecar or VM next to one Envoy): every caller gets the bridge's
+/// own SVID, fetched from the agent's public Workload API socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_api_mode_serves_the_bridges_own_identity() {
+    let spire = Spire::start(spire_options_for_bridge("example.org"));
+    let bridge = Bridge::start_with(&spire, &["--identity-source=workload-api"]);
+    let names = ["default", "ROOTCA"];
+    let mut stream = SdsStream::open(&bridge.sds_socket(), request(&names))
+        .await
+        .unwrap();
+    let secrets = until(&mut stream, &names, |s| s.len() == 2).await;
+    assert_eq!(
+        leaf_spiffe_id(&secrets["default"]),
+        common::bridge::bridge_spiffe_id("example.org"),
+        "this unregistered test process gets the bridge's identity"
+    );
+    assert_eq!(trust_domains(&secrets["ROOTCA"]), ["example.org"]);
+}

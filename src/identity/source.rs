@@ -210,52 +210,40 @@ impl WorkloadApiSource {
     }
 }
 
+/// One `FetchX509SVID` stream of X.509 contexts (SVIDs and bundles together).
+async fn x509_contexts(
+    endpoint: String,
+) -> Result<BoxStream<'static, Result<spiffe::X509Context, IdentityError>>, IdentityError> {
+    let client = spiffe::WorkloadApiClient::connect_to(&endpoint)
+        .await
+        .map_err(IdentityError::workload_api)?;
+    let stream = client
+        .stream_x509_contexts()
+        .await
+        .map_err(IdentityError::workload_api)?;
+    Ok(stream.map_err(IdentityError::workload_api).boxed())
+}
+
 impl Source for WorkloadApiSource {
     fn subscribe_svids(
         &self,
         _workload: Workload,
     ) -> BoxFuture<'static, Result<SvidStream, IdentityError>> {
-        let endpoint = self.endpoint();
+        let contexts = x509_contexts(self.endpoint());
         Box::pin(async move {
-            let client = spiffe::WorkloadApiClient::connect_to(&endpoint)
-                .await
-                .map_err(IdentityError::workload_api)?;
-            let stream = client
-                .stream_x509_contexts()
-                .await
-                .map_err(IdentityError::workload_api)?;
-            let svids = stream
-                .map_err(IdentityError::workload_api)
+            let svids = contexts
+                .await?
                 .and_then(|context| async move { svids_from_context(&context) });
             Ok(svids.boxed())
         })
     }
 
     fn subscribe_bundles(&self) -> BoxFuture<'static, Result<BundleStream, IdentityError>> {
-        let endpoint = self.endpoint();
+        let contexts = x509_contexts(self.endpoint());
         Box::pin(async move {
-            let client = spiffe::WorkloadApiClient::connect_to(&endpoint)
-                .await
-                .map_err(IdentityError::workload_api)?;
-            let stream = client
-                .stream_x509_contexts()
-                .await
-                .map_err(IdentityError::workload_api)?;
-            let bundles =
-                stream
-                    .map_err(IdentityError::workload_api)
-                    .and_then(|context| async move {
-                        let mut set = BundleSet::default();
-                        for (td, bundle) in context.bundle_set().iter() {
-                            let authorities = bundle
-                                .authorities()
-                                .iter()
-                                .map(|c| c.as_bytes().to_vec())
-                                .collect();
-                            set.bundles.insert(td.to_string(), authorities);
-                        }
-                        Ok(set)
-                    });
+            let bundles = contexts
+                .await?
+                .map_ok(|context| bundles_from_context(&context));
             Ok(bundles.boxed())
         })
     }
@@ -263,6 +251,19 @@ impl Source for WorkloadApiSource {
     fn api(&self) -> &'static str {
         "workload_api"
     }
+}
+
+fn bundles_from_context(context: &spiffe::X509Context) -> BundleSet {
+    let mut set = BundleSet::default();
+    for (td, bundle) in context.bundle_set().iter() {
+        let authorities = bundle
+            .authorities()
+            .iter()
+            .map(|c| c.as_bytes().to_vec())
+            .collect();
+        set.bundles.insert(td.to_string(), authorities);
+    }
+    set
 }
 
 fn svids_from_context(context: &spiffe::X509Context) -> Result<WorkloadSvids, IdentityError> {
