@@ -5,7 +5,7 @@
 #   make test    peers, then formatting, clippy and every test
 #                (extra `cargo test` arguments: make test CARGO_TEST_ARGS='-- --nocapture')
 #   make demo    SPIRE server + agent, svid-bridge and two Envoys doing mTLS, on this machine
-#   make bench   not yet: the side-by-side benchmarks
+#   make bench   svid-bridge against the SPIRE agent's SDS and spiffe-csi-driver (BENCHMARKS.md)
 
 SHELL := bash
 CARGO ?= cargo
@@ -17,6 +17,7 @@ all: test
 
 # After `all`, so that a bare `make` still means `make test`.
 include mk/deploy.mk
+include mk/bench.mk
 
 peers:
 	bash tests/peers/install.sh
@@ -42,6 +43,3 @@ demo: peers
 	$(CARGO) build
 	bash demo/demo.sh
 
-bench:
-	@echo "make bench is not implemented yet: it arrives with the benchmarks (benches/)" >&2
-	@exit 1

@@ -29,7 +29,8 @@
 //!   changes by a second), so the agent renews every SVID at once: per workload, the delay
 //!   from the agent's Workload API delivery to the SDS stream; over all, first to last;
 //! - a bundle change (`spire-server localauthority x509 prepare` adds a root to the trust
-//!   bundle): from its first delivery (this process watches `FetchX509Bundles` as a
+//!   bundle; each run starts from a one-root bundle, reset while the agent is down): from
+//!   its first delivery (this process watches `FetchX509Bundles` as a
 //!   workload of its own) to each `ROOTCA` stream holding it, and the CPU per push;
 //! - start-up of both servers: process start → socket accepting → first secret served.
 //!
@@ -40,7 +41,7 @@
 //!
 //! Runs alternate the two systems (A/B, then B/A) and each cell reports the median over
 //! runs with the min–max spread. `make bench` runs this; knobs (environment):
-//! `SB_BENCH_N` (default `100,500,1000`), `SB_BENCH_REPS` (3), `SB_BENCH_BUNDLE_CHANGES` (3),
+//! `SB_BENCH_N` (default `100,500,1000`), `SB_BENCH_REPS` (3), `SB_BENCH_BUNDLE_CHANGES` (1),
 //! `SB_BENCH_SVID_TTL` (3600 s), `SB_BENCH_PACE_US` (child start interval, 5000),
 //! `SB_BENCH_RESULTS` (benches/results).
 //! Profiling: `SB_BENCH_SYSTEMS=bridge`, `SB_BENCH_BRIDGE_WRAPPER="heaptrack -o FILE"`,
@@ -406,6 +407,9 @@ mod orchestrator {
         pub pace: Duration,
         /// Bumped per SVID wave: the entries' TTL alternates so each update is a change.
         pub waves: std::cell::Cell<u32>,
+        /// The authority tainted at the end of the last run (and the agent's SVID expiry
+        /// then), to revoke at the start of the next.
+        pub tainted: std::cell::RefCell<Option<(String, i64)>>,
     }
 
     pub fn main() {
@@ -562,6 +566,7 @@ mod orchestrator {
                 ttl,
                 pace,
                 waves: std::cell::Cell::new(0),
+                tainted: std::cell::RefCell::new(None),
             };
             bench.wait_agent_warm(max_n + 2, Duration::from_secs(120));
             println!(
@@ -584,7 +589,10 @@ mod orchestrator {
             let start = Instant::now();
             let mut last = (-1, Instant::now());
             loop {
-                let count = self.rt.block_on(agent_cached_svids(&admin)).unwrap_or(-1);
+                let count = self
+                    .rt
+                    .block_on(agent_info(&admin))
+                    .map_or(-1, |i| i.cached_svids);
                 if count != last.0 {
                     last = (count, Instant::now());
                 }
@@ -609,7 +617,11 @@ mod orchestrator {
             };
 
             // 1. A fresh agent: both systems start from the same agent state.
+            let revoke = self.finish_authority_rotation();
             self.spire.borrow_mut().stop_agent();
+            if let Some(old) = revoke {
+                self.authority_cli(&["revoke", "-authorityID", &old]);
+            }
             let agent_socket = self.spire.borrow().socket_path().to_path_buf();
             let t_agent = now_ns();
             let listen = poll_listening(agent_socket.clone());
@@ -703,10 +715,10 @@ mod orchestrator {
             }
 
             // 4. Steady state: N workloads connected, nothing rotating.
-            std::thread::sleep(Duration::from_secs(2));
+            std::thread::sleep(Duration::from_secs(1));
             let steady_from = now_ns();
             sampler.mark(&pids);
-            std::thread::sleep(Duration::from_secs(5));
+            std::thread::sleep(Duration::from_secs(4));
             let steady_to = now_ns();
             sampler.mark(&pids);
 
@@ -789,9 +801,9 @@ mod orchestrator {
             r.svid_lags = svid_lags;
             std::thread::sleep(Duration::from_secs(1));
 
-            // 7. Trust bundle changes, pushed to every ROOTCA stream (several: CPU per push is
-            //    the median over them).
-            let changes = support::env_num("SB_BENCH_BUNDLE_CHANGES", 3);
+            // 7. A trust bundle change, pushed to every ROOTCA stream. (More than one per run
+            //    would grow the bundle: only one authority can be prepared at a time.)
+            let changes = support::env_num("SB_BENCH_BUNDLE_CHANGES", 1);
             let mut bundle_lags = Vec::new();
             for i in 0..changes {
                 match self.bundle_change(&children) {
@@ -848,6 +860,10 @@ mod orchestrator {
                 r.set("responses_default", Some(per[0] as f64));
                 r.set("responses_rootca", Some(per[1] as f64));
             }
+
+            // Start bringing the bundle back to one root (finished at the next run's start,
+            // overlapping the teardown).
+            self.begin_authority_rotation();
 
             // 8. Done: stop everyone.
             stop_children(handles);
@@ -1150,22 +1166,98 @@ mod orchestrator {
             }
         }
 
-        /// `localauthority x509 prepare` adds the next CA's root to the bundle. Only one
-        /// authority can be prepared at a time, so activate the previous one first.
+        /// `localauthority x509 prepare` adds the next CA's root to the trust bundle. Only
+        /// one authority can be prepared at a time: with `SB_BENCH_BUNDLE_CHANGES` > 1 the
+        /// previous one is activated first (no bundle change), and the bundle grows.
         fn change_bundle(&self) {
-            let spire = self.spire.borrow();
-            let show = spire.server_cli(&["localauthority", "x509", "show"], &["-output", "json"]);
-            let v: serde_json::Value = serde_json::from_str(&show).unwrap_or_default();
-            if let Some(id) = v["prepared"]["authority_id"]
-                .as_str()
-                .filter(|s| !s.is_empty())
-            {
-                spire.server_cli(
-                    &["localauthority", "x509", "activate"],
-                    &["-authorityID", id, "-output", "json"],
-                );
+            let prepared = self
+                .authority_cli(&["show"])
+                .and_then(|v| v["prepared"]["authority_id"].as_str().map(str::to_owned))
+                .filter(|s| !s.is_empty());
+            if let Some(id) = prepared {
+                self.authority_cli(&["activate", "-authorityID", &id]);
             }
+            let spire = self.spire.borrow();
             spire.server_cli(&["localauthority", "x509", "prepare"], &["-output", "json"]);
+        }
+
+        /// Brings the trust bundle back to one root between runs, so every run starts from
+        /// the same bundle: the authority this run prepared becomes the active one and the
+        /// previous one is tainted, so the agent renews its own SVID (signed by it);
+        /// [`Self::finish_authority_rotation`] then revokes it (removes it from the bundle)
+        /// once the agent is down. The restarted agent mints every workload SVID anew with
+        /// the active authority.
+        fn begin_authority_rotation(&self) {
+            let id = |v: &serde_json::Value, slot: &str| {
+                v[slot]["authority_id"]
+                    .as_str()
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+            };
+            let Some(prepared) = self
+                .authority_cli(&["show"])
+                .and_then(|v| id(&v, "prepared"))
+            else {
+                return;
+            };
+            if self
+                .authority_cli(&["activate", "-authorityID", &prepared])
+                .is_none()
+            {
+                return;
+            }
+            let Some(old) = self.authority_cli(&["show"]).and_then(|v| id(&v, "old")) else {
+                return;
+            };
+            let admin = self.spire.borrow().admin_socket_path().to_path_buf();
+            let expiry = self
+                .rt
+                .block_on(agent_info(&admin))
+                .map_or(0, |i| i.svid_expiry);
+            if self
+                .authority_cli(&["taint", "-authorityID", &old])
+                .is_some()
+            {
+                self.tainted.replace(Some((old, expiry)));
+            }
+        }
+
+        /// Waits until the agent renewed its SVID after the taint; the authority to revoke.
+        fn finish_authority_rotation(&self) -> Option<String> {
+            let (old, expiry) = self.tainted.take()?;
+            let admin = self.spire.borrow().admin_socket_path().to_path_buf();
+            let renewed = wait_for(Duration::from_secs(30), || {
+                let now = self.rt.block_on(agent_info(&admin)).map(|i| i.svid_expiry);
+                (now.is_some_and(|e| e != expiry)).then_some(())
+            });
+            if renewed.is_none() {
+                println!("note: the agent did not renew its SVID after the taint; not revoking");
+                return None;
+            }
+            Some(old)
+        }
+
+        /// `spire-server localauthority x509 <args> -output json`; `None` (and a note) when
+        /// it fails.
+        fn authority_cli(&self, args: &[&str]) -> Option<serde_json::Value> {
+            let spire = self.spire.borrow();
+            let out = std::process::Command::new(common::peer("spire-server"))
+                .args(["localauthority", "x509"])
+                .args(args)
+                .arg("-socketPath")
+                .arg(spire.server_socket_path())
+                .args(["-output", "json"])
+                .stdin(Stdio::null())
+                .output()
+                .ok()?;
+            if !out.status.success() {
+                println!(
+                    "note: spire-server localauthority x509 {args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+                return None;
+            }
+            serde_json::from_slice(&out.stdout).ok()
         }
     }
 
@@ -1350,13 +1442,25 @@ mod orchestrator {
         }
     }
 
-    /// `spire.agent.debug.v1.Debug/GetInfo` on the admin socket: how many X509-SVIDs the
-    /// agent holds in its cache.
-    async fn agent_cached_svids(admin: &Path) -> Option<i32> {
+    /// What the agent's debug API says about its cache and its own SVID.
+    pub struct AgentInfo {
+        pub cached_svids: i32,
+        pub svid_expiry: i64,
+    }
+
+    /// `spire.agent.debug.v1.Debug/GetInfo` on the admin socket.
+    async fn agent_info(admin: &Path) -> Option<AgentInfo> {
         #[derive(Clone, PartialEq, prost::Message)]
         struct GetInfoRequest {}
         #[derive(Clone, PartialEq, prost::Message)]
+        struct Cert {
+            #[prost(int64, tag = "2")]
+            expires_at: i64,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
         struct GetInfoResponse {
+            #[prost(message, repeated, tag = "1")]
+            svid_chain: Vec<Cert>,
             #[prost(int32, tag = "5")]
             cached_x509_svids_count: i32,
         }
@@ -1365,14 +1469,16 @@ mod orchestrator {
         grpc.ready().await.ok()?;
         let codec = tonic_prost::ProstCodec::<GetInfoRequest, GetInfoResponse>::default();
         let path = http::uri::PathAndQuery::from_static("/spire.agent.debug.v1.Debug/GetInfo");
-        let info = tokio::time::timeout(
-            Duration::from_secs(5),
-            grpc.unary(tonic::Request::new(GetInfoRequest {}), path, codec),
-        )
-        .await
-        .ok()?
-        .ok()?;
-        Some(info.into_inner().cached_x509_svids_count)
+        let call = grpc.unary(tonic::Request::new(GetInfoRequest {}), path, codec);
+        let info = tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .ok()?
+            .ok()?
+            .into_inner();
+        Some(AgentInfo {
+            cached_svids: info.cached_x509_svids_count,
+            svid_expiry: info.svid_chain.first().map_or(0, |c| c.expires_at),
+        })
     }
 
     /// Polls `f` every 2 ms until `Some` or the timeout.

@@ -1,29 +1,34 @@
 # Side-by-side benchmarks (BENCHMARKS.md): svid-bridge against the SPIRE agent's own SDS
 # server and against spiffe-csi-driver. Included from the Makefile (`include mk/bench.mk`,
-# replacing its placeholder `bench` rule).
+# replacing its placeholder `bench` rule); `make -f mk/bench.mk bench` works on its own too.
 #
 #   make bench        installs what it needs (test peers + spiffe-csi-driver), builds the
 #                     release binary, runs both benchmarks; tables and PNGs land in
 #                     benches/results/ (BENCHMARKS.md shows them)
-#   make bench-sds    only the SDS comparison     (knobs: BENCH_N, BENCH_REPS, BENCH_SVID_TTL)
-#   make bench-csi    only the CSI comparison     (knobs: BENCH_CSI_CYCLES, BENCH_CSI_MOUNTS)
+#   make bench-sds    only the SDS comparison   (knobs: BENCH_N, BENCH_REPS, BENCH_SVID_TTL)
+#   make bench-csi    only the CSI comparison   (knobs: BENCH_CSI_CYCLES, BENCH_CSI_MOUNTS)
 #
 # Needs root (the CSI benchmark bind-mounts inside `unshare -m --propagation private`) and
-# 2 cores / a few GiB free: 1,000 sidecar processes run at the largest N.
+# a few GiB of free memory: 1,000 sidecar processes run at the largest N.
 
 CARGO ?= cargo
 BENCH_N ?= 100,500,1000
-BENCH_REPS ?= 3
+BENCH_REPS ?= 2
 BENCH_SVID_TTL ?= 3600
 BENCH_CSI_CYCLES ?= 1000
 BENCH_CSI_MOUNTS ?= 10000
 
+BENCH_SDS_CMD = SB_BENCH_N=$(BENCH_N) SB_BENCH_REPS=$(BENCH_REPS) SB_BENCH_SVID_TTL=$(BENCH_SVID_TTL) \
+	$(CARGO) bench --bench sds_fanout
+BENCH_CSI_CMD = SB_CSI_CYCLES=$(BENCH_CSI_CYCLES) SB_CSI_EXTRA_MOUNTS=$(BENCH_CSI_MOUNTS) \
+	$(CARGO) bench --bench csi_compare
+
 .PHONY: bench bench-peers bench-build bench-sds bench-csi
 
 bench: bench-peers bench-build
-	@start=$$SECONDS; \
-	$(MAKE) --no-print-directory bench-sds && $(MAKE) --no-print-directory bench-csi; \
-	rc=$$?; echo "bench: measurements took $$((SECONDS - start)) s; results in benches/results/"; exit $$rc
+	@start=$$(date +%s); \
+	$(BENCH_SDS_CMD) && $(BENCH_CSI_CMD); \
+	rc=$$?; echo "bench: measurements took $$(( $$(date +%s) - start )) s; results in benches/results/"; exit $$rc
 
 bench-peers:
 	bash tests/peers/install.sh
@@ -34,10 +39,8 @@ bench-build:
 	$(CARGO) build --release --bin svid-bridge
 	$(CARGO) bench --no-run --bench sds_fanout --bench csi_compare
 
-bench-sds:
-	SB_BENCH_N=$(BENCH_N) SB_BENCH_REPS=$(BENCH_REPS) SB_BENCH_SVID_TTL=$(BENCH_SVID_TTL) \
-		$(CARGO) bench --bench sds_fanout
+bench-sds: bench-build
+	$(BENCH_SDS_CMD)
 
-bench-csi:
-	SB_CSI_CYCLES=$(BENCH_CSI_CYCLES) SB_CSI_EXTRA_MOUNTS=$(BENCH_CSI_MOUNTS) \
-		$(CARGO) bench --bench csi_compare
+bench-csi: bench-build
+	$(BENCH_CSI_CMD)
