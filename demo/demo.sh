@@ -19,15 +19,16 @@ done
 # Short paths: Unix socket paths are limited to 107 bytes.
 work=$(mktemp -d /tmp/svid-bridge-demo.XXXXXX)
 pids=()
-cleanup() {
+stop_all() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$work"
 }
+cleanup() { stop_all; rm -rf "$work"; }
 trap cleanup EXIT
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-die() { echo "demo failed: $*" >&2; echo "logs are in $work/*.log (kept)" >&2; trap - EXIT; exit 1; }
+# On failure: stop every process, but keep the logs for a look.
+die() { echo "demo failed: $*" >&2; echo "logs are in $work/*.log (kept)" >&2; trap - EXIT; stop_all; exit 1; }
 # wait_for DESCRIPTION SECONDS COMMAND...: poll until COMMAND succeeds.
 wait_for() {
   local what=$1 seconds=$2; shift 2
