@@ -32,8 +32,10 @@ pub async fn run(config: Config) -> Result<(), BridgeError> {
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone()).map_err(BridgeError::Signals)?;
     let (source, caller_identity) = identity_source(&config);
+    let open_files = raise_open_file_limit();
     tracing::info!(
         version = crate::VERSION,
+        open_files,
         identity_source = source.api(),
         sds_socket = %config.sds.socket.display(),
         csi = config.csi.is_some(),
@@ -198,4 +200,26 @@ async fn start_csi(
     crate::csi::serve_with_registration(config, sds_serving, shutdown, registration, metrics)
         .await?;
     Ok(())
+}
+
+/// Every SDS connection and every workload's process handle is a file descriptor, and the
+/// defaults allow 10,000 connections; a container's soft limit is often 1,024. Raise it to
+/// the hard limit, as the Go runtime does for the SPIRE agent. Returns the limit in force.
+fn raise_open_file_limit() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let raised = rustix::process::Rlimit {
+        current: limit.maximum,
+        ..limit
+    };
+    // `None` is unlimited.
+    let below_hard = match (limit.current, limit.maximum) {
+        (Some(current), Some(maximum)) => current < maximum,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if below_hard && setrlimit(Resource::Nofile, raised).is_ok() {
+        return raised.current.unwrap_or(u64::MAX);
+    }
+    limit.current.unwrap_or(u64::MAX)
 }

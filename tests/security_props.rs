@@ -310,7 +310,7 @@ proptest! {
             }
             if !respond_now { continue; }
             let (svids, bundles, anchors) = build(&snap);
-            let view = View { svids: &svids, bundles: &bundles, extra_anchors: &anchors };
+            let view = View { svids: &svids, bundles: &bundles, extra_anchors: &anchors, memo: None };
             let (response, waiting) = stream.respond(&view, &settings);
             if let Some(response) = response {
                 prop_assert_eq!(&response.type_url, SECRET_TYPE_URL);
@@ -355,7 +355,7 @@ proptest! {
             }
             if !respond_now { continue; }
             let (svids, bundles, anchors) = build(&snap);
-            let view = View { svids: &svids, bundles: &bundles, extra_anchors: &anchors };
+            let view = View { svids: &svids, bundles: &bundles, extra_anchors: &anchors, memo: None };
             let (response, _) = stream.respond(&view, &settings);
             if let Some(response) = response {
                 prop_assert_eq!(&response.type_url, SECRET_TYPE_URL);
@@ -380,7 +380,7 @@ proptest! {
         let mut stream = SotwStream::default();
         let request = DiscoveryRequest { resource_names: names, type_url: SECRET_TYPE_URL.into(), ..Default::default() };
         if stream.on_request(&request, &settings).is_err() { return Ok(()); }
-        let view = View { svids: &svids, bundles: &bundles, extra_anchors: &anchors };
+        let view = View { svids: &svids, bundles: &bundles, extra_anchors: &anchors, memo: None };
         if let (Some(response), _) = stream.respond(&view, &settings) {
             for any in &response.resources {
                 let secret = Secret::decode(any.value.as_slice()).unwrap();

@@ -100,8 +100,8 @@ impl NodeService {
         let target = Target::confine(&req.target_path, &self.inner.pods_dir, "target path")
             .map_err(|err| Status::invalid_argument(err.to_string()))?;
         let guard = self.inner.locks.lock(target.path()).await;
-        let (source, pods_dir) = (self.inner.mount_dir.clone(), self.inner.pods_dir.clone());
-        match locked(guard, move || mount::publish(&source, &pods_dir, &target)).await? {
+        let (source, pods_dir) = (&self.inner.mount_dir, &self.inner.pods_dir);
+        match locked(guard, || mount::publish(source, pods_dir, &target))? {
             Published::Mounted => {
                 self.inner.metrics.csi.published_volumes.inc();
                 tracing::info!("volume published");
@@ -121,8 +121,8 @@ impl NodeService {
         let target = Target::confine(&req.target_path, &self.inner.pods_dir, "target path")
             .map_err(|err| Status::invalid_argument(err.to_string()))?;
         let guard = self.inner.locks.lock(target.path()).await;
-        let pods_dir = self.inner.pods_dir.clone();
-        let done = locked(guard, move || mount::unpublish(&pods_dir, &target)).await?;
+        let pods_dir = &self.inner.pods_dir;
+        let done = locked(guard, || mount::unpublish(pods_dir, &target))?;
         if done.unmounted > 0 {
             self.inner.metrics.csi.published_volumes.dec();
         }
@@ -145,12 +145,8 @@ impl NodeService {
         // is also what csi-sanity expects for "some/path".
         let target = Target::confine(&req.volume_path, &self.inner.pods_dir, "volume path")
             .map_err(|err| Status::not_found(format!("not a published volume: {err}")))?;
-        let (source, pods_dir) = (self.inner.mount_dir.clone(), self.inner.pods_dir.clone());
-        let status =
-            tokio::task::spawn_blocking(move || mount::inspect(&source, &pods_dir, &target))
-                .await
-                .map_err(|err| Status::internal(format!("volume stats task failed: {err}")))?
-                .map_err(to_status)?;
+        let (source, pods_dir) = (&self.inner.mount_dir, &self.inner.pods_dir);
+        let status = in_place(|| mount::inspect(source, pods_dir, &target)).map_err(to_status)?;
         if status.abnormal {
             tracing::warn!(condition = %status.message, "volume abnormal");
         }
@@ -174,19 +170,23 @@ impl NodeService {
     }
 }
 
-/// Runs `op` on the blocking pool while holding the target's lock; the guard travels with
-/// the task so it outlives a cancelled request.
-async fn locked<T: Send + 'static>(
-    guard: TargetGuard,
-    op: impl FnOnce() -> Result<T, MountError> + Send + 'static,
-) -> Result<T, Status> {
-    tokio::task::spawn_blocking(move || {
-        let _guard = guard;
-        op()
-    })
-    .await
-    .map_err(|err| Status::internal(format!("mount task failed: {err}")))?
-    .map_err(to_status)
+/// Runs `op` while holding the target's lock. It runs to completion once started: a
+/// cancelled request cannot leave a mount half done or release the lock early.
+fn locked<T>(guard: TargetGuard, op: impl FnOnce() -> Result<T, MountError>) -> Result<T, Status> {
+    let result = in_place(op);
+    drop(guard);
+    result.map_err(to_status)
+}
+
+/// Runs filesystem syscalls on this thread. A mount or umount takes ~0.3 ms on a node with
+/// 10,000 mounts: sending it to the blocking pool and back cost two cross-thread wake-ups
+/// per call, which at the p99 doubled the call (BENCHMARKS.md §4.4). `block_in_place` moves
+/// this worker's other tasks (SDS streams) to another thread meanwhile.
+fn in_place<T>(op: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(op),
+        _ => op(),
+    }
 }
 
 fn to_status(err: MountError) -> Status {

@@ -18,7 +18,7 @@ use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::IdentityError;
-use super::process::ProcRoot;
+use super::process::{PinnedProcess, ProcRoot};
 use super::source::{Source, Workload};
 use super::types::{BundleSet, SharedBundles, SharedSvids, WorkloadSvids};
 use crate::telemetry::metrics::{Metrics, UpstreamLabel};
@@ -394,8 +394,9 @@ async fn supervise_svids(
     let mut attempt = 0u32;
     let mut failing = false;
     let upstream = Upstream::new(&source, "svids", &options.metrics);
+    let process = Liveness::of(&options.proc_root, workload);
     loop {
-        if !process_alive(&options.proc_root, workload) {
+        if !process.is_alive() {
             tracing::info!(
                 ?workload,
                 "workload process exited; ending its subscription"
@@ -407,7 +408,7 @@ async fn supervise_svids(
             &*source,
             workload,
             &state,
-            &options.proc_root,
+            &process,
             &upstream,
             &mut attempt,
             &mut failing,
@@ -461,7 +462,7 @@ async fn follow_svids(
     source: &dyn Source,
     workload: Workload,
     state: &watch::Sender<SvidState>,
-    proc_root: &ProcRoot,
+    process: &Liveness,
     upstream: &Upstream,
     attempt: &mut u32,
     failing: &mut bool,
@@ -472,7 +473,7 @@ async fn follow_svids(
         let svids = update?;
         // The agent attests whatever holds the PID *now* (spire-sds.md DI-4): an update
         // that arrives after the process was replaced may describe the new process.
-        if !process_alive(proc_root, workload) {
+        if !process.is_alive() {
             return Ok(Follow::ProcessGone);
         }
         let now = unix_now();
@@ -492,10 +493,26 @@ async fn follow_svids(
     Ok(Follow::Ended)
 }
 
-fn process_alive(proc_root: &ProcRoot, workload: Workload) -> bool {
-    match workload {
-        Workload::Process(key) => proc_root.is_alive(key),
-        Workload::Bridge => true,
+/// Whether the workload behind a subscription still runs.
+enum Liveness {
+    Process(PinnedProcess),
+    /// The bridge's own identity (Workload API mode) lives as long as we do.
+    Bridge,
+}
+
+impl Liveness {
+    fn of(proc_root: &ProcRoot, workload: Workload) -> Self {
+        match workload {
+            Workload::Process(key) => Liveness::Process(proc_root.pin(key)),
+            Workload::Bridge => Liveness::Bridge,
+        }
+    }
+
+    fn is_alive(&self) -> bool {
+        match self {
+            Liveness::Process(process) => process.is_alive(),
+            Liveness::Bridge => true,
+        }
     }
 }
 

@@ -5,7 +5,11 @@
 //! by its start time (field 22 of `/proc/<pid>/stat`), as SPIRE's own peer tracker does for
 //! its public socket.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::process::{Pid, PidfdFlags};
 
 /// A process: its PID plus start time, so a later process on the same PID differs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -43,6 +47,63 @@ impl ProcRoot {
     /// True while the very process `key` names still runs.
     pub fn is_alive(&self, key: ProcessKey) -> bool {
         self.process(key.pid) == Some(key)
+    }
+
+    /// A handle that stays with the process `key` names, for checking on it repeatedly.
+    pub fn pin(&self, key: ProcessKey) -> PinnedProcess {
+        let pidfd = (self.0 == Path::new("/proc"))
+            .then(|| Pid::from_raw(key.pid))
+            .flatten()
+            .and_then(|pid| rustix::process::pidfd_open(pid, PidfdFlags::empty()).ok());
+        let how = match pidfd {
+            // The PID may have been reused before the pidfd was opened: the start time,
+            // read after opening, says whether the pidfd holds the process we pinned.
+            Some(fd) if self.is_alive(key) => Watch::Pidfd(fd),
+            Some(_) => Watch::Exited,
+            None => Watch::StartTime(self.clone()),
+        };
+        PinnedProcess { key, how }
+    }
+}
+
+/// One process, followed across PID reuse. With a pidfd (Linux ≥ 5.3) a check is one
+/// `poll`, where the start-time comparison reads and parses `/proc/<pid>/stat`; that read
+/// was 13 % of svid-bridge's CPU during an SVID renewal wave (BENCHMARKS.md §4.3).
+#[derive(Debug)]
+pub struct PinnedProcess {
+    key: ProcessKey,
+    how: Watch,
+}
+
+#[derive(Debug)]
+enum Watch {
+    Pidfd(OwnedFd),
+    StartTime(ProcRoot),
+    Exited,
+}
+
+impl PinnedProcess {
+    pub fn key(&self) -> ProcessKey {
+        self.key
+    }
+
+    /// True while the pinned process runs. A zombie counts as exited.
+    pub fn is_alive(&self) -> bool {
+        match &self.how {
+            Watch::Pidfd(fd) => !pidfd_signals_exit(fd),
+            Watch::StartTime(root) => root.is_alive(self.key),
+            Watch::Exited => false,
+        }
+    }
+}
+
+/// A pidfd polls readable once its process has exited.
+fn pidfd_signals_exit(fd: &OwnedFd) -> bool {
+    let mut fds = [PollFd::new(fd, PollFlags::IN)];
+    match rustix::event::poll(&mut fds, Some(&Timespec::default())) {
+        Ok(ready) => ready > 0,
+        // Cannot happen for a valid pidfd; assume the worst for an identity decision.
+        Err(_) => true,
     }
 }
 
@@ -82,6 +143,46 @@ mod tests {
     }
 
     #[test]
+    fn a_pinned_process_is_followed_until_it_exits() {
+        let proc = ProcRoot::default();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let key = proc.process(child.id() as i32).unwrap();
+        let pinned = proc.pin(key);
+        assert!(
+            matches!(pinned.how, Watch::Pidfd(_)),
+            "this kernel has pidfds"
+        );
+        assert!(pinned.is_alive());
+        child.kill().unwrap();
+        // Not reaped yet: a zombie still has /proc/<pid>/stat, but has exited.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while pinned.is_alive() {
+            assert!(std::time::Instant::now() < deadline, "exit never seen");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        child.wait().unwrap();
+        assert!(!pinned.is_alive(), "and stays exited once reaped");
+    }
+
+    #[test]
+    fn pinning_a_process_that_already_changed_hands_pins_nothing() {
+        let proc = ProcRoot::default();
+        let me = proc.process(std::process::id() as i32).unwrap();
+        let predecessor = ProcessKey {
+            start_time: me.start_time.saturating_sub(1),
+            ..me
+        };
+        assert!(
+            !proc.pin(predecessor).is_alive(),
+            "the PID now holds another process"
+        );
+        assert!(proc.pin(me).is_alive());
+    }
+
+    #[test]
     fn fake_proc_root_models_pid_reuse() {
         let dir = tempfile::tempdir().unwrap();
         let write = |start: u64| {
@@ -92,8 +193,11 @@ mod tests {
         let proc = ProcRoot::new(dir.path());
         write(1000);
         let first = proc.process(77).unwrap();
+        let pinned = proc.pin(first);
+        assert!(pinned.is_alive());
         write(2000); // the first process exited; another now holds PID 77
         assert!(!proc.is_alive(first));
+        assert!(!pinned.is_alive(), "a fake root is followed by start time");
         std::fs::remove_dir_all(dir.path().join("77")).unwrap();
         assert_eq!(proc.process(77), None);
     }

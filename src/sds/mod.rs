@@ -1,6 +1,7 @@
 //! Envoy's Secret Discovery Service (SDS v3): names → secrets, the state-of-the-world stream
 //! state machine, incremental (delta) streams and unary fetches.
 
+pub mod grpc;
 pub mod names;
 pub mod secrets;
 pub mod service;
@@ -11,7 +12,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -88,8 +88,7 @@ impl SdsServer {
         )?;
         tracing::info!(socket = %self.socket.display(), "SDS server listening");
         serving.send_replace(true);
-        let server = SecretDiscoveryServiceServer::new(self.service)
-            .max_decoding_message_size(self.limits.max_request_bytes);
+        let server = grpc::SdsGrpc::new(self.service, self.limits.max_request_bytes);
         let signal = async {
             shutdown.cancelled().await;
             // Streams end on the same token; give their final frames a moment to flush.

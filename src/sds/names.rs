@@ -39,6 +39,13 @@ pub enum Resource {
     TrustDomainBundle(String),
 }
 
+impl Resource {
+    /// Whether this names one of the workload's own SVIDs rather than a bundle.
+    pub fn is_svid(&self) -> bool {
+        matches!(self, Resource::DefaultSvid | Resource::Svid(_))
+    }
+}
+
 /// A name that can never resolve.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {

@@ -7,11 +7,16 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, Secret, SpiffeCertValidatorConfig, TlsCertificate, secret,
     spiffe_cert_validator_config::TrustDomain,
 };
+use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::protobuf::value::Kind;
-use prost::Message;
+use prost::{Message, Name};
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use super::names::Resource;
+use crate::identity::types::SharedBundles;
 use crate::identity::{BundleSet, Svid, WorkloadSvids};
 
 /// The one resource type SDS serves (spire-sds.md §1, envoy-and-istio.md E9, E16).
@@ -20,7 +25,7 @@ pub const SECRET_TYPE_URL: &str =
 const SPIFFE_VALIDATOR: &str = "envoy.tls.cert_validator.spiffe";
 
 /// How bundles are expressed in validation contexts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ValidationMode {
     /// Envoy's SPIFFE certificate validator, one trust domain per bundle (C-3, C-4).
     Spiffe,
@@ -83,7 +88,99 @@ pub struct View<'a> {
     pub bundles: &'a BundleSet,
     /// Roots added to the own trust domain in ROOTCA and ALL (--extra-trust-anchors).
     pub extra_anchors: &'a [Vec<u8>],
+    /// Where validation secrets built from `bundles` are kept for other streams.
+    pub memo: Option<MemoRef<'a>>,
 }
+
+/// A node-wide memo and the snapshot `View::bundles` was taken from.
+#[derive(Clone, Copy)]
+pub struct MemoRef<'a> {
+    pub memo: &'a BundleMemo,
+    pub snapshot: &'a SharedBundles,
+}
+
+/// A secret ready to send: encoded once, with the content version of its public part.
+#[derive(Debug)]
+pub struct Encoded {
+    pub name: String,
+    /// 16 hex digits of SHA-256 over the secret without its private key.
+    pub version: String,
+    pub any: Any,
+}
+
+impl Encoded {
+    pub fn new(mut secret: Secret) -> Self {
+        let key = take_private_key(&mut secret);
+        let public = secret.encode_to_vec();
+        let version = short_hash([public.as_slice()]);
+        let value = match key {
+            Some(key) => {
+                restore_private_key(&mut secret, key);
+                secret.encode_to_vec()
+            }
+            None => public,
+        };
+        Self {
+            name: secret.name,
+            version,
+            any: Any {
+                type_url: Secret::type_url(),
+                value,
+            },
+        }
+    }
+}
+
+/// Validation secrets built once per bundle snapshot for the whole node. Without it a
+/// bundle change would PEM-encode, serialise and hash the same bundle once per `ROOTCA`
+/// stream (BENCHMARKS.md §4.3). Holds only the latest snapshot it was asked about; the
+/// key names every input besides the snapshot, so two streams share an entry exactly
+/// when they would have built the same secret.
+#[derive(Default)]
+pub struct BundleMemo {
+    current: Mutex<Option<MemoEntries>>,
+}
+
+struct MemoEntries {
+    snapshot: SharedBundles,
+    secrets: HashMap<MemoKey, Arc<Encoded>>,
+}
+
+#[derive(Hash, PartialEq, Eq)]
+struct MemoKey {
+    name: String,
+    mode: ValidationMode,
+    plan: Vec<(String, bool)>,
+}
+
+impl BundleMemo {
+    fn get_or_build(
+        &self,
+        snapshot: &SharedBundles,
+        key: MemoKey,
+        build: impl FnOnce() -> Encoded,
+    ) -> Arc<Encoded> {
+        // Poisoning only means another stream panicked mid-build; the map is still valid.
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = match &mut *current {
+            Some(entries) if Arc::ptr_eq(&entries.snapshot, snapshot) => entries,
+            slot => slot.insert(MemoEntries {
+                snapshot: Arc::clone(snapshot),
+                secrets: HashMap::new(),
+            }),
+        };
+        Arc::clone(
+            entries
+                .secrets
+                .entry(key)
+                .or_insert_with(|| Arc::new(build())),
+        )
+    }
+}
+
+/// Which trust domains a validation secret holds, in order, and whether the extra trust
+/// anchors join each.
+type BundlePlan<'a> = Vec<(&'a str, bool)>;
 
 /// A name that cannot be served yet, and why (for the "waiting" log line and metric).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -115,26 +212,53 @@ impl View<'_> {
                     .ok_or(Waiting("the workload holds no SVID with this SPIFFE ID"))?;
                 Ok(certificate_secret(name, svid))
             }
+            Resource::OwnBundle | Resource::AllBundles | Resource::TrustDomainBundle(_) => {
+                let plan = self.bundle_plan(resource)?;
+                Ok(self.validation_secret_for(name, &plan, mode))
+            }
+        }
+    }
+
+    /// As `resolve`, encoded; validation secrets come from the memo when there is one.
+    pub fn resolve_encoded(
+        &self,
+        name: &str,
+        resource: &Resource,
+        mode: ValidationMode,
+    ) -> Result<Arc<Encoded>, Waiting> {
+        let (Some(memo), false) = (self.memo, resource.is_svid()) else {
+            return self
+                .resolve(name, resource, mode)
+                .map(|secret| Arc::new(Encoded::new(secret)));
+        };
+        debug_assert!(std::ptr::eq(&**memo.snapshot, self.bundles));
+        let plan = self.bundle_plan(resource)?;
+        let key = MemoKey {
+            name: name.to_owned(),
+            mode,
+            plan: plan.iter().map(|(td, x)| ((*td).to_owned(), *x)).collect(),
+        };
+        Ok(memo.memo.get_or_build(memo.snapshot, key, || {
+            Encoded::new(self.validation_secret_for(name, &plan, mode))
+        }))
+    }
+
+    fn bundle_plan<'r>(&'r self, resource: &'r Resource) -> Result<BundlePlan<'r>, Waiting> {
+        match resource {
             Resource::OwnBundle => {
                 let td = self.own_trust_domain()?;
-                let bundle = self.bundles.get(td).ok_or(Waiting(
+                self.bundles.get(td).ok_or(Waiting(
                     "the agent holds no bundle for the own trust domain yet",
                 ))?;
-                let own = self.with_extra_anchors(bundle);
-                Ok(validation_secret(name, &[(td, &own)], mode))
+                Ok(vec![(td, true)])
             }
             Resource::AllBundles => {
                 let own_td = self.own_trust_domain()?;
-                let own = self.bundles.get(own_td).map(|b| self.with_extra_anchors(b));
-                let bundles: Vec<(&str, &[Vec<u8>])> = self
+                Ok(self
                     .visible_bundles()
                     .into_iter()
-                    .map(|(td, b)| match (&own, td == own_td) {
-                        (Some(own), true) => (td, own.as_slice()),
-                        _ => (td, b),
-                    })
-                    .collect();
-                Ok(validation_secret(name, &bundles, mode))
+                    .map(|(td, _)| (td, td == own_td))
+                    .collect())
             }
             Resource::TrustDomainBundle(td) => {
                 if !self.may_see(td) {
@@ -142,12 +266,35 @@ impl View<'_> {
                         "the workload's entries do not federate with this trust domain",
                     ));
                 }
-                let bundle = self.bundles.get(td).ok_or(Waiting(
+                self.bundles.get(td).ok_or(Waiting(
                     "the agent holds no bundle for this trust domain yet",
                 ))?;
-                Ok(validation_secret(name, &[(td.as_str(), bundle)], mode))
+                Ok(vec![(td.as_str(), false)])
             }
+            Resource::DefaultSvid | Resource::Svid(_) => Ok(vec![]),
         }
+    }
+
+    fn validation_secret_for(
+        &self,
+        name: &str,
+        plan: &BundlePlan<'_>,
+        mode: ValidationMode,
+    ) -> Secret {
+        let bundles: Vec<(&str, Cow<'_, [Vec<u8>]>)> = plan
+            .iter()
+            .map(|&(td, with_extras)| {
+                let bundle = self.bundles.get(td).unwrap_or_default();
+                let roots = if with_extras {
+                    Cow::Owned(self.with_extra_anchors(bundle))
+                } else {
+                    Cow::Borrowed(bundle)
+                };
+                (td, roots)
+            })
+            .collect();
+        let refs: Vec<(&str, &[Vec<u8>])> = bundles.iter().map(|(td, b)| (*td, &**b)).collect();
+        validation_secret(name, &refs, mode)
     }
 
     /// Every resource under its canonical name, for a request that names none (B-1):
@@ -271,22 +418,41 @@ fn pem_certificates<'a>(ders: impl Iterator<Item = &'a [u8]>) -> String {
 /// nothing (E34), and an unchanged update is recognisable and never sent. The private key
 /// is left out of the hash (it is bound to the certificate anyway), so the version, which
 /// appears in logs and in Envoy's stats, is derived from public material only.
-pub fn content_version<'a>(secrets: impl IntoIterator<Item = &'a Secret>) -> String {
+pub fn content_version<'a>(secrets: impl IntoIterator<Item = &'a Encoded>) -> String {
+    let mut secrets = secrets.into_iter().peekable();
+    let first = secrets.next();
+    match (first, secrets.peek()) {
+        (Some(only), None) => only.version.clone(),
+        (first, _) => short_hash(
+            first
+                .into_iter()
+                .chain(secrets)
+                .map(|e| e.version.as_bytes()),
+        ),
+    }
+}
+
+fn short_hash<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
     let mut hasher = Sha256::new();
-    for secret in secrets {
-        hasher.update(public_part(secret).encode_to_vec());
+    for part in parts {
+        hasher.update(part);
         hasher.update([0xff]);
     }
     let digest = hasher.finalize();
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
-fn public_part(secret: &Secret) -> Secret {
-    let mut public = secret.clone();
-    if let Some(secret::Type::TlsCertificate(tls)) = &mut public.r#type {
-        tls.private_key = None;
+fn take_private_key(secret: &mut Secret) -> Option<DataSource> {
+    match &mut secret.r#type {
+        Some(secret::Type::TlsCertificate(tls)) => tls.private_key.take(),
+        _ => None,
     }
-    public
+}
+
+fn restore_private_key(secret: &mut Secret, key: DataSource) {
+    if let Some(secret::Type::TlsCertificate(tls)) = &mut secret.r#type {
+        tls.private_key = Some(key);
+    }
 }
 
 #[cfg(test)]
@@ -406,6 +572,7 @@ pub(crate) mod tests {
             svids: &svids,
             bundles: &bundles,
             extra_anchors: &[],
+            memo: None,
         };
         let mode = ValidationMode::Spiffe;
 
@@ -466,6 +633,7 @@ pub(crate) mod tests {
             svids: &svids,
             bundles: &bundles,
             extra_anchors: &[],
+            memo: None,
         }
         .resolve("ALL", &Resource::AllBundles, ValidationMode::TrustedCa)
         .unwrap();
@@ -485,6 +653,84 @@ pub(crate) mod tests {
         );
     }
 
+    fn memo_view<'a>(
+        svids: &'a WorkloadSvids,
+        snapshot: &'a SharedBundles,
+        memo: &'a BundleMemo,
+    ) -> View<'a> {
+        View {
+            svids,
+            bundles: snapshot,
+            extra_anchors: &[],
+            memo: Some(MemoRef { memo, snapshot }),
+        }
+    }
+
+    #[test]
+    fn bundle_secrets_are_built_once_per_snapshot_and_never_served_stale() {
+        let memo = BundleMemo::default();
+        let a = WorkloadSvids {
+            svids: vec![svid("spiffe://example.org/a")],
+            federates_with: vec![],
+        };
+        let b_federated = WorkloadSvids {
+            svids: vec![svid("spiffe://example.org/b")],
+            federates_with: vec!["other.org".into()],
+        };
+        let first: SharedBundles = Arc::new(bundles(&["example.org", "other.org"]));
+        let (a, b_federated, first) = (&a, &b_federated, &first);
+        let view = |svids, snapshot| memo_view(svids, snapshot, &memo);
+        let rootca = |v: View<'_>| {
+            v.resolve_encoded("ROOTCA", &Resource::OwnBundle, ValidationMode::Spiffe)
+                .unwrap()
+        };
+        let all = |v: View<'_>| {
+            v.resolve_encoded("ALL", &Resource::AllBundles, ValidationMode::Spiffe)
+                .unwrap()
+        };
+
+        let shared = rootca(view(a, first));
+        assert!(
+            Arc::ptr_eq(&shared, &rootca(view(b_federated, first))),
+            "one build serves every stream asking the same of the same snapshot"
+        );
+        let unshared = view(a, first)
+            .resolve_encoded("ROOTCA", &Resource::OwnBundle, ValidationMode::TrustedCa)
+            .unwrap();
+        assert!(
+            !Arc::ptr_eq(&shared, &unshared),
+            "the mode is part of the key"
+        );
+        assert_ne!(
+            all(view(a, first)).version,
+            all(view(b_federated, first)).version,
+            "ALL depends on what the workload federates with"
+        );
+
+        let mut rotated = bundles(&["example.org", "other.org"]);
+        rotated
+            .bundles
+            .get_mut("example.org")
+            .unwrap()
+            .push(b"new root".to_vec());
+        let second: &SharedBundles = &Arc::new(rotated);
+        let after = rootca(view(a, second));
+        assert_ne!(
+            after.version, shared.version,
+            "a new snapshot is never served from the old"
+        );
+        let unmemoized = View {
+            memo: None,
+            ..view(a, second)
+        };
+        assert_eq!(after.any, rootca(unmemoized).any, "memoized = built fresh");
+        assert_eq!(
+            rootca(view(a, first)).version,
+            shared.version,
+            "a stream still on the old snapshot gets the old content"
+        );
+    }
+
     #[test]
     fn extra_trust_anchors_join_the_own_trust_domain_in_rootca_and_all() {
         // Migration from istiod's CA (istio/istio#50783): both roots verify peers of the
@@ -499,6 +745,7 @@ pub(crate) mod tests {
             svids: &svids,
             bundles: &bundles,
             extra_anchors: &extra,
+            memo: None,
         };
         for (name, resource) in [
             ("ROOTCA", Resource::OwnBundle),
@@ -556,6 +803,7 @@ pub(crate) mod tests {
             svids: &svids,
             bundles: &bundles,
             extra_anchors: &[],
+            memo: None,
         }
         .everything(ValidationMode::Spiffe)
         .into_iter()
@@ -566,13 +814,14 @@ pub(crate) mod tests {
 
     #[test]
     fn version_is_a_content_hash_blind_to_the_key() {
-        let a = certificate_secret("default", &svid("spiffe://example.org/a"));
+        let encode = |svid: &Svid| Encoded::new(certificate_secret("default", svid));
+        let a = encode(&svid("spiffe://example.org/a"));
         let mut other_key = svid("spiffe://example.org/a");
         other_key.key = PrivateKey::from_pkcs8_der(b"another key".to_vec());
-        let b = certificate_secret("default", &other_key);
+        let b = encode(&other_key);
         assert_eq!(
             content_version([&a]),
-            content_version([&a.clone()]),
+            content_version([&encode(&svid("spiffe://example.org/a"))]),
             "deterministic"
         );
         assert_eq!(
@@ -580,9 +829,16 @@ pub(crate) mod tests {
             content_version([&b]),
             "key not hashed"
         );
-        let c = certificate_secret("default", &svid("spiffe://example.org/c"));
+        assert_ne!(a.any.value, b.any.value, "but the key is sent");
+        let c = encode(&svid("spiffe://example.org/c"));
         assert_ne!(content_version([&a]), content_version([&c]));
+        assert_ne!(
+            content_version([&a, &c]),
+            content_version([&c, &a]),
+            "order counts"
+        );
         assert_eq!(content_version([&a]).len(), 16);
+        assert_eq!(content_version([&a, &c]).len(), 16);
     }
 
     pub(crate) fn chain_pem(secret: &Secret) -> String {

@@ -8,16 +8,15 @@ use std::time::Duration;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
-use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService;
 use futures::Stream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use super::secrets::{View, Waiting};
+use super::names::Resource;
+use super::secrets::{BundleMemo, MemoRef, View, Waiting};
 use super::socket::PeerInfo;
 use super::stream::{DeltaStream, Reaction, SotwStream, StreamSettings};
 use crate::identity::types::SharedBundles;
@@ -40,6 +39,7 @@ pub struct SdsService {
     proc_root: ProcRoot,
     shutdown: CancellationToken,
     fetch_timeout: Duration,
+    bundle_memo: Arc<BundleMemo>,
 }
 
 impl SdsService {
@@ -57,6 +57,7 @@ impl SdsService {
             proc_root,
             shutdown,
             fetch_timeout: Duration::from_secs(5),
+            bundle_memo: Arc::default(),
         }
     }
 
@@ -95,46 +96,57 @@ impl SdsService {
             subscription,
             bundles: self.cache.bundles(),
             settings: Arc::clone(&self.settings),
+            bundle_memo: Arc::clone(&self.bundle_memo),
             shutdown: self.shutdown.clone(),
             gauges: StreamGauges::new(Arc::clone(self.cache.metrics())),
         })
     }
 }
 
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl SecretDiscoveryService for SdsService {
-    type StreamSecretsStream = ResponseStream<DiscoveryResponse>;
-    type DeltaSecretsStream = ResponseStream<DeltaDiscoveryResponse>;
-
-    async fn stream_secrets(
+impl SdsService {
+    /// A state-of-the-world stream. Driven by polling its response body: hyper already
+    /// runs every HTTP/2 stream as a task, so a task and a channel of our own per stream
+    /// would only add memory and a wake-up per push (BENCHMARKS.md §4.1).
+    pub fn stream_secrets(
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let workload = self.workload_of(&request)?;
-        let (tx, rx) = mpsc::channel(4);
-        let span = tracing::info_span!("sds_stream", pid = pid_of(workload), api = "sotw");
-        let context = self.context(workload)?;
-        tokio::spawn(run_sotw(context, request.into_inner(), tx).instrument(span));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    ) -> Result<Response<ResponseStream<DiscoveryResponse>>, Status> {
+        self.open_stream::<SotwStream>(request)
     }
 
-    async fn delta_secrets(
+    pub fn delta_secrets(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+    ) -> Result<Response<ResponseStream<DeltaDiscoveryResponse>>, Status> {
+        self.open_stream::<DeltaStream>(request)
+    }
+
+    fn open_stream<P: Protocol>(
+        &self,
+        request: Request<Streaming<P::Request>>,
+    ) -> Result<Response<ResponseStream<P::Response>>, Status> {
         let workload = self.workload_of(&request)?;
-        let (tx, rx) = mpsc::channel(4);
-        let span = tracing::info_span!("sds_stream", pid = pid_of(workload), api = "delta");
         let context = self.context(workload)?;
-        tokio::spawn(run_delta(context, request.into_inner(), tx).instrument(span));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let span = tracing::info_span!("sds_stream", pid = pid_of(workload), api = P::API);
+        let state = StreamState {
+            context,
+            inbound: request.into_inner(),
+            protocol: P::default(),
+            waits: WaitLog::default(),
+            span,
+            ended: false,
+        };
+        Ok(Response::new(Box::pin(futures::stream::unfold(
+            state,
+            next_response,
+        ))))
     }
 
     /// Unary, for tools: waits briefly for the names to resolve (a first call creates the
     /// workload's subscription), then answers with all of them or says what is missing.
-    async fn fetch_secrets(
+    pub async fn fetch_secrets(
         &self,
         request: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
@@ -151,8 +163,10 @@ impl SecretDiscoveryService for SdsService {
         let mut last_waiting = BTreeMap::new();
         loop {
             if let Some(snapshot) = context.snapshot()? {
-                let (response, waiting) =
-                    stream.respond(&snapshot.view(&self.settings), &self.settings);
+                let (response, waiting) = stream.respond(
+                    &snapshot.view(&self.settings, &context.bundle_memo),
+                    &self.settings,
+                );
                 match response {
                     Some(response) if waiting.is_empty() || wanted == 0 => {
                         context
@@ -198,6 +212,7 @@ struct StreamContext {
     subscription: Subscription,
     bundles: watch::Receiver<Option<SharedBundles>>,
     settings: Arc<StreamSettings>,
+    bundle_memo: Arc<BundleMemo>,
     shutdown: CancellationToken,
     gauges: StreamGauges,
 }
@@ -208,11 +223,15 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    fn view<'a>(&'a self, settings: &'a StreamSettings) -> View<'a> {
+    fn view<'a>(&'a self, settings: &'a StreamSettings, memo: &'a BundleMemo) -> View<'a> {
         View {
             svids: &self.svids,
             bundles: &self.bundles,
             extra_anchors: &settings.extra_trust_anchors,
+            memo: Some(MemoRef {
+                memo,
+                snapshot: &self.bundles,
+            }),
         }
     }
 }
@@ -263,8 +282,8 @@ impl WaitLog {
     }
 }
 
-impl Drop for WaitLog {
-    fn drop(&mut self) {
+impl WaitLog {
+    fn report_abandoned(&mut self) {
         if !self.waiting.is_empty() {
             let names: Vec<&str> = self.waiting.keys().map(String::as_str).collect();
             tracing::info!(secrets = ?names, "stream closed while still waiting for secrets");
@@ -294,106 +313,196 @@ async fn next_event<R>(
     }
 }
 
-async fn run_sotw(
-    mut context: StreamContext,
-    mut inbound: Streaming<DiscoveryRequest>,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
-) {
-    let mut stream = SotwStream::default();
-    let mut waits = WaitLog::default();
-    loop {
-        let event = match next_event(&mut context, &mut inbound).await {
-            Ok(event) => event,
-            Err(status) => return finish(&tx, status).await,
-        };
-        match event {
-            Event::Closed => return,
-            Event::IdentityChanged => {}
-            Event::Request(request) => match stream.on_request(&request, &context.settings) {
-                Ok(reaction) => {
-                    count_reaction(context.gauges.metrics(), &reaction, &request.resource_names);
-                    if let Some(names) = stream.requested() {
-                        context.gauges.set_names(names.values());
+/// What the SotW and the delta state machines have in common, for one stream loop.
+trait Protocol: Default + Send + 'static {
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+    const API: &'static str;
+
+    fn on_request(
+        &mut self,
+        request: &Self::Request,
+        settings: &StreamSettings,
+    ) -> Result<Reaction, Status>;
+    /// The names a request adds, for the NACK log.
+    fn requested_in(request: &Self::Request) -> &[String];
+    /// The names the stream currently wants, once it has asked.
+    fn names(&self) -> Option<&BTreeMap<String, Resource>>;
+    fn respond(
+        &mut self,
+        view: &View<'_>,
+        settings: &StreamSettings,
+    ) -> (Option<Self::Response>, BTreeMap<String, Waiting>);
+    fn log_push(response: &Self::Response);
+}
+
+impl Protocol for SotwStream {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    const API: &'static str = "sotw";
+
+    fn on_request(
+        &mut self,
+        request: &DiscoveryRequest,
+        settings: &StreamSettings,
+    ) -> Result<Reaction, Status> {
+        SotwStream::on_request(self, request, settings)
+    }
+
+    fn requested_in(request: &DiscoveryRequest) -> &[String] {
+        &request.resource_names
+    }
+
+    fn names(&self) -> Option<&BTreeMap<String, Resource>> {
+        self.requested()
+    }
+
+    fn respond(
+        &mut self,
+        view: &View<'_>,
+        settings: &StreamSettings,
+    ) -> (Option<DiscoveryResponse>, BTreeMap<String, Waiting>) {
+        SotwStream::respond(self, view, settings)
+    }
+
+    fn log_push(response: &DiscoveryResponse) {
+        tracing::debug!(version = %response.version_info, resources = response.resources.len(), "pushing secrets");
+    }
+}
+
+impl Protocol for DeltaStream {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    const API: &'static str = "delta";
+
+    fn on_request(
+        &mut self,
+        request: &DeltaDiscoveryRequest,
+        settings: &StreamSettings,
+    ) -> Result<Reaction, Status> {
+        DeltaStream::on_request(self, request, settings)
+    }
+
+    fn requested_in(request: &DeltaDiscoveryRequest) -> &[String] {
+        &request.resource_names_subscribe
+    }
+
+    fn names(&self) -> Option<&BTreeMap<String, Resource>> {
+        Some(self.subscribed())
+    }
+
+    fn respond(
+        &mut self,
+        view: &View<'_>,
+        settings: &StreamSettings,
+    ) -> (Option<DeltaDiscoveryResponse>, BTreeMap<String, Waiting>) {
+        DeltaStream::respond(self, view, settings)
+    }
+
+    fn log_push(response: &DeltaDiscoveryResponse) {
+        let names: Vec<&str> = response.resources.iter().map(|r| r.name.as_str()).collect();
+        tracing::debug!(secrets = ?names, "pushing secrets");
+    }
+}
+
+/// Everything one stream owns; dropped when the client goes away (hyper drops the body).
+struct StreamState<P: Protocol> {
+    context: StreamContext,
+    inbound: Streaming<P::Request>,
+    protocol: P,
+    waits: WaitLog,
+    span: tracing::Span,
+    /// An error was yielded: the stream ends with it.
+    ended: bool,
+}
+
+enum Step<R> {
+    Push(R),
+    Fail(Status),
+    End,
+}
+
+async fn next_response<P: Protocol>(
+    mut state: StreamState<P>,
+) -> Option<(Result<P::Response, Status>, StreamState<P>)> {
+    if state.ended {
+        return None;
+    }
+    let span = state.span.clone();
+    match state.advance().instrument(span).await {
+        Step::Push(response) => Some((Ok(response), state)),
+        Step::Fail(status) => {
+            state.ended = true;
+            Some((Err(status), state))
+        }
+        Step::End => None,
+    }
+}
+
+impl<P: Protocol> StreamState<P> {
+    /// Reads requests and identity changes until there is something to send.
+    async fn advance(&mut self) -> Step<P::Response> {
+        loop {
+            let event = match next_event(&mut self.context, &mut self.inbound).await {
+                Ok(event) => event,
+                Err(status) => return Step::Fail(status),
+            };
+            match event {
+                Event::Closed => return Step::End,
+                Event::IdentityChanged => {}
+                Event::Request(request) => {
+                    if let Err(status) = self.on_request(&request) {
+                        return Step::Fail(status);
                     }
                 }
-                Err(status) => return refuse(&context, &tx, status).await,
-            },
+            }
+            let snapshot = match self.context.snapshot() {
+                Ok(Some(snapshot)) => snapshot,
+                Ok(None) => continue,
+                Err(status) => return Step::Fail(status),
+            };
+            let settings = &self.context.settings;
+            let view = snapshot.view(settings, &self.context.bundle_memo);
+            let (response, waiting) = self.protocol.respond(&view, settings);
+            self.context.gauges.set_waiting(!waiting.is_empty());
+            self.waits.update(waiting);
+            if let Some(response) = response {
+                P::log_push(&response);
+                self.context
+                    .gauges
+                    .metrics()
+                    .sds
+                    .responses
+                    .get_or_create(&ApiLabel { api: P::API })
+                    .inc();
+                return Step::Push(response);
+            }
         }
-        let snapshot = match context.snapshot() {
-            Ok(Some(snapshot)) => snapshot,
-            Ok(None) => continue,
-            Err(status) => return finish(&tx, status).await,
-        };
-        let (response, waiting) =
-            stream.respond(&snapshot.view(&context.settings), &context.settings);
-        context.gauges.set_waiting(!waiting.is_empty());
-        waits.update(waiting);
-        if let Some(response) = response {
-            tracing::debug!(version = %response.version_info, resources = response.resources.len(), "pushing secrets");
-            context
-                .gauges
-                .metrics()
-                .sds
-                .responses
-                .get_or_create(&ApiLabel { api: "sotw" })
-                .inc();
-            if tx.send(Ok(response)).await.is_err() {
-                return;
+    }
+
+    fn on_request(&mut self, request: &P::Request) -> Result<(), Status> {
+        let metrics = self.context.gauges.metrics();
+        match self.protocol.on_request(request, &self.context.settings) {
+            Ok(reaction) => {
+                count_reaction(metrics, &reaction, P::requested_in(request));
+                if let Some(names) = self.protocol.names() {
+                    self.context.gauges.set_names(names.values());
+                }
+                Ok(())
+            }
+            Err(status) => {
+                metrics.sds.refused.inc();
+                tracing::warn!(error = %status.message(), "refused SDS request");
+                Err(status)
             }
         }
     }
 }
 
-async fn run_delta(
-    mut context: StreamContext,
-    mut inbound: Streaming<DeltaDiscoveryRequest>,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-) {
-    let mut stream = DeltaStream::default();
-    let mut waits = WaitLog::default();
-    loop {
-        let event = match next_event(&mut context, &mut inbound).await {
-            Ok(event) => event,
-            Err(status) => return finish(&tx, status).await,
-        };
-        match event {
-            Event::Closed => return,
-            Event::IdentityChanged => {}
-            Event::Request(request) => match stream.on_request(&request, &context.settings) {
-                Ok(reaction) => {
-                    count_reaction(
-                        context.gauges.metrics(),
-                        &reaction,
-                        &request.resource_names_subscribe,
-                    );
-                    context.gauges.set_names(stream.subscribed().values());
-                }
-                Err(status) => return refuse(&context, &tx, status).await,
-            },
-        }
-        let snapshot = match context.snapshot() {
-            Ok(Some(snapshot)) => snapshot,
-            Ok(None) => continue,
-            Err(status) => return finish(&tx, status).await,
-        };
-        let (response, waiting) =
-            stream.respond(&snapshot.view(&context.settings), &context.settings);
-        context.gauges.set_waiting(!waiting.is_empty());
-        waits.update(waiting);
-        if let Some(response) = response {
-            let names: Vec<&str> = response.resources.iter().map(|r| r.name.as_str()).collect();
-            tracing::debug!(secrets = ?names, "pushing secrets");
-            context
-                .gauges
-                .metrics()
-                .sds
-                .responses
-                .get_or_create(&ApiLabel { api: "delta" })
-                .inc();
-            if tx.send(Ok(response)).await.is_err() {
-                return;
-            }
-        }
+impl<P: Protocol> Drop for StreamState<P> {
+    fn drop(&mut self) {
+        let _in_stream = self.span.enter();
+        self.waits.report_abandoned();
     }
 }
 
@@ -409,14 +518,4 @@ fn count_reaction(metrics: &Metrics, reaction: &Reaction, names: &[String]) {
         Reaction::Stale => tracing::debug!("ignoring a request with a stale nonce"),
         Reaction::Answer => {}
     }
-}
-
-async fn refuse<T>(context: &StreamContext, tx: &mpsc::Sender<Result<T, Status>>, status: Status) {
-    context.gauges.metrics().sds.refused.inc();
-    tracing::warn!(error = %status.message(), "refused SDS request");
-    finish(tx, status).await;
-}
-
-async fn finish<T>(tx: &mpsc::Sender<Result<T, Status>>, status: Status) {
-    let _ = tx.send(Err(status)).await;
 }

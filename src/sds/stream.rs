@@ -3,9 +3,9 @@
 //! glue in `service.rs` feeds it, and the property tests below drive it directly.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
     Resource as DeltaResource,
@@ -13,7 +13,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use tonic::Status;
 
 use super::names::{self, Quoted, Resource, SpecialNames};
-use super::secrets::{self, SECRET_TYPE_URL, ValidationMode, View, Waiting};
+use super::secrets::{self, Encoded, SECRET_TYPE_URL, ValidationMode, View, Waiting};
 
 /// Request limits; each overflow is an `InvalidArgument` that says which limit.
 #[derive(Clone, Copy, Debug)]
@@ -107,7 +107,7 @@ fn new_nonce() -> String {
 
 /// Secrets resolved for the requested names, plus the names still waiting and why.
 pub struct Resolution {
-    pub secrets: Vec<Secret>,
+    pub secrets: Vec<Arc<Encoded>>,
     pub waiting: BTreeMap<String, Waiting>,
 }
 
@@ -119,7 +119,7 @@ fn resolve_all(
     let mut secrets = Vec::new();
     let mut waiting = BTreeMap::new();
     for (name, resource) in requested {
-        match view.resolve(name, resource, mode) {
+        match view.resolve_encoded(name, resource, mode) {
             Ok(secret) => secrets.push(secret),
             Err(why) => {
                 waiting.insert(name.clone(), why);
@@ -193,7 +193,11 @@ impl SotwStream {
         let mode = secrets::validation_mode(self.node.as_ref(), settings.validation_disabled);
         let resolution = if names.is_empty() {
             Resolution {
-                secrets: view.everything(mode),
+                secrets: view
+                    .everything(mode)
+                    .into_iter()
+                    .map(|secret| Arc::new(Encoded::new(secret)))
+                    .collect(),
                 waiting: BTreeMap::new(),
             }
         } else {
@@ -202,7 +206,7 @@ impl SotwStream {
         if resolution.secrets.is_empty() {
             return (None, resolution.waiting);
         }
-        let version = secrets::content_version(&resolution.secrets);
+        let version = secrets::content_version(resolution.secrets.iter().map(|e| &**e));
         let changed = self.last_version.as_deref() != Some(version.as_str());
         if !(changed || self.answer_due) {
             return (None, resolution.waiting);
@@ -213,11 +217,7 @@ impl SotwStream {
         self.last_version = Some(version.clone());
         let response = DiscoveryResponse {
             version_info: version,
-            resources: resolution
-                .secrets
-                .into_iter()
-                .map(envoy_types::util::pack_any)
-                .collect(),
+            resources: resolution.secrets.iter().map(|e| e.any.clone()).collect(),
             type_url: SECRET_TYPE_URL.to_owned(),
             nonce,
             ..Default::default()
@@ -296,17 +296,17 @@ impl DeltaStream {
         let resolution = resolve_all(&self.subscribed, view, mode);
         let mut resources = Vec::new();
         for secret in resolution.secrets {
-            let version = secrets::content_version([&secret]);
-            let unchanged = self.sent.get(&secret.name) == Some(&version);
+            let unchanged = self.sent.get(&secret.name) == Some(&secret.version);
             if unchanged && !self.due.contains(&secret.name) {
                 continue;
             }
             self.due.remove(&secret.name);
-            self.sent.insert(secret.name.clone(), version.clone());
+            self.sent
+                .insert(secret.name.clone(), secret.version.clone());
             resources.push(DeltaResource {
                 name: secret.name.clone(),
-                version,
-                resource: Some(envoy_types::util::pack_any(secret)),
+                version: secret.version.clone(),
+                resource: Some(secret.any.clone()),
                 ..Default::default()
             });
         }
@@ -363,6 +363,7 @@ mod tests {
                     svids: &snap.0,
                     bundles: &snap.1,
                     extra_anchors: &[],
+                    memo: None,
                 },
                 &StreamSettings::default(),
             )
@@ -478,6 +479,7 @@ mod tests {
                 svids: &empty.0,
                 bundles: &empty.1,
                 extra_anchors: &[],
+                memo: None,
             },
             &settings,
         );
@@ -536,6 +538,7 @@ mod tests {
             svids: &snap.0,
             bundles: &snap.1,
             extra_anchors: &[],
+            memo: None,
         };
         let mut d = DeltaStream::default();
         let subscribe = DeltaDiscoveryRequest {
@@ -567,6 +570,7 @@ mod tests {
                     svids: &rotated.0,
                     bundles: &rotated.1,
                     extra_anchors: &[],
+                    memo: None,
                 },
                 &settings,
             )
@@ -603,7 +607,7 @@ mod tests {
                     prop_assert_eq!(&response.type_url, SECRET_TYPE_URL);
                     prop_assert!(nonces.insert(response.nonce.clone()), "nonce reused");
                     for any in &response.resources {
-                        let secret = <Secret as prost::Message>::decode(any.value.as_slice()).unwrap();
+                        let secret = <envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret as prost::Message>::decode(any.value.as_slice()).unwrap();
                         prop_assert!(s.requested().unwrap().contains_key(&secret.name));
                     }
                     if before.as_deref() == Some(response.version_info.as_str()) {
