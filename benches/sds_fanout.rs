@@ -688,6 +688,7 @@ mod orchestrator {
                     support::sample(*pid).map(|s| (name.clone(), mib(s.rss_kib)))
                 })
                 .collect();
+            r.set("rss_idle_agent_mib", rss_before.get("agent").copied());
 
             // 3. N sidecars, one every `pace`: time to first secret while they start.
             let children: Children = Arc::new(Mutex::new(vec![ChildState::default(); n]));
@@ -943,6 +944,13 @@ mod orchestrator {
                 .get("cpu_steady_agent_ms_per_s")
                 .map(|a| a + r.get("cpu_steady_bridge_ms_per_s").unwrap_or(0.0));
             r.set("cpu_steady_total_ms_per_s", total);
+            // What serving costs the node: everything above the agent's idle RSS (which
+            // holds every entry's SVIDs, in both setups), the bridge counted whole.
+            let serving = r
+                .get("rss_steady_total_mib")
+                .zip(r.get("rss_idle_agent_mib"))
+                .map(|(total, idle)| total - idle);
+            r.set("rss_serving_mib", serving);
             r
         }
 
@@ -1738,6 +1746,14 @@ mod report {
                 "… svid-bridge's part (MiB)",
                 "rss_steady_bridge_mib",
                 "rss_steady_bridge_mib",
+                1,
+            );
+            t.row(
+                &cells,
+                n,
+                "RSS spent serving the sidecars (MiB: above the agent's idle RSS)",
+                "rss_serving_mib",
+                "rss_serving_mib",
                 1,
             );
             t.row(

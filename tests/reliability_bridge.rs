@@ -203,6 +203,29 @@ fn bridge_sigkill_and_restart_under_load() {
 /// Decided behaviour (the lead's): when the socket file is deleted underneath the running
 /// bridge, the bridge notices and re-creates it, with its mode, at the same path. Streams on
 /// connections accepted before keep working meanwhile.
+/// Every SDS connection and every workload's pidfd is a descriptor, and the defaults allow
+/// 10,000 connections, while a container's soft limit is often 1,024: the bridge raises its
+/// soft limit to the hard one at start, as the Go runtime does for the SPIRE agent.
+#[test]
+fn open_file_soft_limit_is_raised_to_the_hard_limit() {
+    let spire = Spire::start(spire_options_for_bridge("example.org"));
+    let bridge = Bridge::start_with_soft_open_file_limit(&spire, 256);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", bridge.pid())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (soft, hard) = (fields[3], fields[4]);
+    assert_ne!(hard, "256", "the hard limit must exceed the lowered soft one: {line}");
+    assert_eq!(soft, hard, "{line}");
+    assert!(
+        bridge.logs().contains(&format!("open_files={hard}")),
+        "the limit in force is logged at start:\n{}",
+        bridge.logs()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_socket_file_is_recreated() {
     let spire = Spire::start(spire_options_for_bridge("example.org"));

@@ -42,6 +42,7 @@ pub struct Bridge {
     proc: Proc,
     binary: PathBuf,
     args: Vec<String>,
+    soft_open_files: Option<u64>,
     dir: tempfile::TempDir,
     sockets: SocketDir,
 }
@@ -54,6 +55,16 @@ impl Bridge {
     }
 
     pub fn start_with(spire: &Spire, extra_args: &[&str]) -> Bridge {
+        Bridge::start_limited(spire, extra_args, None)
+    }
+
+    /// As `start_with`, with the soft RLIMIT_NOFILE lowered to `soft` before exec, as a
+    /// container runtime may leave it.
+    pub fn start_with_soft_open_file_limit(spire: &Spire, soft: u64) -> Bridge {
+        Bridge::start_limited(spire, &[], Some(soft))
+    }
+
+    fn start_limited(spire: &Spire, extra_args: &[&str], soft_open_files: Option<u64>) -> Bridge {
         let binary = workload_binary("svid-bridge", &bridge_binary());
         spire.create_entry(&EntrySpec::for_path(
             &bridge_spiffe_id(spire.trust_domain()),
@@ -74,11 +85,12 @@ impl Bridge {
             "--log-level=svid_bridge=debug,info".to_owned(),
         ];
         args.extend(extra_args.iter().map(|a| (*a).to_owned()));
-        let proc = spawn(&binary, &args, dir.path());
+        let proc = spawn(&binary, &args, dir.path(), soft_open_files);
         let bridge = Bridge {
             proc,
             binary,
             args,
+            soft_open_files,
             dir,
             sockets,
         };
@@ -126,13 +138,28 @@ impl Bridge {
     /// Starts the same binary with the same flags again (after `kill` or `stop`).
     pub fn restart(&mut self) {
         self.proc.stop();
-        self.proc = spawn(&self.binary, &self.args, self.dir.path());
+        self.proc = spawn(
+            &self.binary,
+            &self.args,
+            self.dir.path(),
+            self.soft_open_files,
+        );
         self.wait_serving();
     }
 }
 
-fn spawn(binary: &Path, args: &[String], dir: &Path) -> Proc {
-    let mut cmd = Command::new(binary);
+fn spawn(binary: &Path, args: &[String], dir: &Path, soft_open_files: Option<u64>) -> Proc {
+    let mut cmd = match soft_open_files {
+        // The shell lowers the limit and execs the bridge: same PID, same binary.
+        Some(soft) => {
+            let mut sh = Command::new("sh");
+            sh.arg("-c")
+                .arg(format!("ulimit -Sn {soft} && exec \"$0\" \"$@\""))
+                .arg(binary);
+            sh
+        }
+        None => Command::new(binary),
+    };
     cmd.args(args)
         .env_remove("RUST_LOG")
         .env_remove("SPIFFE_ENDPOINT_SOCKET");
