@@ -217,7 +217,10 @@ fn open_file_soft_limit_is_raised_to_the_hard_limit() {
         .unwrap();
     let fields: Vec<&str> = line.split_whitespace().collect();
     let (soft, hard) = (fields[3], fields[4]);
-    assert_ne!(hard, "256", "the hard limit must exceed the lowered soft one: {line}");
+    assert_ne!(
+        hard, "256",
+        "the hard limit must exceed the lowered soft one: {line}"
+    );
     assert_eq!(soft, hard, "{line}");
     assert!(
         bridge.logs().contains(&format!("open_files={hard}")),
