@@ -6,6 +6,7 @@
 
 // jemalloc: measured against glibc's malloc with 1,000 SDS streams
 // it spends about a third less CPU per pushed response at the same memory (BENCHMARKS.md §4.3).
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
