@@ -25,7 +25,8 @@ use svid_bridge::proto::csi::node_client::NodeClient;
 use svid_bridge::proto::csi::volume_capability::access_mode::Mode;
 use svid_bridge::proto::csi::volume_capability::{AccessMode, AccessType, MountVolume};
 use svid_bridge::proto::csi::{
-    NodePublishVolumeRequest, NodeUnpublishVolumeRequest, VolumeCapability,
+    NodeGetCapabilitiesRequest, NodePublishVolumeRequest, NodeUnpublishVolumeRequest,
+    VolumeCapability,
 };
 use tonic::transport::Channel;
 
@@ -46,8 +47,9 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         };
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread for the client: its own cross-thread wake-ups would otherwise add to
+    // either plugin's latency (both plugins see the same client).
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
@@ -210,6 +212,17 @@ struct Times {
     publish: Vec<f64>,
     unpublish: Vec<f64>,
     both: Vec<f64>,
+    /// NodeGetCapabilities: a call without filesystem work, i.e. the gRPC round trip.
+    rpc: Vec<f64>,
+}
+
+/// One call that touches no filesystem: what the gRPC round trip itself costs (µs).
+async fn round_trip(node: &mut NodeClient<Channel>, times: &mut Times) {
+    let t = Instant::now();
+    node.node_get_capabilities(NodeGetCapabilitiesRequest {})
+        .await
+        .unwrap_or_else(|e| panic!("NodeGetCapabilities: {e:?}"));
+    times.rpc.push(t.elapsed().as_secs_f64() * 1e6);
 }
 
 /// One pod's volume, published and unpublished; times in µs.
@@ -366,6 +379,7 @@ async fn run() {
                 for i in 0..BLOCK.min(cycles - b * BLOCK) {
                     let id = format!("pod-{extra_mounts}-{}-{b}-{i}", p.label());
                     cycle(clients.get_mut(&p).unwrap(), &layout, &id, times).await;
+                    round_trip(clients.get_mut(&p).unwrap(), times).await;
                 }
             }
             floor(
@@ -411,10 +425,11 @@ fn report(results: &BTreeMap<(String, usize), Times>, cycles: usize, extra: usiz
     );
     md.push_str("| other mounts | call | percentile | spiffe-csi-driver | svid-bridge | driver / bridge | floor (syscalls only) |\n|---|---|---|---|---|---|---|\n");
     type Pick = fn(&Times) -> &Vec<f64>;
-    let calls: [(&str, Pick); 3] = [
+    let calls: [(&str, Pick); 4] = [
         ("publish", |t| &t.publish),
         ("unpublish", |t| &t.unpublish),
         ("publish + unpublish", |t| &t.both),
+        ("no filesystem work (NodeGetCapabilities)", |t| &t.rpc),
     ];
     for m in [0, extra] {
         for (name, f) in calls {

@@ -11,8 +11,10 @@ use std::path::{Path, PathBuf};
 
 use tokio::net::{UnixListener, UnixStream};
 
+mod codec;
 mod h2_authority;
 
+pub use codec::SmallBufferCodec;
 pub use h2_authority::AuthorityFixingStream;
 
 #[derive(Debug, thiserror::Error)]

@@ -10,10 +10,14 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use spire_api::pb::spire::api::agent::delegatedidentity::v1::{
-    SubscribeToX509BundlesRequest, SubscribeToX509sviDsRequest, SubscribeToX509sviDsResponse,
-    delegated_identity_client::DelegatedIdentityClient,
+    SubscribeToX509BundlesRequest, SubscribeToX509BundlesResponse, SubscribeToX509sviDsRequest,
+    SubscribeToX509sviDsResponse,
 };
+use tonic::client::Grpc;
+use tonic::codec::Streaming;
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
 
 use super::IdentityError;
 use super::process::ProcessKey;
@@ -55,16 +59,49 @@ pub use crate::uds::channel as unix_channel;
 
 /// The agent's Delegated Identity API on its admin socket: per-workload SVIDs by PID.
 /// The bridge must be among the agent's `authorized_delegates`.
+///
+/// Calls are made with spire-api's message types but not its generated client, which
+/// hard-wires tonic's default codec: 8 KiB of decode buffer per subscription, and there is
+/// one subscription per workload (`uds::SmallBufferCodec` starts at 1 KiB).
 pub struct DelegatedSource {
-    client: DelegatedIdentityClient<Channel>,
+    agent: Grpc<Channel>,
 }
+
+const SUBSCRIBE_TO_X509_SVIDS: &str =
+    "/spire.api.agent.delegatedidentity.v1.DelegatedIdentity/SubscribeToX509SVIDs";
+const SUBSCRIBE_TO_X509_BUNDLES: &str =
+    "/spire.api.agent.delegatedidentity.v1.DelegatedIdentity/SubscribeToX509Bundles";
 
 impl DelegatedSource {
     pub fn new(admin_socket: PathBuf) -> Self {
-        let client = DelegatedIdentityClient::new(unix_channel(admin_socket))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES);
-        Self { client }
+        let agent =
+            Grpc::new(unix_channel(admin_socket)).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        Self { agent }
     }
+}
+
+/// One server-streaming call on the agent's connection (shared by every subscription).
+async fn subscribe<Req, Resp>(
+    mut agent: Grpc<Channel>,
+    path: &'static str,
+    request: Req,
+) -> Result<Streaming<Resp>, Status>
+where
+    Req: prost::Message + Send + Sync + 'static,
+    Resp: prost::Message + Default + Send + 'static,
+{
+    agent
+        .ready()
+        .await
+        .map_err(|err| Status::unknown(format!("agent connection not ready: {err}")))?;
+    agent
+        .server_streaming(
+            Request::new(request),
+            PathAndQuery::from_static(path),
+            crate::uds::SmallBufferCodec::new(),
+        )
+        .await
+        .map(Response::into_inner)
 }
 
 impl Source for DelegatedSource {
@@ -72,7 +109,7 @@ impl Source for DelegatedSource {
         &self,
         workload: Workload,
     ) -> BoxFuture<'static, Result<SvidStream, IdentityError>> {
-        let mut client = self.client.clone();
+        let agent = self.agent.clone();
         Box::pin(async move {
             let Workload::Process(process) = workload else {
                 return Err(IdentityError::NotAProcess);
@@ -81,11 +118,10 @@ impl Source for DelegatedSource {
                 selectors: Vec::new(),
                 pid: process.pid,
             };
-            let stream = client
-                .subscribe_to_x509svi_ds(request)
-                .await
-                .map_err(IdentityError::from_status)?
-                .into_inner();
+            let stream: Streaming<SubscribeToX509sviDsResponse> =
+                subscribe(agent, SUBSCRIBE_TO_X509_SVIDS, request)
+                    .await
+                    .map_err(IdentityError::from_status)?;
             let svids = stream
                 .map_err(IdentityError::from_status)
                 .and_then(|response| async move { svids_from_delegated(response) });
@@ -94,13 +130,15 @@ impl Source for DelegatedSource {
     }
 
     fn subscribe_bundles(&self) -> BoxFuture<'static, Result<BundleStream, IdentityError>> {
-        let mut client = self.client.clone();
+        let agent = self.agent.clone();
         Box::pin(async move {
-            let stream = client
-                .subscribe_to_x509_bundles(SubscribeToX509BundlesRequest {})
-                .await
-                .map_err(IdentityError::from_status)?
-                .into_inner();
+            let stream: Streaming<SubscribeToX509BundlesResponse> = subscribe(
+                agent,
+                SUBSCRIBE_TO_X509_BUNDLES,
+                SubscribeToX509BundlesRequest {},
+            )
+            .await
+            .map_err(IdentityError::from_status)?;
             let bundles =
                 stream
                     .map_err(IdentityError::from_status)

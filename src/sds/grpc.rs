@@ -1,66 +1,25 @@
 //! The HTTP/2 → gRPC routing of the three SDS methods, written out instead of using the
-//! server envoy-types generates: that one hard-wires tonic's default codec, which gives
-//! every stream an 8 KiB encode and an 8 KiB decode buffer up front. SDS requests are a
-//! few hundred bytes and responses a few KiB, and a node holds thousands of streams, so
-//! ours start at 1 KiB and grow only when a message needs it (BENCHMARKS.md §4.1).
+//! server envoy-types generates: that one hard-wires tonic's default codec (8 KiB + 8 KiB
+//! of buffers per stream); ours is `uds::SmallBufferCodec` (BENCHMARKS.md §4.1).
 
 use std::convert::Infallible;
-use std::marker::PhantomData;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
-use tonic::codec::{BufferSettings, Codec};
 use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
 use tonic::server::{Grpc, NamedService, StreamingService, UnaryService};
 use tonic::{Request, Response, Status, Streaming};
-use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
 use super::service::{ResponseStream, SdsService};
+use crate::uds::SmallBufferCodec;
 
 const SERVICE_NAME: &str = "envoy.service.secret.v3.SecretDiscoveryService";
 const STREAM_SECRETS: &str = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
 const DELTA_SECRETS: &str = "/envoy.service.secret.v3.SecretDiscoveryService/DeltaSecrets";
 const FETCH_SECRETS: &str = "/envoy.service.secret.v3.SecretDiscoveryService/FetchSecrets";
-
-/// Initial size of a stream's encode and decode buffers; they grow on demand.
-const CODEC_BUFFER_BYTES: usize = 1024;
-/// tonic's default: how much encoded data a response stream buffers before yielding.
-const CODEC_YIELD_THRESHOLD: usize = 32 * 1024;
-
-/// Protobuf codec with small initial buffers.
-struct SmallBufferCodec<T, U>(PhantomData<fn() -> (T, U)>);
-
-impl<T, U> SmallBufferCodec<T, U> {
-    fn new() -> Self {
-        Self(PhantomData)
-    }
-
-    fn settings() -> BufferSettings {
-        BufferSettings::new(CODEC_BUFFER_BYTES, CODEC_YIELD_THRESHOLD)
-    }
-}
-
-impl<T, U> Codec for SmallBufferCodec<T, U>
-where
-    T: prost::Message + Send + 'static,
-    U: prost::Message + Default + Send + 'static,
-{
-    type Encode = T;
-    type Decode = U;
-    type Encoder = ProstEncoder<T>;
-    type Decoder = ProstDecoder<U>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        ProstCodec::<T, U>::raw_encoder(Self::settings())
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        ProstCodec::<T, U>::raw_decoder(Self::settings())
-    }
-}
 
 /// The SDS gRPC service, ready for `tonic::transport::Server::add_service`.
 #[derive(Clone)]

@@ -33,14 +33,32 @@ pub enum ValidationMode {
     TrustedCa,
 }
 
+/// What answers depend on in an Envoy's node. A stream keeps this, not the node: Istio's
+/// node metadata runs to kilobytes, and every stream of every sidecar would hold a copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeTraits {
+    too_old_for_spiffe_validator: bool,
+    /// `disable_spiffe_cert_validation` from the node metadata, if set (B-14).
+    disable_validation: Option<bool>,
+}
+
+impl NodeTraits {
+    pub fn of(node: &Node) -> Self {
+        Self {
+            too_old_for_spiffe_validator: envoy_too_old_for_spiffe_validator(node),
+            disable_validation: disable_flag_from_metadata(node),
+        }
+    }
+}
+
 /// The mode for one Envoy: C-6 for the version, B-14 for the per-node override, which wins
 /// over the flag in both directions as in SPIRE.
-pub fn validation_mode(node: Option<&Node>, disabled_by_flag: bool) -> ValidationMode {
-    if node.is_some_and(envoy_too_old_for_spiffe_validator) {
+pub fn validation_mode(node: Option<NodeTraits>, disabled_by_flag: bool) -> ValidationMode {
+    if node.is_some_and(|n| n.too_old_for_spiffe_validator) {
         return ValidationMode::TrustedCa;
     }
     let disabled = node
-        .and_then(disable_flag_from_metadata)
+        .and_then(|n| n.disable_validation)
         .unwrap_or(disabled_by_flag);
     if disabled {
         ValidationMode::TrustedCa
@@ -488,6 +506,10 @@ pub(crate) mod tests {
         set
     }
 
+    fn mode_for(node: Option<&Node>, disabled_by_flag: bool) -> ValidationMode {
+        validation_mode(node.map(NodeTraits::of), disabled_by_flag)
+    }
+
     fn node(version: Option<(u32, u32)>, disable: Option<Kind>) -> Node {
         let mut node = Node::default();
         if let Some((major, minor)) = version {
@@ -516,35 +538,28 @@ pub(crate) mod tests {
     #[test]
     fn validation_mode_follows_version_flag_and_metadata() {
         use ValidationMode::*;
+        assert_eq!(mode_for(None, false), Spiffe, "no node: SPIFFE (C-6)");
         assert_eq!(
-            validation_mode(None, false),
-            Spiffe,
-            "no node: SPIFFE (C-6)"
-        );
-        assert_eq!(
-            validation_mode(Some(&node(Some((1, 17)), None)), false),
+            mode_for(Some(&node(Some((1, 17)), None)), false),
             TrustedCa,
             "1.17 is old (C-6)"
         );
-        assert_eq!(
-            validation_mode(Some(&node(Some((1, 18)), None)), false),
-            Spiffe
-        );
-        assert_eq!(validation_mode(None, true), TrustedCa);
+        assert_eq!(mode_for(Some(&node(Some((1, 18)), None)), false), Spiffe);
+        assert_eq!(mode_for(None, true), TrustedCa);
         // B-14: metadata overrides the flag both ways; strings as Go's ParseBool.
         assert_eq!(
-            validation_mode(Some(&node(None, Some(Kind::BoolValue(false)))), true),
+            mode_for(Some(&node(None, Some(Kind::BoolValue(false)))), true),
             Spiffe
         );
         assert_eq!(
-            validation_mode(
+            mode_for(
                 Some(&node(None, Some(Kind::StringValue("T".into())))),
                 false
             ),
             TrustedCa
         );
         assert_eq!(
-            validation_mode(
+            mode_for(
                 Some(&node(None, Some(Kind::StringValue("yes".into())))),
                 true
             ),
@@ -552,7 +567,7 @@ pub(crate) mod tests {
             "unparseable: ignored"
         );
         assert_eq!(
-            validation_mode(Some(&node(None, Some(Kind::NumberValue(1.0)))), false),
+            mode_for(Some(&node(None, Some(Kind::NumberValue(1.0)))), false),
             Spiffe,
             "numbers ignored"
         );

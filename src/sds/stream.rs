@@ -5,7 +5,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
     Resource as DeltaResource,
@@ -13,7 +12,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use tonic::Status;
 
 use super::names::{self, Quoted, Resource, SpecialNames};
-use super::secrets::{self, Encoded, SECRET_TYPE_URL, ValidationMode, View, Waiting};
+use super::secrets::{self, Encoded, NodeTraits, SECRET_TYPE_URL, ValidationMode, View, Waiting};
 
 /// Request limits; each overflow is an `InvalidArgument` that says which limit.
 #[derive(Clone, Copy, Debug)]
@@ -136,8 +135,8 @@ fn resolve_all(
 pub struct SotwStream {
     /// Names of the last accepted request; `None` until the first request.
     names: Option<BTreeMap<String, Resource>>,
-    /// The node from the first request that carried one (E10, D-10).
-    node: Option<Node>,
+    /// What matters of the node from the first request that carried one (E10, D-10).
+    node: Option<NodeTraits>,
     last_nonce: Option<String>,
     last_version: Option<String>,
     /// A request that must be answered even if the content did not change (E11).
@@ -145,8 +144,8 @@ pub struct SotwStream {
 }
 
 impl SotwStream {
-    pub fn node(&self) -> Option<&Node> {
-        self.node.as_ref()
+    pub fn node(&self) -> Option<NodeTraits> {
+        self.node
     }
 
     pub fn requested(&self) -> Option<&BTreeMap<String, Resource>> {
@@ -160,7 +159,7 @@ impl SotwStream {
     ) -> Result<Reaction, Status> {
         check_type_url(&request.type_url)?;
         if let Some(node) = &request.node {
-            self.node.get_or_insert_with(|| node.clone());
+            self.node.get_or_insert_with(|| NodeTraits::of(node));
         }
         let nonce = request.response_nonce.as_str();
         let first_on_stream = nonce.is_empty();
@@ -190,7 +189,7 @@ impl SotwStream {
         let Some(names) = &self.names else {
             return (None, BTreeMap::new());
         };
-        let mode = secrets::validation_mode(self.node.as_ref(), settings.validation_disabled);
+        let mode = secrets::validation_mode(self.node, settings.validation_disabled);
         let resolution = if names.is_empty() {
             Resolution {
                 secrets: view
@@ -232,7 +231,7 @@ impl SotwStream {
 #[derive(Debug, Default)]
 pub struct DeltaStream {
     subscribed: BTreeMap<String, Resource>,
-    node: Option<Node>,
+    node: Option<NodeTraits>,
     /// Version last sent per name.
     sent: BTreeMap<String, String>,
     /// Newly subscribed names: sent even if the client claims to have them (E23).
@@ -241,8 +240,8 @@ pub struct DeltaStream {
 }
 
 impl DeltaStream {
-    pub fn node(&self) -> Option<&Node> {
-        self.node.as_ref()
+    pub fn node(&self) -> Option<NodeTraits> {
+        self.node
     }
 
     pub fn subscribed(&self) -> &BTreeMap<String, Resource> {
@@ -256,7 +255,7 @@ impl DeltaStream {
     ) -> Result<Reaction, Status> {
         check_type_url(&request.type_url)?;
         if let Some(node) = &request.node {
-            self.node.get_or_insert_with(|| node.clone());
+            self.node.get_or_insert_with(|| NodeTraits::of(node));
         }
         // Subscription changes count whatever the nonce says; only ACK/NACK reading depends
         // on it.
@@ -292,7 +291,7 @@ impl DeltaStream {
         view: &View<'_>,
         settings: &StreamSettings,
     ) -> (Option<DeltaDiscoveryResponse>, BTreeMap<String, Waiting>) {
-        let mode = secrets::validation_mode(self.node.as_ref(), settings.validation_disabled);
+        let mode = secrets::validation_mode(self.node, settings.validation_disabled);
         let resolution = resolve_all(&self.subscribed, view, mode);
         let mut resources = Vec::new();
         for secret in resolution.secrets {
@@ -330,6 +329,9 @@ mod tests {
     use super::*;
     use crate::identity::{BundleSet, WorkloadSvids};
     use crate::sds::secrets::tests::{bundles, svid};
+    use envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType;
+    use envoy_types::pb::envoy::config::core::v3::{BuildVersion, Node};
+    use envoy_types::pb::envoy::r#type::v3::SemanticVersion;
     use envoy_types::pb::google::rpc::Status as RpcStatus;
     use proptest::prelude::*;
 
@@ -519,15 +521,30 @@ mod tests {
         // D-10 / E10: later requests omit the node (set_node_on_first_message_only).
         let settings = StreamSettings::default();
         let mut s = SotwStream::default();
-        let mut first = request(&["ROOTCA"], "", "");
-        first.node = Some(Node {
+        let old_envoy = Node {
             id: "sidecar~1".into(),
+            user_agent_version_type: Some(UserAgentVersionType::UserAgentBuildVersion(
+                BuildVersion {
+                    version: Some(SemanticVersion {
+                        major_number: 1,
+                        minor_number: 17,
+                        patch: 0,
+                    }),
+                    ..Default::default()
+                },
+            )),
             ..Default::default()
-        });
+        };
+        let mut first = request(&["ROOTCA"], "", "");
+        first.node = Some(old_envoy.clone());
         s.on_request(&first, &settings).unwrap();
-        s.on_request(&request(&["ROOTCA", "default"], "", ""), &settings)
+        let mut later = request(&["ROOTCA", "default"], "", "");
+        later.node = Some(Node::default());
+        s.on_request(&later, &settings).unwrap();
+        s.on_request(&request(&["default"], "", ""), &settings)
             .unwrap();
-        assert_eq!(s.node().unwrap().id, "sidecar~1");
+        assert_eq!(s.node(), Some(NodeTraits::of(&old_envoy)));
+        assert_ne!(s.node(), Some(NodeTraits::of(&Node::default())));
     }
 
     #[test]
