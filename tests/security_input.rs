@@ -310,6 +310,46 @@ fn request_of_size(
 
 /// Every SDS limit, each at the limit (served) and one over it (refused with an error that
 /// names the limit), on bridges started with small values of the flags.
+/// An Envoy pointed at the SDS socket with the wrong API (ADS, or an SDS method nobody
+/// serves) gets UNIMPLEMENTED, as it did from the generated server our own routing replaced
+/// (src/sds/grpc.rs), and the bridge goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn methods_we_do_not_serve_are_unimplemented() {
+    use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+    use tonic::codegen::http::uri::PathAndQuery;
+
+    let spire = Spire::start(spire_options_for_bridge("example.org"));
+    spire.create_entry(&EntrySpec::for_path(
+        &spire.id("tester"),
+        &this_test_binary(),
+    ));
+    let bridge = Bridge::start(&spire);
+    let socket = bridge.sds_socket();
+    for path in [
+        "/envoy.service.secret.v3.SecretDiscoveryService/NoSuchMethod",
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
+    ] {
+        let channel = svid_bridge::identity::source::unix_channel(socket.clone());
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let err = grpc
+            .unary::<DiscoveryRequest, DiscoveryResponse, _>(
+                tonic::Request::new(request(&["default"])),
+                PathAndQuery::from_static(path),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unimplemented, "{path}: {err:?}");
+    }
+    let response = sds_client(&socket)
+        .fetch_secrets(request(&["default"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(secrets_of(&response).len(), 1, "still serving");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_limit_holds_at_the_limit_and_refuses_just_over_it() {
     let spire = Spire::start(spire_options_for_bridge("example.org"));
