@@ -13,6 +13,8 @@
 //! same mkdir + bind mount and umount + rmdir done directly, without gRPC.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
+#[path = "../tests/csi_support/mod.rs"]
+mod csi_support;
 mod support;
 
 use std::collections::BTreeMap;
@@ -20,32 +22,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use support::plot::{self, AGENT, AGENT_LIGHT, BRIDGE, BRIDGE_LIGHT, Bar, BarPanel, Series};
-use svid_bridge::proto::csi::node_client::NodeClient;
-use svid_bridge::proto::csi::volume_capability::access_mode::Mode;
-use svid_bridge::proto::csi::volume_capability::{AccessMode, AccessType, MountVolume};
-use svid_bridge::proto::csi::{
-    NodeGetCapabilitiesRequest, NodePublishVolumeRequest, NodeUnpublishVolumeRequest,
-    VolumeCapability,
+use csi_support::{
+    add_mounts, publish_request, reexec_in_private_mount_ns, remove_mounts, unpublish_request,
 };
+use support::plot::{self, AGENT, AGENT_LIGHT, BRIDGE, BRIDGE_LIGHT, Bar, BarPanel, Series};
+use svid_bridge::proto::csi::NodeGetCapabilitiesRequest;
+use svid_bridge::proto::csi::node_client::NodeClient;
 use tonic::transport::Channel;
 
-const NS_ENV: &str = "SB_CSI_IN_PRIVATE_MOUNT_NS";
 const BLOCK: usize = 100;
 
 fn main() -> ExitCode {
-    if std::env::var_os(NS_ENV).is_none() {
-        let status = Command::new("unshare")
-            .args(["--mount", "--propagation", "private"])
-            .arg(std::env::current_exe().unwrap())
-            .env(NS_ENV, "1")
-            .status()
-            .expect("util-linux unshare (and root) are needed");
-        return if status.success() {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        };
+    if !csi_support::in_private_mount_ns() {
+        return reexec_in_private_mount_ns();
     }
     // One thread for the client: its own cross-thread wake-ups would otherwise add to
     // either plugin's latency (both plugins see the same client).
@@ -174,39 +163,6 @@ fn start_driver(layout: &Layout) -> Server {
     Server { child, socket }
 }
 
-/// What the kubelet sends for `csi: {driver: csi.spiffe.io, readOnly: true}`.
-fn publish(volume_id: &str, target: &Path) -> NodePublishVolumeRequest {
-    NodePublishVolumeRequest {
-        volume_id: volume_id.to_owned(),
-        target_path: target.to_string_lossy().into_owned(),
-        volume_capability: Some(VolumeCapability {
-            access_type: Some(AccessType::Mount(MountVolume::default())),
-            access_mode: Some(AccessMode {
-                mode: Mode::SingleNodeWriter as i32,
-            }),
-        }),
-        readonly: true,
-        volume_context: [
-            ("csi.storage.k8s.io/ephemeral", "true"),
-            ("csi.storage.k8s.io/pod.name", "web-0"),
-            ("csi.storage.k8s.io/pod.namespace", "default"),
-            ("csi.storage.k8s.io/pod.uid", "c3a32fc0"),
-            ("csi.storage.k8s.io/serviceAccount.name", "web"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect(),
-        ..Default::default()
-    }
-}
-
-fn unpublish(volume_id: &str, target: &Path) -> NodeUnpublishVolumeRequest {
-    NodeUnpublishVolumeRequest {
-        volume_id: volume_id.to_owned(),
-        target_path: target.to_string_lossy().into_owned(),
-    }
-}
-
 #[derive(Default)]
 struct Times {
     publish: Vec<f64>,
@@ -235,12 +191,12 @@ async fn cycle(node: &mut NodeClient<Channel>, layout: &Layout, id: &str, times:
     std::fs::create_dir_all(&pod).unwrap();
     let target = pod.join("mount");
     let t = Instant::now();
-    node.node_publish_volume(publish(id, &target))
+    node.node_publish_volume(publish_request(id, &target))
         .await
         .unwrap_or_else(|e| panic!("publish {}: {e:?}", target.display()));
     let p = t.elapsed();
     let t = Instant::now();
-    node.node_unpublish_volume(unpublish(id, &target))
+    node.node_unpublish_volume(unpublish_request(id, &target))
         .await
         .unwrap_or_else(|e| panic!("unpublish {}: {e:?}", target.display()));
     let u = t.elapsed();
@@ -270,23 +226,6 @@ fn floor(layout: &Layout, n: usize, times: &mut Times) {
         times.publish.push(p.as_secs_f64() * 1e6);
         times.unpublish.push(u.as_secs_f64() * 1e6);
         times.both.push((p + u).as_secs_f64() * 1e6);
-    }
-}
-
-fn add_mounts(dir: &Path, count: usize) {
-    let source = dir.join("source");
-    std::fs::create_dir_all(&source).unwrap();
-    for i in 0..count {
-        let target = dir.join(i.to_string());
-        std::fs::create_dir(&target).unwrap();
-        rustix::mount::mount_bind(&source, &target).unwrap();
-    }
-}
-
-fn remove_mounts(dir: &Path, count: usize) {
-    for i in 0..count {
-        let _ =
-            rustix::mount::unmount(dir.join(i.to_string()), rustix::mount::UnmountFlags::DETACH);
     }
 }
 

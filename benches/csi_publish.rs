@@ -11,10 +11,13 @@
 mod csi_support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use csi_support::{MOUNT_NS_ENV, Plugin, publish_request, total_mounts, unpublish_request};
+use csi_support::{
+    Plugin, add_mounts, publish_request, reexec_in_private_mount_ns, remove_mounts, total_mounts,
+    unpublish_request,
+};
 use rustix::fs::{AtFlags, CWD, StatxAttributes, StatxFlags};
 
 const CALLS: usize = 1000;
@@ -31,21 +34,6 @@ fn main() -> ExitCode {
         .unwrap();
     runtime.block_on(run());
     ExitCode::SUCCESS
-}
-
-fn reexec_in_private_mount_ns() -> ExitCode {
-    let status = Command::new("unshare")
-        .args(["--mount", "--propagation", "private"])
-        .arg(std::env::current_exe().unwrap())
-        .args(std::env::args_os().skip(1))
-        .env(MOUNT_NS_ENV, "1")
-        .status()
-        .expect("util-linux unshare");
-    if status.success() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
 }
 
 struct Row {
@@ -108,24 +96,6 @@ async fn measure(plugin: &Plugin, round: &str) -> Row {
 fn is_mount_root(path: &Path) -> bool {
     let stx = rustix::fs::statx(CWD, path, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::TYPE).unwrap();
     stx.stx_attributes.contains(StatxAttributes::MOUNT_ROOT)
-}
-
-/// `count` bind mounts of one directory onto as many directories below `dir`.
-fn add_mounts(dir: &Path, count: usize) {
-    let source = dir.join("source");
-    std::fs::create_dir_all(&source).unwrap();
-    for i in 0..count {
-        let target = dir.join(i.to_string());
-        std::fs::create_dir(&target).unwrap();
-        rustix::mount::mount_bind(&source, &target).unwrap();
-    }
-}
-
-fn remove_mounts(dir: &Path, count: usize) {
-    for i in 0..count {
-        rustix::mount::unmount(dir.join(i.to_string()), rustix::mount::UnmountFlags::DETACH)
-            .unwrap();
-    }
 }
 
 fn percentile(samples: &[Duration], p: f64) -> Duration {

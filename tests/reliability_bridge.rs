@@ -19,7 +19,7 @@ use common::load::{
     create_entries, percentile, proc_stats, responses, sample, scrape, spawn_child, unix_ms,
     wait_for_all,
 };
-use common::{EntrySpec, Proc, Spire, free_port, wait_until_with};
+use common::{Proc, Spire, free_port, wait_until_with};
 
 /// The workload child (see `common::load`); returns at once in a normal run.
 #[test]
@@ -29,10 +29,6 @@ fn sds_child() {
 
 const WAIT: Duration = Duration::from_secs(90);
 const WORKLOADS: usize = 50;
-
-fn this_test_binary() -> std::path::PathBuf {
-    std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap()
-}
 
 fn mtls_ok(client: &Sidecar, server: &Sidecar) -> bool {
     http_get(client.outbound()).is_ok_and(|r| {
@@ -232,10 +228,7 @@ fn open_file_soft_limit_is_raised_to_the_hard_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_socket_file_is_recreated() {
     let spire = Spire::start(spire_options_for_bridge("example.org"));
-    spire.create_entry(&EntrySpec::for_path(
-        &spire.id("tester"),
-        &this_test_binary(),
-    ));
+    spire.register_test_binary("tester");
     let bridge = Bridge::start(&spire);
     let socket = bridge.sds_socket();
     let mut stream = SdsStream::open(&socket, request(&["default"]))
@@ -354,10 +347,7 @@ async fn churn(socket: &std::path::Path, count: usize, concurrency: usize) -> us
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_clients_leave_nothing_behind() {
     let spire = Spire::start(spire_options_for_bridge("example.org"));
-    spire.create_entry(&EntrySpec::for_path(
-        &spire.id("tester"),
-        &this_test_binary(),
-    ));
+    spire.register_test_binary("tester");
     let metrics_port = free_port();
     let bridge = Bridge::start_with(
         &spire,

@@ -15,16 +15,12 @@ use common::bridge::{
     Bridge, SdsStream, request, sds_client, secrets_of, spire_options_for_bridge,
 };
 use common::load::describe;
-use common::{EntrySpec, Proc, Spire, wait_until, wait_until_with};
+use common::{Proc, Spire, wait_until, wait_until_with};
 use csi_support::{mounts_at, mounts_under, publish_request, unpublish_request};
 use svid_bridge::proto::csi::node_client::NodeClient;
 use tonic::transport::Channel;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn this_test_binary() -> PathBuf {
-    std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap()
-}
 
 /// A simulated node: a kubelet root with `pods/` under /tmp (short paths: the socket is
 /// reached as `<root>/pods/<uid>/volumes/kubernetes.io~csi/<vol>/mount/socket`).
@@ -105,7 +101,7 @@ figures_mount_ns_test! {
     /// content-hash version as before.
     async fn bridge_sigkill_keeps_pod_mounts_usable() {
         let spire = block(|| Spire::start(spire_options_for_bridge("example.org")));
-        block(|| spire.create_entry(&EntrySpec::for_path(&spire.id("tester"), &this_test_binary())));
+        block(|| spire.register_test_binary("tester"));
         let node = NodeDirs::new();
         let args = node.args();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -228,7 +224,7 @@ figures_mount_ns_test! {
     /// nothing can re-appear there (documented in RELIABILITY.md; such pods need a restart).
     async fn deleted_socket_directory_new_mounts_see_the_new_socket() {
         let spire = block(|| Spire::start(spire_options_for_bridge("example.org")));
-        block(|| spire.create_entry(&EntrySpec::for_path(&spire.id("tester"), &this_test_binary())));
+        block(|| spire.register_test_binary("tester"));
         let node = NodeDirs::new();
         let args = node.args();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

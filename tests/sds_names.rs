@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::this_test_binary;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -21,10 +23,6 @@ use envoy_types::pb::google::rpc::Status as RpcStatus;
 use prost::Message;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn this_test_binary() -> std::path::PathBuf {
-    std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap()
-}
 
 fn trust_domains(secret: &Secret) -> Vec<String> {
     let Some(secret::Type::ValidationContext(ctx)) = &secret.r#type else {
@@ -226,10 +224,7 @@ async fn wildcard_and_fetch_and_trusted_ca_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_clear_error_and_breaks_nothing() {
     let spire = Spire::start(spire_options_for_bridge("example.org"));
-    spire.create_entry(&EntrySpec::for_path(
-        &spire.id("tester"),
-        &this_test_binary(),
-    ));
+    spire.register_test_binary("tester");
     let bridge = Bridge::start(&spire);
     let socket = bridge.sds_socket();
 
@@ -317,10 +312,7 @@ async fn bad_input_gets_a_clear_error_and_breaks_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nack_is_never_answered_with_the_same_content() {
     let spire = Spire::start(spire_options_for_bridge("example.org"));
-    spire.create_entry(&EntrySpec::for_path(
-        &spire.id("tester"),
-        &this_test_binary(),
-    ));
+    spire.register_test_binary("tester");
     let bridge = Bridge::start(&spire);
     let mut stream = SdsStream::open(&bridge.sds_socket(), request(&["default"]))
         .await
@@ -372,10 +364,7 @@ async fn a_nack_is_never_answered_with_the_same_content() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_ends_streams_and_removes_every_socket() {
     let spire = Spire::start(spire_options_for_bridge("example.org"));
-    spire.create_entry(&EntrySpec::for_path(
-        &spire.id("tester"),
-        &this_test_binary(),
-    ));
+    spire.register_test_binary("tester");
     let kubelet = common::temp_dir("kubelet");
     std::fs::create_dir_all(kubelet.path().join("pods")).unwrap();
     let csi = common::SocketDir::new(kubelet.path(), "plugins_registry/csi.spiffe.io-reg.sock");

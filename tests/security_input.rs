@@ -9,13 +9,13 @@ mod common;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::bridge::{
     Bridge, SdsStream, request, sds_client, secrets_of, spire_options_for_bridge,
 };
-use common::{EntrySpec, Spire, wait_until_with};
+use common::{Spire, wait_until_with};
 use prost::Message;
 use svid_bridge::proto::csi::GetPluginInfoRequest;
 use svid_bridge::proto::csi::identity_client::IdentityClient;
@@ -24,10 +24,6 @@ use svid_bridge::proto::pluginregistration::registration_client::RegistrationCli
 
 const WAIT: Duration = Duration::from_secs(30);
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-fn this_test_binary() -> PathBuf {
-    std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap()
-}
 
 /// A kubelet root under /tmp (short socket paths) with `pods/`.
 fn kubelet_root() -> tempfile::TempDir {
@@ -136,10 +132,7 @@ fn server_closes(socket: &Path, bytes: &[u8], half_close: bool) -> (bool, Vec<u8
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_garbage_on_every_socket_is_refused() {
     let spire = Spire::start(spire_options_for_bridge("example.org"));
-    spire.create_entry(&EntrySpec::for_path(
-        &spire.id("tester"),
-        &this_test_binary(),
-    ));
+    spire.register_test_binary("tester");
     let root = kubelet_root();
     let mut bridge = start(&spire, &csi_args(root.path()));
     let sds = bridge.sds_socket();
@@ -319,10 +312,7 @@ async fn methods_we_do_not_serve_are_unimplemented() {
     use tonic::codegen::http::uri::PathAndQuery;
 
     let spire = Spire::start(spire_options_for_bridge("example.org"));
-    spire.create_entry(&EntrySpec::for_path(
-        &spire.id("tester"),
-        &this_test_binary(),
-    ));
+    spire.register_test_binary("tester");
     let bridge = Bridge::start(&spire);
     let socket = bridge.sds_socket();
     for path in [
@@ -353,8 +343,7 @@ async fn methods_we_do_not_serve_are_unimplemented() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_limit_holds_at_the_limit_and_refuses_just_over_it() {
     let spire = Spire::start(spire_options_for_bridge("example.org"));
-    let tester = spire.id("tester");
-    spire.create_entry(&EntrySpec::for_path(&tester, &this_test_binary()));
+    let tester = spire.register_test_binary("tester");
     let mut figures = Vec::new();
 
     // --max-names-per-request, --max-name-bytes, --max-request-bytes.

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::this_test_binary;
+
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -25,10 +27,6 @@ use svid_bridge::proto::pluginregistration::registration_client::RegistrationCli
 use svid_bridge::proto::pluginregistration::{InfoRequest, RegistrationStatus};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn this_test_binary() -> std::path::PathBuf {
-    std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap()
-}
 
 fn http_get(port: u16, path: &str) -> (u16, String) {
     common::envoy::http_request(
@@ -133,10 +131,7 @@ async fn play_kubelet(registration_socket: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_health_and_logs_through_an_sds_and_csi_scenario() {
     let spire = Spire::start(spire_options_for_bridge("example.org"));
-    spire.create_entry(&EntrySpec::for_path(
-        &spire.id("tester"),
-        &this_test_binary(),
-    ));
+    spire.register_test_binary("tester");
     let kubelet = temp_dir("kubelet");
     std::fs::create_dir_all(kubelet.path().join("pods")).unwrap();
     let csi_dir = common::SocketDir::new(kubelet.path(), "plugins_registry/csi.spiffe.io-reg.sock");

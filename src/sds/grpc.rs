@@ -3,6 +3,7 @@
 //! of buffers per stream); ours is `uds::SmallBufferCodec` (BENCHMARKS.md §4.1).
 
 use std::convert::Infallible;
+use std::future::{Ready, ready};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -64,49 +65,47 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let method = Method(Arc::clone(&self.service));
+        let service = Arc::clone(&self.service);
         match request.uri().path() {
             STREAM_SECRETS => {
                 let mut grpc = self.grpc::<DiscoveryResponse, DiscoveryRequest>();
-                Box::pin(async move { Ok(grpc.streaming(Sotw(method), request).await) })
+                Box::pin(async move { Ok(grpc.streaming(Sotw(service), request).await) })
             }
             DELTA_SECRETS => {
                 let mut grpc = self.grpc::<DeltaDiscoveryResponse, DeltaDiscoveryRequest>();
-                Box::pin(async move { Ok(grpc.streaming(Delta(method), request).await) })
+                Box::pin(async move { Ok(grpc.streaming(Delta(service), request).await) })
             }
             FETCH_SECRETS => {
                 let mut grpc = self.grpc::<DiscoveryResponse, DiscoveryRequest>();
-                Box::pin(async move { Ok(grpc.unary(Fetch(method), request).await) })
+                Box::pin(async move { Ok(grpc.unary(Fetch(service), request).await) })
             }
             _ => Box::pin(async { Ok(Status::unimplemented("").into_http()) }),
         }
     }
 }
 
-struct Method(Arc<SdsService>);
-struct Sotw(Method);
-struct Delta(Method);
-struct Fetch(Method);
+struct Sotw(Arc<SdsService>);
+struct Delta(Arc<SdsService>);
+struct Fetch(Arc<SdsService>);
 
 impl StreamingService<DiscoveryRequest> for Sotw {
     type Response = DiscoveryResponse;
     type ResponseStream = ResponseStream<DiscoveryResponse>;
-    type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
+    // Opening a stream does not wait: the response stream does the waiting.
+    type Future = Ready<Result<Response<Self::ResponseStream>, Status>>;
 
     fn call(&mut self, request: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
-        let service = Arc::clone(&self.0.0);
-        Box::pin(async move { service.stream_secrets(request) })
+        ready(self.0.stream_secrets(request))
     }
 }
 
 impl StreamingService<DeltaDiscoveryRequest> for Delta {
     type Response = DeltaDiscoveryResponse;
     type ResponseStream = ResponseStream<DeltaDiscoveryResponse>;
-    type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
+    type Future = Ready<Result<Response<Self::ResponseStream>, Status>>;
 
     fn call(&mut self, request: Request<Streaming<DeltaDiscoveryRequest>>) -> Self::Future {
-        let service = Arc::clone(&self.0.0);
-        Box::pin(async move { service.delta_secrets(request) })
+        ready(self.0.delta_secrets(request))
     }
 }
 
@@ -115,7 +114,7 @@ impl UnaryService<DiscoveryRequest> for Fetch {
     type Future = BoxFuture<Response<DiscoveryResponse>, Status>;
 
     fn call(&mut self, request: Request<DiscoveryRequest>) -> Self::Future {
-        let service = Arc::clone(&self.0.0);
+        let service = Arc::clone(&self.0);
         Box::pin(async move { service.fetch_secrets(request).await })
     }
 }

@@ -59,6 +59,11 @@ pub fn peer(name: &str) -> PathBuf {
 }
 
 /// The svid-bridge binary built for this test run.
+/// The running test binary, by its real path (what the unix attestor sees).
+pub fn this_test_binary() -> PathBuf {
+    std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap()
+}
+
 pub fn bridge_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_svid-bridge"))
 }

@@ -208,6 +208,14 @@ impl Spire {
     }
 
     /// `spiffe://<td>/<path>` (path without the leading slash).
+    /// Registers the running test binary as `spiffe://<td>/<name>`, so the test itself is a
+    /// workload the bridge serves; returns that ID.
+    pub fn register_test_binary(&self, name: &str) -> String {
+        let id = self.id(name);
+        self.create_entry(&EntrySpec::for_path(&id, &super::this_test_binary()));
+        id
+    }
+
     pub fn id(&self, path: &str) -> String {
         format!(
             "spiffe://{}/{}",

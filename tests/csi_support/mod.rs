@@ -57,6 +57,23 @@ pub fn run_in_private_mount_ns(name: &str) {
     );
 }
 
+/// For a benchmark binary: runs this very binary again, with its arguments, inside
+/// `unshare --mount --propagation private`, and returns its exit status.
+pub fn reexec_in_private_mount_ns() -> std::process::ExitCode {
+    let status = Command::new("unshare")
+        .args(["--mount", "--propagation", "private"])
+        .arg(std::env::current_exe().expect("own binary path"))
+        .args(std::env::args_os().skip(1))
+        .env(MOUNT_NS_ENV, "1")
+        .status()
+        .expect("util-linux unshare (and root) are needed");
+    if status.success() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
+}
+
 /// A test whose body runs in a private mount namespace: `NAME::in_private_mount_namespace`
 /// re-executes the binary to run `NAME::inner` there; `inner` returns at once elsewhere.
 #[macro_export]
@@ -311,5 +328,24 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogCapture {
 
     fn make_writer(&'a self) -> Self::Writer {
         self.clone()
+    }
+}
+
+/// `count` bind mounts of one directory onto as many directories below `dir`: a busy node.
+pub fn add_mounts(dir: &Path, count: usize) {
+    let source = dir.join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    for i in 0..count {
+        let target = dir.join(i.to_string());
+        std::fs::create_dir(&target).unwrap();
+        rustix::mount::mount_bind(&source, &target).unwrap();
+    }
+}
+
+/// Undoes `add_mounts`, so the temporary directory can be deleted.
+pub fn remove_mounts(dir: &Path, count: usize) {
+    for i in 0..count {
+        rustix::mount::unmount(dir.join(i.to_string()), rustix::mount::UnmountFlags::DETACH)
+            .unwrap();
     }
 }
