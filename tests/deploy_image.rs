@@ -60,8 +60,19 @@ fn copy_context(src: &Path, dst: &Path, rel: &str, ignored: &[String]) {
     }
 }
 
-#[test]
-fn build_context_holds_everything_cargo_needs_with_the_committed_lock() {
+/// The platform `cargo test` builds for, which is the image's platform (a Linux build stage).
+fn host_triple() -> String {
+    let out = Command::new("rustc").arg("-vV").output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .expect("rustc -vV names the host triple")
+        .to_owned()
+}
+
+/// Lays out the Dockerfile's build context (its COPY sources, minus .dockerignore) in a
+/// temporary directory.
+fn image_build_context() -> tempfile::TempDir {
     let ignored: Vec<String> = read(".dockerignore")
         .lines()
         .map(str::trim)
@@ -88,67 +99,89 @@ fn build_context_holds_everything_cargo_needs_with_the_committed_lock() {
             );
         }
     }
+    ctx
+}
+
+/// Whether Cargo can load the package in `ctx` as the image's `cargo build --release --locked`
+/// does, for this platform only. `--filter-platform`: without it Cargo wants every
+/// platform's crates (Windows ones too) in the local registry, which only a machine that
+/// once ran a plain `cargo fetch` has; the build stage itself only ever needs its own
+/// platform's. `--offline`: nothing is resolved anew, so the committed lock must match.
+fn cargo_loads_build_context(ctx: &Path) -> Result<(), String> {
+    let out = Command::new(env!("CARGO"))
+        .args(["metadata", "--locked", "--offline", "--format-version", "1"])
+        .args(["--filter-platform", &host_triple(), "--manifest-path"])
+        .arg(ctx.join("Cargo.toml"))
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Err(format!(
+            "cargo metadata: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let has_binary = meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"] == "svid-bridge")
+        .flat_map(|p| p["targets"].as_array().unwrap())
+        .any(|t| t["name"] == "svid-bridge" && t["kind"][0] == "bin");
+    if !has_binary {
+        return Err("no svid-bridge binary target in the context".to_owned());
+    }
+    // `cargo metadata` does not check that every declared target's file exists; a build does,
+    // before compiling anything. Asking it for a binary that does not exist stops right after
+    // the manifest loaded, listing the real ones.
+    let probe = Command::new(env!("CARGO"))
+        .args(["build", "--release", "--locked", "--offline"])
+        .args(["--bin", "no-such-binary", "--manifest-path"])
+        .arg(ctx.join("Cargo.toml"))
+        .env("CARGO_TARGET_DIR", ctx.join("target"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&probe.stderr);
+    if stderr.contains("no bin target named `no-such-binary`") && stderr.contains("svid-bridge") {
+        Ok(())
+    } else {
+        Err(format!("cargo build: {stderr}"))
+    }
+}
+
+#[test]
+fn build_context_holds_everything_cargo_needs_with_the_committed_lock() {
+    let ctx = image_build_context();
     for proto in ["proto/csi.proto", "proto/pluginregistration.proto"] {
         assert!(
             ctx.path().join(proto).exists(),
             "build.rs compiles {proto}: the Dockerfile must copy it"
         );
     }
-    // --locked: the lock must already match the manifest; --offline: nothing is resolved anew.
-    let out = Command::new(env!("CARGO"))
-        .args([
-            "metadata",
-            "--locked",
-            "--offline",
-            "--format-version",
-            "1",
-            "--manifest-path",
-        ])
-        .arg(ctx.path().join("Cargo.toml"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "cargo cannot load the image's build context:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // `cargo metadata` does not check that every declared target's file exists; a build does,
-    // before compiling anything. Asking it for a binary that does not exist stops right after
-    // the manifest loaded, listing the real ones.
-    let probe = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "--offline",
-            "--bin",
-            "no-such-binary",
-            "--manifest-path",
-        ])
-        .arg(ctx.path().join("Cargo.toml"))
-        .env("CARGO_TARGET_DIR", ctx.path().join("target"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&probe.stderr);
-    assert!(
-        stderr.contains("no bin target named `no-such-binary`") && stderr.contains("svid-bridge"),
-        "cargo build cannot load the image's build context:\n{stderr}"
-    );
-    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let package = meta["packages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "svid-bridge")
-        .unwrap();
-    assert!(
-        package["targets"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|t| t["name"] == "svid-bridge" && t["kind"][0] == "bin"),
-        "the svid-bridge binary target is in the context"
-    );
+    if let Err(e) = cargo_loads_build_context(ctx.path()) {
+        panic!("cargo cannot load the image's build context:\n{e}");
+    }
+}
+
+/// The check above can fail: a context that misses a target's sources (as if the Dockerfile
+/// forgot `COPY benches/`) or whose lock no longer matches the manifest is refused.
+#[test]
+fn build_context_check_refuses_a_missing_target_and_a_stale_lock() {
+    let ctx = image_build_context();
+    std::fs::remove_dir_all(ctx.path().join("benches")).unwrap();
+    let err = cargo_loads_build_context(ctx.path()).unwrap_err();
+    assert!(err.contains("benches"), "{err}");
+
+    // The package's own version moves on without the lock following (a release bump
+    // committed without `cargo update -w`): Cargo.lock still says the old one.
+    let ctx = image_build_context();
+    let manifest = ctx.path().join("Cargo.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let bumped = text.replacen("version = \"0.", "version = \"1000.", 1);
+    assert_ne!(text, bumped, "Cargo.toml has a 0.x package version");
+    std::fs::write(&manifest, bumped).unwrap();
+    let err = cargo_loads_build_context(ctx.path()).unwrap_err();
+    assert!(err.contains("--locked"), "{err}");
 }
 
 #[test]
