@@ -147,6 +147,9 @@ fn inspect(
         ..log
     });
     let report = runtime()?.block_on(svid_bridge::inspect::inspect(socket, &names, timeout))?;
-    print!("{report}");
-    Ok(())
+    print!("{}", report.text);
+    match report.not_served {
+        0 => Ok(()),
+        n => anyhow::bail!("{n} of the names asked for were not served (see above)"),
+    }
 }
