@@ -9,6 +9,7 @@ pub mod config;
 pub mod csi;
 pub mod identity;
 pub mod inspect;
+pub mod k8s;
 pub mod proto;
 pub mod sds;
 pub mod telemetry;
