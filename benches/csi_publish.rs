@@ -1,6 +1,6 @@
 //! NodePublishVolume + NodeUnpublishVolume latency over gRPC (1,000 of each) with the
 //! namespace's ~20 mounts and with 10,000 more, next to the cost of the two ways to ask
-//! "is this a mount point": a /proc/self/mountinfo scan (spiffe-csi-driver, csi.md M-1) and
+//! "is this a mount point": a /proc/self/mountinfo scan (spiffe-csi-driver, M-1) and
 //! statx STATX_ATTR_MOUNT_ROOT (what svid-bridge does).
 //!
 //! `cargo bench --bench csi_publish`. Needs root: the benchmark re-executes itself under

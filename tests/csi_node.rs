@@ -1,5 +1,6 @@
 //! CSI Node service with real bind mounts, each test in a private mount namespace (the
-//! host's mount table is never touched). Behaviour ids refer to reference/csi.md.
+//! host's mount table is never touched). Behaviour ids (P-1, R-4 …) are explained in
+//! docs/behaviours.md.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod csi_support;

@@ -1,5 +1,6 @@
-//! Kubelet plugin registration (csi.md §6): this test plays the kubelet's plugin watcher
-//! against the registration socket, and checks socket permissions and clean-up.
+//! Kubelet plugin registration (docs/behaviours.md, "Kubelet plugin registration"): this test
+//! plays the kubelet's plugin watcher against the registration socket, and checks socket
+//! permissions and clean-up.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod csi_support;

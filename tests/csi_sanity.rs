@@ -1,6 +1,6 @@
 //! csi-sanity (kubernetes-csi/csi-test, built by `make peers` into target/peers/bin) against
 //! the CSI plugin in its node-only, ephemeral-volume configuration, plus Rust ports of the
-//! sanity checks that apply, so they also run with cargo alone (csi.md §7).
+//! sanity checks that apply, so they also run with cargo alone (docs/behaviours.md, "csi-sanity").
 //!
 //! The plugin runs in-process (`csi::serve` on a temporary socket) until `svid-bridge run`
 //! serves CSI; csi-sanity runs as a child in the same private mount namespace, so even a

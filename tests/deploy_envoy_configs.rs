@@ -128,7 +128,7 @@ fn envoy_validate_refuses_a_misspelt_field() {
     }
 }
 
-/// The Istio-style bootstrap keeps the facts Istio depends on (envoy-and-istio.md I1, I3).
+/// The Istio-style bootstrap keeps the facts Istio depends on (I1, I3 in docs/behaviours.md).
 #[test]
 fn istio_bootstrap_has_istios_sds_shape() {
     let text =

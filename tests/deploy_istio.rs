@@ -2,7 +2,7 @@
 //! (the `sds-grpc` cluster, `default` and `ROOTCA`, Istio-format SPIFFE IDs) against
 //! svid-bridge and real SPIRE. Covers the flags docs/deploying.md tells Istio users to set:
 //! federation (`--default-bundle-name null --default-all-bundles-name ROOTCA`, as SPIRE's
-//! own Istio recipe, envoy-and-istio.md I5) and `--extra-trust-anchors` (migration from
+//! own Istio recipe, I5 in docs/behaviours.md) and `--extra-trust-anchors` (migration from
 //! istiod's CA). Peers outside the mesh's SPIRE (another trust domain's SVID, an istiod-issued
 //! certificate) are played by a Python TLS client with a client certificate.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -21,7 +21,7 @@ use common::{
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Istio's identity format (envoy-and-istio.md I4).
+/// Istio's identity format (I4 in docs/behaviours.md).
 fn istio_id(td: &str, ns: &str, sa: &str) -> String {
     format!("spiffe://{td}/ns/{ns}/sa/{sa}")
 }

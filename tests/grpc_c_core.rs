@@ -1,7 +1,7 @@
 //! A real gRPC C-core client (Python grpcio, tests/grpcio_client.py) against a tonic server on
 //! a Unix socket. C-core clients send the percent-encoded socket path as `:authority`, which
-//! hyper/h2 refuses (DESIGN.md "SDS behaviour"); `uds::incoming` must get them served, with
-//! the caller's credentials intact.
+//! hyper/h2 refuses (docs/behaviours.md, "gRPC C-core clients and :authority");
+//! `uds::incoming` must get them served, with the caller's credentials intact.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};

@@ -269,7 +269,8 @@ fn envoy_and_bridge_restarts_are_recovered() {
 }
 
 /// Envoy's `google_grpc` SDS client (gRPC C core) sends the percent-encoded socket path as
-/// `:authority`, which a default tonic server resets (DESIGN.md, "SDS behaviour").
+/// `:authority`, which a default tonic server resets (docs/behaviours.md, "gRPC C-core
+/// clients and :authority").
 #[test]
 fn envoy_google_grpc_sds_client_is_served() {
     let spire = Spire::start(spire_options_for_bridge("example.org"));

@@ -360,7 +360,8 @@ async fn a_nack_is_never_answered_with_the_same_content() {
 }
 
 /// SIGTERM: open streams end (Envoy reconnects to the next instance), the process exits 0,
-/// and every socket it created is gone, registration first (csi.md §6, R-5).
+/// and every socket it created is gone, registration first (R-5, and "Kubelet plugin
+/// registration" in docs/behaviours.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_ends_streams_and_removes_every_socket() {
     let spire = Spire::start(spire_options_for_bridge("example.org"));

@@ -517,12 +517,12 @@ fn leaf_id(response: &envoy_types::pb::envoy::service::discovery::v3::DiscoveryR
     cert_parts(&describe(&secrets_of(response)[0])).unwrap().0
 }
 
-/// Service level, per connection (spire-sds.md A-2: "the PID is per connection", the start
-/// time recorded at accept). A connection opened by Alice's process (this test process, as
-/// seen in the fake /proc: start time 1000). Alice's process "exits" while a descendant keeps
-/// the connection, and Mallory's process gets the PID (start time 2000). A new RPC on the
-/// old connection must not be answered with Mallory's identity: the process that opened the
-/// connection is gone.
+/// Service level, per connection (A-2 in docs/behaviours.md: the PID belongs to the
+/// connection, its start time is recorded at accept). A connection opened by Alice's process
+/// (this test process, as seen in the fake /proc: start time 1000). Alice's process "exits"
+/// while a descendant keeps the connection, and Mallory's process gets the PID (start time
+/// 2000). A new RPC on the old connection must not be answered with Mallory's identity: the
+/// process that opened the connection is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pid_reuse_is_not_served_on_a_connection_opened_by_the_old_process() {
     let proc = FakeProc::new();

@@ -39,7 +39,7 @@ else
     start=$SECONDS
     stage="$BIN/.stage-spiffe-csi"
     rm -rf "$stage" && mkdir -p "$stage"
-    # The driver reads its version from the build info (csi.md I-1): `go build` of a
+    # The driver reads its version from the build info (I-1 in docs/behaviours.md): `go build` of a
     # dependency's main package records the module version.
     (cd "$SRC" && go build -o "$stage/" github.com/spiffe/spiffe-csi/cmd/spiffe-csi-driver)
     mv -f "$stage/spiffe-csi-driver" "$BIN/spiffe-csi-driver"

@@ -225,7 +225,7 @@ impl Drop for Plugin {
 }
 
 /// What the kubelet sends for `csi: {driver: csi.spiffe.io, readOnly: true}` with
-/// `podInfoOnMount: true` (csi.md §4).
+/// `podInfoOnMount: true` (docs/behaviours.md, "Kubelet volume context").
 pub fn publish_request(volume_id: &str, target: &Path) -> NodePublishVolumeRequest {
     NodePublishVolumeRequest {
         volume_id: volume_id.to_owned(),
