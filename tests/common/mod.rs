@@ -18,6 +18,7 @@
 #![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod bridge;
+pub mod cluster;
 pub mod envoy;
 pub mod load;
 pub mod proc;

@@ -1,0 +1,985 @@
+//! End to end on a real single-node Kubernetes (issue #19, docs/testing.md): etcd,
+//! kube-apiserver, containerd and the kubelet (tests/common/cluster.rs), the chart installed
+//! as users install it, SPIRE server and agent as pods, Envoy sidecars in workload pods.
+//!
+//! One node per run: this is a `harness = false` test binary. `main` starts the node once,
+//! sets up the product, then runs the scenarios below in order, each printing
+//! `test NAME ... ok` (or FAILED with its panic), and a final cargo-style summary; the node
+//! is torn down at the end, also after a failure. Scenarios build on each other's state (the
+//! kubelet restart keeps the pods of the mTLS scenario), which is why they are not separate
+//! `#[test]`s. A name given on the command line (`cargo test --test k8s_node -- NAME`) runs
+//! the scenarios whose name contains it (the setup always runs).
+//!
+//! What differs from a production node: no scheduler or controller-manager (pods are bound
+//! with `nodeName`; the DaemonSet's pod is created by this test from the DaemonSet's own
+//! template, as its controller would), no CNI (every pod is `hostNetwork`), the chart is
+//! rendered with Helm's libraries (`chart-check render`) and applied with kubectl.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::bridge::http_get;
+use common::cluster::{BUSYBOX_IMAGE, Cluster, NODE_NAME, events_for, pod_json};
+use common::envoy::http_request;
+use common::{free_port, manifest_dir, peer, wait_until_with};
+
+const TD: &str = "example.org";
+const APPS_NS: &str = "apps";
+const BRIDGE_NS: &str = "svid-bridge";
+const SPIRE_NS: &str = "spire";
+const BRIDGE_IMAGE: &str = "local.test/svid-bridge:dev";
+const SPIRE_SERVER_IMAGE: &str = "local.test/spire-server:1.13.3";
+const SPIRE_AGENT_IMAGE: &str = "local.test/spire-agent:1.13.3";
+const ENVOY_IMAGE: &str = "local.test/envoy:1.40";
+const DRIVER: &str = "csi.spiffe.io";
+const P1_MESSAGE: &str = "pod.spec.volumes[].csi.readOnly must be set to 'true'";
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+fn id(ns: &str, sa: &str) -> String {
+    format!("spiffe://{TD}/ns/{ns}/sa/{sa}")
+}
+
+/// One Envoy sidecar pod: its ports on the host network.
+#[derive(Clone, Debug)]
+struct Workload {
+    name: String,
+    sa: String,
+    admin: u16,
+    inbound: u16,
+    outbound: u16,
+}
+
+impl Workload {
+    fn new(name: &str, sa: &str) -> Workload {
+        Workload {
+            name: name.to_string(),
+            sa: sa.to_string(),
+            admin: free_port(),
+            inbound: free_port(),
+            outbound: free_port(),
+        }
+    }
+
+    fn outbound_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.outbound))
+    }
+
+    fn admin_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.admin))
+    }
+}
+
+struct Env {
+    cluster: Cluster,
+    spire_server_socket: PathBuf,
+    agent_sockets: PathBuf,
+    /// The chart's objects (rendered by Helm's engine), for `kubectl delete`.
+    chart_objects: String,
+    /// The DaemonSet's pod template.
+    bridge_pod_template: serde_json::Value,
+    bridge_pod_seq: AtomicU64,
+    a: Workload,
+    b: Workload,
+    c: Workload,
+}
+
+type Scenario = fn(&Env);
+
+fn main() {
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let scenarios: Vec<(&str, Scenario)> = vec![
+        (
+            "kubelet_registers_the_plugin_without_a_registrar",
+            plugin_registered,
+        ),
+        ("chart_probes_pass_on_the_real_kubelet", chart_probes_pass),
+        ("pods_do_mtls_with_each_others_spiffe_ids", pods_do_mtls),
+        (
+            "third_service_account_is_refused",
+            third_service_account_refused,
+        ),
+        (
+            "volume_without_read_only_gets_the_p1_event",
+            volume_without_read_only,
+        ),
+        (
+            "kubelet_restart_keeps_mounts_and_identities",
+            kubelet_restart,
+        ),
+        (
+            "bridge_pod_replaced_under_traffic",
+            bridge_pod_replaced_under_traffic,
+        ),
+        (
+            "pod_deletion_unpublishes_everything",
+            pod_deletion_unpublishes,
+        ),
+        ("uninstall_leaves_nothing_behind", uninstall_leaves_nothing),
+    ];
+    let selected: Vec<_> = scenarios
+        .into_iter()
+        .filter(|(name, _)| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str())))
+        .collect();
+    println!("\nrunning {} tests (one Kubernetes node)", selected.len());
+    let started = Instant::now();
+    let env = match std::panic::catch_unwind(setup) {
+        Ok(env) => env,
+        Err(_) => {
+            println!("test setup ... FAILED\n\ntest result: FAILED. 0 passed; 1 failed");
+            std::process::exit(101);
+        }
+    };
+    println!(
+        "setup (node, images, SPIRE, chart) took {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    let mut failed = Vec::new();
+    let mut passed = 0;
+    for (name, scenario) in selected {
+        let t = Instant::now();
+        let ok = std::panic::catch_unwind(AssertUnwindSafe(|| scenario(&env))).is_ok();
+        let secs = t.elapsed().as_secs_f64();
+        if ok {
+            passed += 1;
+            println!("test {name} ... ok ({secs:.1}s)");
+        } else {
+            println!("test {name} ... FAILED ({secs:.1}s)");
+            failed.push(name);
+            // Later scenarios build on the earlier ones' state.
+            break;
+        }
+    }
+    let t = Instant::now();
+    drop(env);
+    println!("teardown took {:.1}s", t.elapsed().as_secs_f64());
+    if failed.is_empty() {
+        println!(
+            "\ntest result: ok. {passed} passed; 0 failed; finished in {:.1}s\n",
+            started.elapsed().as_secs_f64()
+        );
+    } else {
+        println!("\nfailures:\n    {}", failed.join("\n    "));
+        println!(
+            "\ntest result: FAILED. {passed} passed; {} failed; finished in {:.1}s\n",
+            failed.len(),
+            started.elapsed().as_secs_f64()
+        );
+        std::process::exit(101);
+    }
+}
+
+fn wait<T>(env: &Env, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    wait_until_with(TIMEOUT, what, &[&env.cluster], f)
+}
+
+// ------------------------------------------------------------------------- setup ----
+
+fn setup() -> Env {
+    let cluster = Cluster::start();
+    let t = Instant::now();
+    import_images(&cluster);
+    eprintln!(
+        "images built and imported in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    for ns in [SPIRE_NS, BRIDGE_NS, APPS_NS] {
+        cluster.ensure_namespace(ns);
+    }
+    let spire_dir = cluster.root().join("spire");
+    let agent_sockets = spire_dir.join("agent-sockets");
+    for d in [
+        "server-socket",
+        "server-data",
+        "agent-data",
+        "agent-sockets",
+        "admin-sockets",
+    ] {
+        std::fs::create_dir_all(spire_dir.join(d)).unwrap();
+    }
+    let spire_server_socket = spire_dir.join("server-socket/api.sock");
+
+    let t = Instant::now();
+    let server_port = free_port();
+    start_spire_server(&cluster, &spire_dir, server_port);
+    let mut env = Env {
+        spire_server_socket,
+        agent_sockets,
+        chart_objects: String::new(),
+        bridge_pod_template: serde_json::Value::Null,
+        bridge_pod_seq: AtomicU64::new(0),
+        a: Workload::new("envoy-a", "a"),
+        b: Workload::new("envoy-b", "b"),
+        c: Workload::new("envoy-c", "c"),
+        cluster,
+    };
+    wait(&env, "spire-server is healthy", || {
+        spire_server_ok(&env, &["healthcheck"]).then_some(())
+    });
+    let token = join_token(&env);
+    start_spire_agent(&env, &spire_dir, server_port, &token);
+    wait(&env, "spire-agent is healthy", || {
+        std::process::Command::new(peer("spire-agent"))
+            .args(["healthcheck", "-socketPath"])
+            .arg(env.agent_sockets.join("spire-agent.sock"))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+    });
+    eprintln!(
+        "SPIRE server and agent pods healthy in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+
+    // Entries: the bridge (an authorized delegate) and three workloads, by namespace and
+    // service account, as users write them.
+    create_entry(
+        &env,
+        &id(BRIDGE_NS, "svid-bridge"),
+        BRIDGE_NS,
+        "svid-bridge",
+    );
+    for sa in ["a", "b", "c"] {
+        create_entry(&env, &id(APPS_NS, sa), APPS_NS, sa);
+    }
+
+    let t = Instant::now();
+    install_chart(&mut env);
+    start_bridge_pod(&env);
+    eprintln!(
+        "chart installed, bridge pod ready in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    env
+}
+
+fn import_images(cluster: &Cluster) {
+    cluster.import_image(
+        BRIDGE_IMAGE,
+        &[(common::bridge_binary(), "/svid-bridge")],
+        &["--entrypoint", "/svid-bridge", "--cmd", "run"],
+    );
+    cluster.import_image(
+        SPIRE_SERVER_IMAGE,
+        &[(peer("spire-server"), "/spire-server")],
+        &["--entrypoint", "/spire-server", "--dir", "/tmp"],
+    );
+    cluster.import_image(
+        SPIRE_AGENT_IMAGE,
+        &[(peer("spire-agent"), "/spire-agent")],
+        &["--entrypoint", "/spire-agent", "--dir", "/tmp"],
+    );
+    let envoy = std::fs::canonicalize(peer("envoy")).unwrap();
+    cluster.import_image(
+        ENVOY_IMAGE,
+        &[(envoy, "/usr/local/bin/envoy")],
+        &["--entrypoint", "/usr/local/bin/envoy", "--dir", "/tmp"],
+    );
+}
+
+fn config_map(ns: &str, name: &str, key: &str, value: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": ns},
+        "data": {key: value},
+    })
+}
+
+fn host_dir(name: &str, path: &Path) -> serde_json::Value {
+    serde_json::json!({"name": name, "hostPath": {"path": path, "type": "Directory"}})
+}
+
+fn start_spire_server(cluster: &Cluster, dir: &Path, port: u16) {
+    let conf = format!(
+        r#"server {{
+    bind_address = "127.0.0.1"
+    bind_port = "{port}"
+    socket_path = "/run/spire/server-socket/api.sock"
+    trust_domain = "{TD}"
+    data_dir = "/run/spire/data"
+    log_level = "DEBUG"
+    ca_key_type = "ec-p256"
+    experimental {{
+        cache_reload_interval = "1s"
+    }}
+}}
+plugins {{
+    DataStore "sql" {{
+        plugin_data {{
+            database_type = "sqlite3"
+            connection_string = "/run/spire/data/datastore.sqlite3"
+        }}
+    }}
+    NodeAttestor "join_token" {{
+        plugin_data {{}}
+    }}
+    KeyManager "memory" {{
+        plugin_data {{}}
+    }}
+}}
+"#
+    );
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "spire-server", "namespace": SPIRE_NS, "labels": {"app": "spire-server"}},
+        "spec": {
+            "nodeName": NODE_NAME, "hostNetwork": true, "automountServiceAccountToken": false,
+            "containers": [{
+                "name": "spire-server", "image": SPIRE_SERVER_IMAGE, "imagePullPolicy": "Never",
+                "args": ["run", "-config", "/run/spire/config/server.conf"],
+                "volumeMounts": [
+                    {"name": "config", "mountPath": "/run/spire/config", "readOnly": true},
+                    {"name": "socket", "mountPath": "/run/spire/server-socket"},
+                    {"name": "data", "mountPath": "/run/spire/data"},
+                ],
+            }],
+            "volumes": [
+                {"name": "config", "configMap": {"name": "spire-server"}},
+                host_dir("socket", &dir.join("server-socket")),
+                host_dir("data", &dir.join("server-data")),
+            ],
+        },
+    });
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
+        config_map(SPIRE_NS, "spire-server", "server.conf", &conf), pod,
+    ]});
+    cluster.apply(&list.to_string());
+}
+
+fn start_spire_agent(env: &Env, dir: &Path, port: u16, token: &str) {
+    let bridge = id(BRIDGE_NS, "svid-bridge");
+    let conf = format!(
+        r#"agent {{
+    data_dir = "/run/spire/data"
+    log_level = "DEBUG"
+    server_address = "127.0.0.1"
+    server_port = "{port}"
+    socket_path = "/run/spire/agent-sockets/spire-agent.sock"
+    admin_socket_path = "/run/spire/admin-sockets/admin.sock"
+    trust_domain = "{TD}"
+    insecure_bootstrap = true
+    join_token = "{token}"
+    authorized_delegates = ["{bridge}"]
+    experimental {{
+        sync_interval = "1s"
+    }}
+}}
+plugins {{
+    NodeAttestor "join_token" {{
+        plugin_data {{}}
+    }}
+    KeyManager "memory" {{
+        plugin_data {{}}
+    }}
+    WorkloadAttestor "k8s" {{
+        plugin_data {{
+            kubelet_read_only_port = {ro}
+            node_name = "{NODE_NAME}"
+        }}
+    }}
+}}
+"#,
+        ro = env.cluster.kubelet_read_only_port(),
+    );
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "spire-agent", "namespace": SPIRE_NS, "labels": {"app": "spire-agent"}},
+        "spec": {
+            "nodeName": NODE_NAME, "hostNetwork": true, "hostPID": true,
+            "automountServiceAccountToken": false,
+            "containers": [{
+                "name": "spire-agent", "image": SPIRE_AGENT_IMAGE, "imagePullPolicy": "Never",
+                "args": ["run", "-config", "/run/spire/config/agent.conf"],
+                "volumeMounts": [
+                    {"name": "config", "mountPath": "/run/spire/config", "readOnly": true},
+                    {"name": "data", "mountPath": "/run/spire/data"},
+                    {"name": "agent-sockets", "mountPath": "/run/spire/agent-sockets"},
+                    {"name": "admin-sockets", "mountPath": "/run/spire/admin-sockets"},
+                ],
+            }],
+            "volumes": [
+                {"name": "config", "configMap": {"name": "spire-agent"}},
+                host_dir("data", &dir.join("agent-data")),
+                host_dir("agent-sockets", &dir.join("agent-sockets")),
+                host_dir("admin-sockets", &dir.join("admin-sockets")),
+            ],
+        },
+    });
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
+        config_map(SPIRE_NS, "spire-agent", "agent.conf", &conf), pod,
+    ]});
+    env.cluster.apply(&list.to_string());
+}
+
+/// `spire-server ARGS -socketPath <the server pod's socket, on the host>`.
+fn spire_server(env: &Env, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(peer("spire-server"))
+        .args(args)
+        .arg("-socketPath")
+        .arg(&env.spire_server_socket)
+        .output()
+        .expect("run spire-server")
+}
+
+fn spire_server_ok(env: &Env, args: &[&str]) -> bool {
+    spire_server(env, args).status.success()
+}
+
+fn join_token(env: &Env) -> String {
+    let out = spire_server(
+        env,
+        &[
+            "token",
+            "generate",
+            "-spiffeID",
+            &format!("spiffe://{TD}/node"),
+            "-output",
+            "json",
+        ],
+    );
+    assert!(out.status.success(), "token generate: {out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["value"].as_str().unwrap().to_string()
+}
+
+fn create_entry(env: &Env, spiffe_id: &str, ns: &str, sa: &str) {
+    let out = spire_server(
+        env,
+        &[
+            "entry",
+            "create",
+            "-parentID",
+            &format!("spiffe://{TD}/node"),
+            "-spiffeID",
+            spiffe_id,
+            "-selector",
+            &format!("k8s:ns:{ns}"),
+            "-selector",
+            &format!("k8s:sa:{sa}"),
+        ],
+    );
+    assert!(out.status.success(), "entry create {spiffe_id}: {out:?}");
+}
+
+fn install_chart(env: &mut Env) {
+    let root = env.cluster.root().to_path_buf();
+    let kubelet = env.cluster.kubelet_root();
+    let out = std::process::Command::new(peer("chart-check"))
+        .arg("render")
+        .args(["--namespace", BRIDGE_NS, "--release", "svid-bridge"])
+        .args([
+            "--set",
+            "image.registry=local.test",
+            "--set",
+            "image.repository=svid-bridge",
+        ])
+        .args(["--set", "image.tag=dev", "--set", "image.pullPolicy=Never"])
+        .args(["--set", &format!("kubeletPath={}", kubelet.display())])
+        .args([
+            "--set",
+            &format!(
+                "agentSockets.hostPath={}",
+                root.join("spire/agent-sockets").display()
+            ),
+        ])
+        .args([
+            "--set",
+            &format!(
+                "adminSocket.hostDir={}",
+                root.join("spire/admin-sockets").display()
+            ),
+        ])
+        .args(["--set", "logLevel=debug"])
+        // Host network (see start_bridge_pod): ports no other test uses.
+        .args(["--set", &format!("metrics.port={}", free_port())])
+        .args(["--set", &format!("health.port={}", free_port())])
+        .arg(manifest_dir().join("charts/svid-bridge"))
+        .output()
+        .expect("run chart-check");
+    assert!(
+        out.status.success(),
+        "chart-check render: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let objects = rendered["objects"].as_array().unwrap().clone();
+    let ds = objects
+        .iter()
+        .find(|o| o["kind"] == "DaemonSet")
+        .expect("the chart renders a DaemonSet")
+        .clone();
+    env.bridge_pod_template = ds["spec"]["template"].clone();
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects});
+    env.chart_objects = list.to_string();
+    env.cluster.apply(&env.chart_objects);
+}
+
+/// What the DaemonSet controller would create on this node: a pod from the DaemonSet's
+/// template, bound to the node. Waits until it is Ready (its readiness probe passes).
+fn start_bridge_pod(env: &Env) -> String {
+    let n = env.bridge_pod_seq.fetch_add(1, Ordering::SeqCst);
+    let name = format!("svid-bridge-{n}");
+    let mut template = env.bridge_pod_template.clone();
+    let mut spec = template["spec"].take();
+    spec["nodeName"] = serde_json::json!(NODE_NAME);
+    // The test node has no CNI: only host-network pods start (docs/testing.md).
+    spec["hostNetwork"] = serde_json::json!(true);
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": BRIDGE_NS, "labels": template["metadata"]["labels"].clone()},
+        "spec": spec,
+    });
+    env.cluster.apply(&pod.to_string());
+    wait(env, &format!("bridge pod {name} is Ready"), || {
+        pod_ready(env, BRIDGE_NS, &name).then_some(())
+    });
+    name
+}
+
+fn pod_ready(env: &Env, ns: &str, name: &str) -> bool {
+    pod_json(&env.cluster, ns, name).is_some_and(|p| {
+        p["status"]["conditions"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+    })
+}
+
+fn current_bridge_pod(env: &Env) -> String {
+    format!(
+        "svid-bridge-{}",
+        env.bridge_pod_seq.load(Ordering::SeqCst) - 1
+    )
+}
+
+/// An Envoy pod from envoy/sidecar.yaml: outbound to `upstream` (expecting its SPIFFE ID),
+/// inbound accepting `allowed`.
+fn envoy_pod(env: &Env, w: &Workload, upstream: &Workload, allowed: &str, read_only: bool) {
+    let template = std::fs::read_to_string(manifest_dir().join("envoy/sidecar.yaml")).unwrap();
+    let vars: BTreeMap<&str, String> = [
+        ("NODE_ID", w.name.clone()),
+        ("ADMIN_PORT", w.admin.to_string()),
+        ("SDS_SOCKET", "/spiffe-workload-api/socket".to_string()),
+        ("UPSTREAM_ADDRESS", "127.0.0.1".to_string()),
+        ("UPSTREAM_PORT", upstream.inbound.to_string()),
+        ("UPSTREAM_SPIFFE_ID", id(APPS_NS, &upstream.sa)),
+        ("INBOUND_PORT", w.inbound.to_string()),
+        ("INBOUND_ALLOWED_SPIFFE_ID", allowed.to_string()),
+        ("OUTBOUND_PORT", w.outbound.to_string()),
+    ]
+    .into_iter()
+    .collect();
+    let mut config = template;
+    for (k, v) in &vars {
+        config = config.replace(&format!("${{{k}}}"), v);
+    }
+    let unreplaced: Vec<&str> = config
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && l.contains("${"))
+        .collect();
+    assert!(
+        unreplaced.is_empty(),
+        "unreplaced variables: {unreplaced:?}"
+    );
+    let mut csi = serde_json::json!({"driver": DRIVER});
+    if read_only {
+        csi["readOnly"] = serde_json::json!(true);
+    }
+    let sa = serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": w.sa, "namespace": APPS_NS}});
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": w.name, "namespace": APPS_NS, "labels": {"app": w.name}},
+        "spec": {
+            "nodeName": NODE_NAME, "hostNetwork": true, "serviceAccountName": w.sa,
+            "automountServiceAccountToken": false,
+            "terminationGracePeriodSeconds": 2,
+            "containers": [{
+                "name": "envoy", "image": ENVOY_IMAGE, "imagePullPolicy": "Never",
+                "args": ["-c", "/etc/envoy/envoy.yaml", "--disable-hot-restart",
+                         "--concurrency", "1", "-l", "info"],
+                "volumeMounts": [
+                    {"name": "config", "mountPath": "/etc/envoy", "readOnly": true},
+                    {"name": "spiffe", "mountPath": "/spiffe-workload-api", "readOnly": true},
+                ],
+            }],
+            "volumes": [
+                {"name": "config", "configMap": {"name": w.name}},
+                {"name": "spiffe", "csi": csi},
+            ],
+        },
+    });
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
+        sa, config_map(APPS_NS, &w.name, "envoy.yaml", &config), pod,
+    ]});
+    env.cluster.apply(&list.to_string());
+}
+
+/// The serial numbers of the certificates an Envoy holds (admin /certs).
+fn envoy_cert_serials(w: &Workload) -> Vec<String> {
+    let Ok((200, body)) = http_request(w.admin_addr(), "GET", "/certs") else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let mut serials = Vec::new();
+    for c in v["certificates"].as_array().into_iter().flatten() {
+        for chain in c["cert_chain"].as_array().into_iter().flatten() {
+            if let Some(s) = chain["serial_number"].as_str() {
+                serials.push(s.to_string());
+            }
+        }
+    }
+    serials.sort();
+    serials.dedup();
+    serials
+}
+
+/// GET through `w`'s outbound listener: (status, what the server saw as caller, what `w`
+/// verified as server).
+fn call_through(w: &Workload) -> Option<(u16, String, String)> {
+    let r = http_get(w.outbound_addr()).ok()?;
+    Some((
+        r.status,
+        r.headers
+            .get("x-peer-spiffe-id")
+            .cloned()
+            .unwrap_or_default(),
+        r.headers
+            .get("x-upstream-verified-spiffe-id")
+            .cloned()
+            .unwrap_or_default(),
+    ))
+}
+
+fn pod_uid(env: &Env, ns: &str, name: &str) -> String {
+    pod_json(&env.cluster, ns, name).unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Mount points of pod `uid`'s volumes in the host mount table.
+fn pod_mounts(env: &Env, uid: &str) -> Vec<PathBuf> {
+    Cluster::mounts_under(&env.cluster.kubelet_root().join("pods").join(uid))
+}
+
+fn csi_target(env: &Env, uid: &str) -> PathBuf {
+    env.cluster
+        .kubelet_root()
+        .join("pods")
+        .join(uid)
+        .join("volumes/kubernetes.io~csi/spiffe/mount")
+}
+
+// --------------------------------------------------------------------- scenarios ----
+
+fn csinode_drivers(env: &Env) -> Vec<String> {
+    let out = env
+        .cluster
+        .kubectl_output(&["get", "csinode", NODE_NAME, "-o", "json"]);
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+        return Vec::new();
+    };
+    v["spec"]["drivers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// The kubelet registered our plugin through plugins_registry: CSINode lists it, and the
+/// bridge pod has a single container (no node-driver-registrar).
+fn plugin_registered(env: &Env) {
+    wait(env, "CSINode lists csi.spiffe.io", || {
+        csinode_drivers(env)
+            .contains(&DRIVER.to_string())
+            .then_some(())
+    });
+    let pod = pod_json(&env.cluster, BRIDGE_NS, &current_bridge_pod(env)).unwrap();
+    let containers: Vec<&str> = pod["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(containers, ["svid-bridge"], "no registrar sidecar");
+    let node = env.cluster.kubectl(&[
+        "get",
+        "node",
+        NODE_NAME,
+        "-o",
+        "jsonpath={.metadata.annotations}",
+    ]);
+    assert!(
+        node.contains("csi.volume.kubernetes.io/nodeid") && node.contains(NODE_NAME),
+        "node annotation with our node ID: {node}"
+    );
+}
+
+/// The chart's exec probes run by the real kubelet: Ready, never restarted, no Unhealthy
+/// event.
+fn chart_probes_pass(env: &Env) {
+    let name = current_bridge_pod(env);
+    wait(env, "the bridge pod is Ready", || {
+        pod_ready(env, BRIDGE_NS, &name).then_some(())
+    });
+    // The liveness probe's first run is after initialDelaySeconds (5 s): wait until the
+    // kubelet has run it, i.e. the container has been up for longer than a period.
+    let pod = pod_json(&env.cluster, BRIDGE_NS, &name).unwrap();
+    let status = &pod["status"]["containerStatuses"][0];
+    assert_eq!(status["restartCount"], 0, "{status}");
+    assert_eq!(status["ready"], true, "{status}");
+    let unhealthy: Vec<_> = events_for(&env.cluster, BRIDGE_NS, &name)
+        .into_iter()
+        .filter(|(reason, _)| reason == "Unhealthy" || reason == "BackOff")
+        .collect();
+    assert!(unhealthy.is_empty(), "probe failures: {unhealthy:?}");
+}
+
+fn pods_do_mtls(env: &Env) {
+    envoy_pod(env, &env.a, &env.b, &id(APPS_NS, "b"), true);
+    envoy_pod(env, &env.b, &env.a, &id(APPS_NS, "a"), true);
+    wait(env, "a → b over mTLS answers 200", || {
+        call_through(&env.a).filter(|r| r.0 == 200)
+    });
+    let (status, peer_seen_by_b, verified_by_a) = call_through(&env.a).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(peer_seen_by_b, id(APPS_NS, "a"), "b saw a's SPIFFE ID");
+    assert_eq!(verified_by_a, id(APPS_NS, "b"), "a verified b's SPIFFE ID");
+    let (status, peer_seen_by_a, verified_by_b) =
+        wait(env, "b → a over mTLS answers 200", || {
+            call_through(&env.b).filter(|r| r.0 == 200)
+        });
+    assert_eq!(status, 200);
+    assert_eq!(peer_seen_by_a, id(APPS_NS, "b"));
+    assert_eq!(verified_by_b, id(APPS_NS, "a"));
+    // One bind mount of the socket directory per pod, made by the bridge in its own pod and
+    // propagated to the host (Bidirectional).
+    for w in [&env.a, &env.b] {
+        let uid = pod_uid(env, APPS_NS, &w.name);
+        assert_eq!(
+            mount_count(env, &uid),
+            1,
+            "{} has its volume mounted once",
+            w.name
+        );
+    }
+}
+
+/// c has its own SVID (so its Envoy starts and connects) but a accepts only b.
+fn third_service_account_refused(env: &Env) {
+    envoy_pod(env, &env.c, &env.a, &id(APPS_NS, "b"), true);
+    wait(env, "c's Envoy holds its SVID", || {
+        (!envoy_cert_serials(&env.c).is_empty()).then_some(())
+    });
+    let r = call_through(&env.c);
+    assert!(
+        r.as_ref().is_some_and(|r| r.0 != 200),
+        "a must refuse c: {r:?}"
+    );
+    // ... while b still gets through.
+    assert_eq!(call_through(&env.b).map(|r| r.0), Some(200));
+}
+
+fn volume_without_read_only(env: &Env) {
+    let w = Workload::new("not-read-only", "a");
+    envoy_pod(env, &w, &env.b, &id(APPS_NS, "b"), false);
+    let msg = wait(env, "the kubelet reports our P-1 message", || {
+        events_for(&env.cluster, APPS_NS, &w.name)
+            .into_iter()
+            .find(|(_, m)| m.contains(P1_MESSAGE))
+    });
+    assert_eq!(msg.0, "FailedMount", "{msg:?}");
+    let pod = pod_json(&env.cluster, APPS_NS, &w.name).unwrap();
+    assert_eq!(pod["status"]["phase"], "Pending");
+    env.cluster
+        .kubectl(&["delete", "pod", "-n", APPS_NS, &w.name, "--wait=true"]);
+}
+
+fn mount_count(env: &Env, uid: &str) -> usize {
+    let target = csi_target(env, uid);
+    Cluster::mounts_under(&target)
+        .iter()
+        .filter(|m| **m == target)
+        .count()
+}
+
+fn kubelet_restart(env: &Env) {
+    let uids: Vec<String> = [&env.a, &env.b]
+        .iter()
+        .map(|w| pod_uid(env, APPS_NS, &w.name))
+        .collect();
+    let serials_before: Vec<Vec<String>> = [&env.a, &env.b]
+        .iter()
+        .map(|w| envoy_cert_serials(w))
+        .collect();
+    for uid in &uids {
+        assert_eq!(mount_count(env, uid), 1, "one mount before the restart");
+    }
+    env.cluster.restart_kubelet();
+    for w in [&env.a, &env.b] {
+        wait(env, "the restarted kubelet reports the pod Ready", || {
+            pod_ready(env, APPS_NS, &w.name).then_some(())
+        });
+    }
+    for (i, w) in [&env.a, &env.b].iter().enumerate() {
+        assert_eq!(
+            mount_count(env, &uids[i]),
+            1,
+            "still one mount after the restart"
+        );
+        assert_eq!(
+            envoy_cert_serials(w),
+            serials_before[i],
+            "same certificates"
+        );
+        assert_eq!(call_through(w).map(|r| r.0), Some(200));
+    }
+}
+
+fn bridge_pod_replaced_under_traffic(env: &Env) {
+    let serials_before: Vec<Vec<String>> = [&env.a, &env.b]
+        .iter()
+        .map(|w| envoy_cert_serials(w))
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let count = Arc::new(AtomicU64::new(0));
+    let traffic = {
+        let (stop, failures, count) = (stop.clone(), failures.clone(), count.clone());
+        let a = env.a.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match call_through(&a) {
+                    Some((200, _, _)) => {}
+                    other => failures.lock().unwrap().push(format!("{other:?}")),
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let old = current_bridge_pod(env);
+    env.cluster
+        .kubectl(&["delete", "pod", "-n", BRIDGE_NS, &old, "--wait=true"]);
+    wait(env, "the old bridge deregistered", || {
+        (!csinode_drivers(env).contains(&DRIVER.to_string())).then_some(())
+    });
+    start_bridge_pod(env);
+    wait(env, "CSINode lists csi.spiffe.io again", || {
+        csinode_drivers(env)
+            .contains(&DRIVER.to_string())
+            .then_some(())
+    });
+    // A new pod starts with the new bridge.
+    let d = Workload::new("envoy-d", "b");
+    envoy_pod(env, &d, &env.a, &id(APPS_NS, "b"), true);
+    wait(env, "the new pod's Envoy holds its SVID", || {
+        (!envoy_cert_serials(&d).is_empty()).then_some(())
+    });
+    stop.store(true, Ordering::SeqCst);
+    traffic.join().unwrap();
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {failures:?}",
+        failures.len(),
+        count.load(Ordering::SeqCst)
+    );
+    assert!(count.load(Ordering::SeqCst) > 10);
+    for (i, w) in [&env.a, &env.b].iter().enumerate() {
+        assert_eq!(
+            envoy_cert_serials(w),
+            serials_before[i],
+            "{} kept its certificates",
+            w.name
+        );
+    }
+    env.cluster
+        .kubectl(&["delete", "pod", "-n", APPS_NS, &d.name, "--wait=true"]);
+}
+
+fn pod_deletion_unpublishes(env: &Env) {
+    let uid = pod_uid(env, APPS_NS, &env.c.name);
+    assert_eq!(mount_count(env, &uid), 1);
+    env.cluster
+        .kubectl(&["delete", "pod", "-n", APPS_NS, &env.c.name, "--wait=true"]);
+    let pod_dir = env.cluster.kubelet_root().join("pods").join(&uid);
+    wait(env, "the pod's directory and mounts are gone", || {
+        (pod_mounts(env, &uid).is_empty() && !pod_dir.exists()).then_some(())
+    });
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mountinfo.contains(&uid),
+        "nothing of pod {uid} left in mountinfo"
+    );
+}
+
+fn uninstall_leaves_nothing(env: &Env) {
+    for w in [&env.a, &env.b] {
+        env.cluster
+            .kubectl(&["delete", "pod", "-n", APPS_NS, &w.name, "--wait=true"]);
+    }
+    let bridge = current_bridge_pod(env);
+    env.cluster
+        .kubectl(&["delete", "pod", "-n", BRIDGE_NS, &bridge, "--wait=true"]);
+    let out = env
+        .cluster
+        .kubectl_stdin_output(&["delete", "-f", "-", "--wait=true"], &env.chart_objects);
+    assert!(out.status.success(), "kubectl delete: {out:?}");
+    wait(env, "CSINode no longer lists csi.spiffe.io", || {
+        (!csinode_drivers(env).contains(&DRIVER.to_string())).then_some(())
+    });
+    let kubelet = env.cluster.kubelet_root();
+    let registry: Vec<_> = std::fs::read_dir(kubelet.join("plugins_registry"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(registry.is_empty(), "plugins_registry: {registry:?}");
+    assert!(
+        !env.agent_sockets.join("socket").exists(),
+        "the SDS socket is removed"
+    );
+    let csi_dir = kubelet.join("plugins").join(DRIVER);
+    let leftovers: Vec<_> = std::fs::read_dir(&csi_dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "{}: {leftovers:?}", csi_dir.display());
+    let pod_mounts: Vec<_> = Cluster::mounts_under(&kubelet.join("pods"))
+        .into_iter()
+        .filter(|m| m.to_string_lossy().contains("kubernetes.io~csi"))
+        .collect();
+    assert!(pod_mounts.is_empty(), "CSI mounts left: {pod_mounts:?}");
+    for kind in [
+        "csidriver/csi.spiffe.io",
+        "daemonset/svid-bridge",
+        "serviceaccount/svid-bridge",
+    ] {
+        let out = env.cluster.kubectl_output(&[
+            "get",
+            "-n",
+            BRIDGE_NS,
+            kind,
+            "--ignore-not-found",
+            "-o",
+            "name",
+        ]);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).trim().is_empty(),
+            "{kind} is gone"
+        );
+    }
+    let _ = BUSYBOX_IMAGE;
+}
