@@ -21,6 +21,7 @@ all: test
 # After `all`, so that a bare `make` still means `make test`.
 include mk/deploy.mk
 include mk/bench.mk
+include mk/cluster.mk
 
 peers:
 	bash tests/peers/install.sh

@@ -94,6 +94,10 @@ struct Env {
 type Scenario = fn(&Env);
 
 fn main() {
+    if std::env::var("SVID_BRIDGE_K8S_HOLD").is_ok_and(|v| v == "1") {
+        hold();
+        return;
+    }
     let filter: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
@@ -177,6 +181,43 @@ fn main() {
         );
         std::process::exit(101);
     }
+}
+
+/// `make cluster`: the node with SPIRE and the chart installed, kept until Ctrl-C (SIGINT)
+/// or SIGTERM, then torn down like after the tests.
+fn hold() {
+    use nix::sys::signal::{SigSet, Signal};
+    // Blocked before anything starts, so the signal is taken by `wait` below, never by the
+    // default action (which would skip the teardown). Children start with an empty mask.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block().expect("block SIGINT/SIGTERM");
+    let env = setup();
+    let kubeconfig = env.cluster.kubeconfig().display().to_string();
+    println!(
+        "\nThe test node is up: etcd, kube-apiserver (https://127.0.0.1:{port}), containerd, the kubelet,
+SPIRE server and agent (namespace {SPIRE_NS}), svid-bridge from charts/svid-bridge (namespace {BRIDGE_NS}).
+
+    export KUBECONFIG={kubeconfig}
+    kubectl get nodes,csinode
+    kubectl get pods -A
+
+Pods must set nodeName: {NODE_NAME}, hostNetwork: true and imagePullPolicy: Never (images:
+{BRIDGE_IMAGE}, {ENVOY_IMAGE}, {SPIRE_AGENT_IMAGE}, {BUSYBOX_IMAGE}).
+Workload entries: SPIFFE IDs {a}, {b}, {c} for service accounts a, b, c in namespace {APPS_NS}.
+Logs: {logs}
+Press Ctrl-C to stop the node and remove everything.",
+        port = env.cluster.api_port(),
+        a = id(APPS_NS, "a"),
+        b = id(APPS_NS, "b"),
+        c = id(APPS_NS, "c"),
+        logs = env.cluster.root().join("logs").display(),
+    );
+    let got = signals.wait().expect("wait for a signal");
+    println!("{got:?}: tearing the node down");
+    drop(env);
+    println!("done");
 }
 
 fn wait<T>(env: &Env, what: &str, f: impl FnMut() -> Option<T>) -> T {
@@ -727,19 +768,61 @@ fn plugin_registered(env: &Env) {
     );
 }
 
-/// The chart's exec probes run by the real kubelet: Ready, never restarted, no Unhealthy
-/// event.
+/// `prober_probe_total` of `pod`'s container from the kubelet's /metrics/probes (read-only
+/// port): (probe type, result) → count.
+fn probe_counts(env: &Env, pod: &str) -> BTreeMap<(String, String), f64> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], env.cluster.kubelet_read_only_port()));
+    let Ok((200, text)) = http_request(addr, "GET", "/metrics/probes") else {
+        return BTreeMap::new();
+    };
+    let mut counts = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("prober_probe_total{"))
+    {
+        if !line.contains(&format!("pod=\"{pod}\"")) {
+            continue;
+        }
+        let label = |name: &str| {
+            line.split(&format!("{name}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+        };
+        let value = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+        if let (Some(t), Some(r), Some(v)) = (label("probe_type"), label("result"), value) {
+            *counts.entry((t.to_string(), r.to_string())).or_insert(0.0) += v;
+        }
+    }
+    counts
+}
+
+/// The chart's exec probes (`svid-bridge healthcheck [--live]`), run by the real kubelet:
+/// both have succeeded, none has failed, the container never restarted.
 fn chart_probes_pass(env: &Env) {
     let name = current_bridge_pod(env);
-    wait(env, "the bridge pod is Ready", || {
-        pod_ready(env, BRIDGE_NS, &name).then_some(())
+    let key = |t: &str, r: &str| (t.to_string(), r.to_string());
+    // The liveness probe first runs after its initialDelaySeconds (5 s).
+    let counts = wait(env, "the kubelet ran both probes successfully", || {
+        let c = probe_counts(env, &name);
+        (c.get(&key("Liveness", "successful"))
+            .is_some_and(|v| *v >= 1.0)
+            && c.get(&key("Readiness", "successful"))
+                .is_some_and(|v| *v >= 1.0))
+        .then_some(c)
     });
-    // The liveness probe's first run is after initialDelaySeconds (5 s): wait until the
-    // kubelet has run it, i.e. the container has been up for longer than a period.
+    for t in ["Liveness", "Readiness"] {
+        for r in ["failed", "unknown"] {
+            assert_eq!(
+                counts.get(&key(t, r)).copied().unwrap_or(0.0),
+                0.0,
+                "{counts:?}"
+            );
+        }
+    }
+    assert!(pod_ready(env, BRIDGE_NS, &name));
     let pod = pod_json(&env.cluster, BRIDGE_NS, &name).unwrap();
     let status = &pod["status"]["containerStatuses"][0];
     assert_eq!(status["restartCount"], 0, "{status}");
-    assert_eq!(status["ready"], true, "{status}");
     let unhealthy: Vec<_> = events_for(&env.cluster, BRIDGE_NS, &name)
         .into_iter()
         .filter(|(reason, _)| reason == "Unhealthy" || reason == "BackOff")
@@ -981,5 +1064,4 @@ fn uninstall_leaves_nothing(env: &Env) {
             "{kind} is gone"
         );
     }
-    let _ = BUSYBOX_IMAGE;
 }
