@@ -13,7 +13,7 @@
 //! What differs from a production node: no scheduler or controller-manager (pods are bound
 //! with `nodeName`; the DaemonSet's pod is created by this test from the DaemonSet's own
 //! template, as its controller would), no CNI (every pod is `hostNetwork`), the chart is
-//! rendered with Helm's libraries (`chart-check render`) and applied with kubectl.
+//! installed and uninstalled with Helm's action package (`chart-check install|uninstall`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 mod common;
@@ -81,8 +81,6 @@ struct Env {
     cluster: Cluster,
     spire_server_socket: PathBuf,
     agent_sockets: PathBuf,
-    /// The chart's objects (rendered by Helm's engine), for `kubectl delete`.
-    chart_objects: String,
     /// The DaemonSet's pod template.
     bridge_pod_template: serde_json::Value,
     bridge_pod_seq: AtomicU64,
@@ -256,7 +254,6 @@ fn setup() -> Env {
     let mut env = Env {
         spire_server_socket,
         agent_sockets,
-        chart_objects: String::new(),
         bridge_pod_template: serde_json::Value::Null,
         bridge_pod_seq: AtomicU64::new(0),
         a: Workload::new("envoy-a", "a"),
@@ -515,8 +512,11 @@ fn create_entry(env: &Env, spiffe_id: &str, ns: &str, sa: &str) {
 fn install_chart(env: &mut Env) {
     let root = env.cluster.root().to_path_buf();
     let kubelet = env.cluster.kubelet_root();
+    // `helm install`, through Helm's action package (chart-check install).
+    let kubeconfig = env.cluster.kubeconfig().display().to_string();
     let out = std::process::Command::new(peer("chart-check"))
-        .arg("render")
+        .arg("install")
+        .args(["--kubeconfig", &kubeconfig])
         .args(["--namespace", BRIDGE_NS, "--release", "svid-bridge"])
         .args([
             "--set",
@@ -549,20 +549,27 @@ fn install_chart(env: &mut Env) {
         .expect("run chart-check");
     assert!(
         out.status.success(),
-        "chart-check render: {}",
+        "chart-check install: {}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let rendered: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let objects = rendered["objects"].as_array().unwrap().clone();
-    let ds = objects
-        .iter()
-        .find(|o| o["kind"] == "DaemonSet")
-        .expect("the chart renders a DaemonSet")
-        .clone();
+    let ds: serde_json::Value = serde_json::from_str(&env.cluster.kubectl(&[
+        "get",
+        "daemonset",
+        "-n",
+        BRIDGE_NS,
+        "svid-bridge",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
     env.bridge_pod_template = ds["spec"]["template"].clone();
-    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects});
-    env.chart_objects = list.to_string();
-    env.cluster.apply(&env.chart_objects);
+    env.cluster.kubectl(&[
+        "get",
+        "-n",
+        BRIDGE_NS,
+        "secret/sh.helm.release.v1.svid-bridge.v1",
+    ]);
 }
 
 /// What the DaemonSet controller would create on this node: a pod from the DaemonSet's
@@ -1017,10 +1024,14 @@ fn uninstall_leaves_nothing(env: &Env) {
     let bridge = current_bridge_pod(env);
     env.cluster
         .kubectl(&["delete", "pod", "-n", BRIDGE_NS, &bridge, "--wait=true"]);
-    let out = env
-        .cluster
-        .kubectl_stdin_output(&["delete", "-f", "-", "--wait=true"], &env.chart_objects);
-    assert!(out.status.success(), "kubectl delete: {out:?}");
+    // `helm uninstall`, through Helm's action package.
+    let kubeconfig = env.cluster.kubeconfig().display().to_string();
+    let out = std::process::Command::new(peer("chart-check"))
+        .args(["uninstall", "--kubeconfig", &kubeconfig])
+        .args(["--namespace", BRIDGE_NS, "--release", "svid-bridge"])
+        .output()
+        .expect("run chart-check");
+    assert!(out.status.success(), "chart-check uninstall: {out:?}");
     wait(env, "CSINode no longer lists csi.spiffe.io", || {
         (!csinode_drivers(env).contains(&DRIVER.to_string())).then_some(())
     });
@@ -1049,6 +1060,8 @@ fn uninstall_leaves_nothing(env: &Env) {
         "csidriver/csi.spiffe.io",
         "daemonset/svid-bridge",
         "serviceaccount/svid-bridge",
+        // Helm's release record.
+        "secret/sh.helm.release.v1.svid-bridge.v1",
     ] {
         let out = env.cluster.kubectl_output(&[
             "get",

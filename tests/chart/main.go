@@ -70,6 +70,10 @@ func main() {
 		err = render(os.Args[2:])
 	case "istio-template":
 		err = istioTemplate(os.Args[2:])
+	case "install":
+		err = install(os.Args[2:])
+	case "uninstall":
+		err = uninstall(os.Args[2:])
 	case "decode":
 		err = decodeFiles(os.Args[2:])
 	case "version":
@@ -109,6 +113,34 @@ type multiFlag []string
 func (m *multiFlag) String() string     { return strings.Join(*m, ",") }
 func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }
 
+// userValues merges user-supplied values as helm does: files in order, then --set, then
+// --set-string.
+func userValues(valueFiles, sets, setStrings []string) (map[string]any, error) {
+	userVals := map[string]any{}
+	for _, f := range valueFiles {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			return nil, err
+		}
+		vals, err := loader.LoadValues(bytes.NewReader(data))
+		if err != nil {
+			return nil, fmt.Errorf("values file %s: %w", f, err)
+		}
+		userVals = loader.MergeMaps(userVals, vals)
+	}
+	for _, s := range sets {
+		if err := strvals.ParseInto(s, userVals); err != nil {
+			return nil, fmt.Errorf("--set %s: %w", s, err)
+		}
+	}
+	for _, s := range setStrings {
+		if err := strvals.ParseIntoString(s, userVals); err != nil {
+			return nil, fmt.Errorf("--set-string %s: %w", s, err)
+		}
+	}
+	return userVals, nil
+}
+
 func render(args []string) error {
 	fs := flag.NewFlagSet("render", flag.ContinueOnError)
 	var valueFiles, sets, setStrings multiFlag
@@ -126,28 +158,9 @@ func render(args []string) error {
 	}
 	chartDir := fs.Arg(0)
 
-	// User-supplied values, merged as helm does: files in order, then --set.
-	userVals := map[string]any{}
-	for _, f := range valueFiles {
-		data, err := os.ReadFile(f)
-		if err != nil {
-			return err
-		}
-		vals, err := loader.LoadValues(bytes.NewReader(data))
-		if err != nil {
-			return fmt.Errorf("values file %s: %w", f, err)
-		}
-		userVals = loader.MergeMaps(userVals, vals)
-	}
-	for _, s := range sets {
-		if err := strvals.ParseInto(s, userVals); err != nil {
-			return fmt.Errorf("--set %s: %w", s, err)
-		}
-	}
-	for _, s := range setStrings {
-		if err := strvals.ParseIntoString(s, userVals); err != nil {
-			return fmt.Errorf("--set-string %s: %w", s, err)
-		}
+	userVals, err := userValues(valueFiles, sets, setStrings)
+	if err != nil {
+		return err
 	}
 
 	chrt, err := loader.Load(chartDir)
