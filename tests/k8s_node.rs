@@ -808,33 +808,44 @@ fn probe_counts(env: &Env, pod: &str) -> BTreeMap<(String, String), f64> {
 fn chart_probes_pass(env: &Env) {
     let name = current_bridge_pod(env);
     let key = |t: &str, r: &str| (t.to_string(), r.to_string());
+    let count = |c: &BTreeMap<(String, String), f64>, t: &str, r: &str| {
+        c.get(&key(t, r)).copied().unwrap_or(0.0)
+    };
+    // The pod is Ready (setup waited for it). A readiness probe may have failed before that:
+    // the first one runs 1 s after the start, possibly before the bridge had its own SVID
+    // and the agent's bundle; that is what readiness is for. From now on none may fail.
+    assert!(pod_ready(env, BRIDGE_NS, &name));
+    let before = probe_counts(env, &name);
+    for (_, m) in events_for(&env.cluster, BRIDGE_NS, &name)
+        .iter()
+        .filter(|(r, _)| r == "Unhealthy")
+    {
+        eprintln!("before Ready: {m}");
+    }
     // The liveness probe first runs after its initialDelaySeconds (5 s).
-    let counts = wait(env, "the kubelet ran both probes successfully", || {
+    let after = wait(env, "the kubelet ran both probes successfully", || {
         let c = probe_counts(env, &name);
-        (c.get(&key("Liveness", "successful"))
-            .is_some_and(|v| *v >= 1.0)
-            && c.get(&key("Readiness", "successful"))
-                .is_some_and(|v| *v >= 1.0))
+        (count(&c, "Liveness", "successful") >= 1.0
+            && count(&c, "Readiness", "successful") > count(&before, "Readiness", "successful"))
         .then_some(c)
     });
-    for t in ["Liveness", "Readiness"] {
-        for r in ["failed", "unknown"] {
-            assert_eq!(
-                counts.get(&key(t, r)).copied().unwrap_or(0.0),
-                0.0,
-                "{counts:?}"
-            );
-        }
+    for r in ["failed", "unknown"] {
+        assert_eq!(count(&after, "Liveness", r), 0.0, "{after:?}");
+        assert_eq!(
+            count(&after, "Readiness", r),
+            count(&before, "Readiness", r),
+            "no readiness failure once Ready: {before:?} then {after:?}"
+        );
     }
     assert!(pod_ready(env, BRIDGE_NS, &name));
     let pod = pod_json(&env.cluster, BRIDGE_NS, &name).unwrap();
     let status = &pod["status"]["containerStatuses"][0];
     assert_eq!(status["restartCount"], 0, "{status}");
-    let unhealthy: Vec<_> = events_for(&env.cluster, BRIDGE_NS, &name)
+    let liveness_failures: Vec<_> = events_for(&env.cluster, BRIDGE_NS, &name)
         .into_iter()
-        .filter(|(reason, _)| reason == "Unhealthy" || reason == "BackOff")
+        .filter(|(reason, m)| reason == "BackOff" || m.contains("Liveness probe failed"))
         .collect();
-    assert!(unhealthy.is_empty(), "probe failures: {unhealthy:?}");
+    assert!(liveness_failures.is_empty(), "{liveness_failures:?}");
 }
 
 fn pods_do_mtls(env: &Env) {
@@ -873,13 +884,53 @@ fn third_service_account_refused(env: &Env) {
     wait(env, "c's Envoy holds its SVID", || {
         (!envoy_cert_serials(&env.c).is_empty()).then_some(())
     });
+    assert!(
+        envoy_cert_uris(&env.c).contains(&id(APPS_NS, "c")),
+        "c holds its own SPIFFE ID: {:?}",
+        envoy_cert_uris(&env.c)
+    );
+    let refused_before = envoy_counter(&env.a, "ssl.fail_verify_san");
     let r = call_through(&env.c);
     assert!(
-        r.as_ref().is_some_and(|r| r.0 != 200),
+        r.as_ref().is_some_and(|r| r.0 == 503),
         "a must refuse c: {r:?}"
     );
+    wait(env, "a's Envoy counts the refused SAN", || {
+        (envoy_counter(&env.a, "ssl.fail_verify_san") > refused_before).then_some(())
+    });
     // ... while b still gets through.
     assert_eq!(call_through(&env.b).map(|r| r.0), Some(200));
+}
+
+/// The URI SANs of the certificates an Envoy holds (admin /certs).
+fn envoy_cert_uris(w: &Workload) -> Vec<String> {
+    let Ok((200, body)) = http_request(w.admin_addr(), "GET", "/certs") else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let mut uris = Vec::new();
+    for c in v["certificates"].as_array().into_iter().flatten() {
+        for chain in c["cert_chain"].as_array().into_iter().flatten() {
+            for san in chain["subject_alt_names"].as_array().into_iter().flatten() {
+                if let Some(u) = san["uri"].as_str() {
+                    uris.push(u.to_string());
+                }
+            }
+        }
+    }
+    uris
+}
+
+/// The sum of an Envoy's counters whose name ends with `suffix` (admin /stats).
+fn envoy_counter(w: &Workload, suffix: &str) -> u64 {
+    let Ok((200, body)) = http_request(w.admin_addr(), "GET", "/stats") else {
+        return 0;
+    };
+    body.lines()
+        .filter_map(|l| l.split_once(": "))
+        .filter(|(name, _)| name.ends_with(suffix))
+        .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+        .sum()
 }
 
 fn volume_without_read_only(env: &Env) {
@@ -936,6 +987,20 @@ fn kubelet_restart(env: &Env) {
         );
         assert_eq!(call_through(w).map(|r| r.0), Some(200));
     }
+    // The restarted kubelet found the plugin again: a new pod gets its volume and SVID.
+    let e = Workload::new("envoy-e", "b");
+    envoy_pod(env, &e, &env.a, &id(APPS_NS, "b"), true);
+    wait(
+        env,
+        "a pod created after the restart holds its SVID",
+        || {
+            envoy_cert_uris(&e)
+                .contains(&id(APPS_NS, "b"))
+                .then_some(())
+        },
+    );
+    env.cluster
+        .kubectl(&["delete", "pod", "-n", APPS_NS, &e.name, "--wait=true"]);
 }
 
 fn bridge_pod_replaced_under_traffic(env: &Env) {
