@@ -36,15 +36,47 @@ fn instructions() -> Vec<String> {
     out
 }
 
+/// Whether .dockerignore keeps `path` (relative to the context) out of the build context, as
+/// the builder reads it: a pattern also covers everything under a directory it names, a `!`
+/// pattern brings a path back, and the last pattern that matches wins.
+fn dockerignore_excludes(ignored: &[String], path: &str) -> bool {
+    let mut excluded = false;
+    for pattern in ignored {
+        let (keep, p) = match pattern.strip_prefix('!') {
+            Some(p) => (true, p),
+            None => (false, pattern.as_str()),
+        };
+        let p = p.trim_end_matches('/');
+        let matches = path == p
+            || path.starts_with(&format!("{p}/"))
+            // `*` does not cross a `/`: `*.md` is the context's top-level Markdown only.
+            || p.strip_prefix('*').is_some_and(|suffix| {
+                path.strip_suffix(suffix).is_some_and(|stem| !stem.contains('/'))
+            });
+        if matches {
+            excluded = !keep;
+        }
+    }
+    excluded
+}
+
+#[test]
+fn dockerignore_reads_directories_exceptions_and_order_as_the_builder_does() {
+    let ignored: Vec<String> = ["tests/", "*.md", "!tests/k8s_node.rs"]
+        .map(str::to_owned)
+        .to_vec();
+    assert!(dockerignore_excludes(&ignored, "tests"));
+    assert!(dockerignore_excludes(&ignored, "tests/common/mod.rs"));
+    assert!(!dockerignore_excludes(&ignored, "tests/k8s_node.rs"));
+    assert!(dockerignore_excludes(&ignored, "README.md"));
+    assert!(!dockerignore_excludes(&ignored, "src/README.md"));
+    assert!(!dockerignore_excludes(&ignored, "src/main.rs"));
+}
+
 /// Copies `src` into `dst` (recursively), skipping paths .dockerignore excludes.
 fn copy_context(src: &Path, dst: &Path, rel: &str, ignored: &[String]) {
     let name = rel.trim_end_matches('/');
-    let excluded = ignored.iter().any(|pattern| {
-        let p = pattern.trim_end_matches('/');
-        p == name
-            || p.strip_prefix("*")
-                .is_some_and(|suffix| name.ends_with(suffix))
-    });
+    let excluded = dockerignore_excludes(ignored, name);
     if excluded {
         return;
     }
@@ -56,6 +88,7 @@ fn copy_context(src: &Path, dst: &Path, rel: &str, ignored: &[String]) {
             copy_context(&entry.path(), &dst.join(entry.file_name()), &child, ignored);
         }
     } else {
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
         std::fs::copy(src, dst).unwrap();
     }
 }
