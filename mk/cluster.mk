@@ -15,7 +15,7 @@ IMAGE_NAME ?= svid-bridge:$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml
 
 # Same binary and setup as `cargo test --test k8s_node`, held until Ctrl-C.
 cluster: peers
-	SVID_BRIDGE_K8S_HOLD=1 $(CARGO) test --test k8s_node
+	SVID_BRIDGE_K8S_HOLD=1 $(CARGO) test --test k8s_node -- --nocapture
 
 image:
 	$(CARGO) build --release --locked --bin svid-bridge

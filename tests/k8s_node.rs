@@ -2,13 +2,15 @@
 //! kube-apiserver, containerd and the kubelet (tests/common/cluster.rs), the chart installed
 //! as users install it, SPIRE server and agent as pods, Envoy sidecars in workload pods.
 //!
-//! One node per run: this is a `harness = false` test binary. `main` starts the node once,
-//! sets up the product, then runs the scenarios below in order, each printing
-//! `test NAME ... ok` (or FAILED with its panic), and a final cargo-style summary; the node
-//! is torn down at the end, also after a failure. Scenarios build on each other's state (the
-//! kubelet restart keeps the pods of the mTLS scenario), which is why they are not separate
-//! `#[test]`s. A name given on the command line (`cargo test --test k8s_node -- NAME`) runs
-//! the scenarios whose name contains it (the setup always runs).
+//! One node per run: the crate has one `#[test]`, `k8s_node_scenarios`, which starts the node
+//! once, sets up the product, then runs the scenarios below in order, each printing
+//! `test NAME ... ok` (or FAILED with its panic), and a cargo-style summary (shown with
+//! `--nocapture`, or when it fails); the node is torn down at the end, also after a failure.
+//! Scenarios build on each other's state (the kubelet restart keeps the pods of the mTLS
+//! scenario), which is why they are not separate `#[test]`s. `SVID_BRIDGE_K8S_ONLY=a,b` runs
+//! the scenarios whose names contain `a` or `b` (the setup always runs).
+//! (Not a `harness = false` target: a `[[test]]` entry in Cargo.toml would make the
+//! Dockerfile's build context, which has no tests/, unloadable.)
 //!
 //! What differs from a production node: no scheduler or controller-manager (pods are bound
 //! with `nodeName`; the DaemonSet's pod is created by this test from the DaemonSet's own
@@ -91,14 +93,17 @@ struct Env {
 
 type Scenario = fn(&Env);
 
-fn main() {
+#[test]
+fn k8s_node_scenarios() {
     if std::env::var("SVID_BRIDGE_K8S_HOLD").is_ok_and(|v| v == "1") {
         hold();
         return;
     }
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
+    let filter: Vec<String> = std::env::var("SVID_BRIDGE_K8S_ONLY")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|f| !f.is_empty())
+        .map(str::to_string)
         .collect();
     let scenarios: Vec<(&str, Scenario)> = vec![
         (
@@ -135,13 +140,8 @@ fn main() {
         .collect();
     println!("\nrunning {} tests (one Kubernetes node)", selected.len());
     let started = Instant::now();
-    let env = match std::panic::catch_unwind(setup) {
-        Ok(env) => env,
-        Err(_) => {
-            println!("test setup ... FAILED\n\ntest result: FAILED. 0 passed; 1 failed");
-            std::process::exit(101);
-        }
-    };
+    // A failed setup panics here; the node is torn down by its Drop.
+    let env = setup();
     println!(
         "setup (node, images, SPIRE, chart) took {:.1}s",
         started.elapsed().as_secs_f64()
@@ -177,20 +177,26 @@ fn main() {
             failed.len(),
             started.elapsed().as_secs_f64()
         );
-        std::process::exit(101);
+        panic!("scenario failed: {}", failed.join(", "));
     }
 }
 
 /// `make cluster`: the node with SPIRE and the chart installed, kept until Ctrl-C (SIGINT)
 /// or SIGTERM, then torn down like after the tests.
 fn hold() {
-    use nix::sys::signal::{SigSet, Signal};
-    // Blocked before anything starts, so the signal is taken by `wait` below, never by the
-    // default action (which would skip the teardown). Children start with an empty mask.
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGINT);
-    signals.add(Signal::SIGTERM);
-    signals.thread_block().expect("block SIGINT/SIGTERM");
+    use tokio::signal::unix::{SignalKind, signal};
+    // Handlers first, so that a Ctrl-C during the setup also ends in the teardown rather
+    // than the default action (which would skip it).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let (mut interrupt, mut terminate) = rt.block_on(async {
+        (
+            signal(SignalKind::interrupt()).expect("SIGINT handler"),
+            signal(SignalKind::terminate()).expect("SIGTERM handler"),
+        )
+    });
     let env = setup();
     let kubeconfig = env.cluster.kubeconfig().display().to_string();
     println!(
@@ -212,8 +218,13 @@ Press Ctrl-C to stop the node and remove everything.",
         c = id(APPS_NS, "c"),
         logs = env.cluster.root().join("logs").display(),
     );
-    let got = signals.wait().expect("wait for a signal");
-    println!("{got:?}: tearing the node down");
+    let got = rt.block_on(async {
+        tokio::select! {
+            _ = interrupt.recv() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        }
+    });
+    println!("{got}: tearing the node down");
     drop(env);
     println!("done");
 }

@@ -3,6 +3,9 @@
 // own chart linter, and decodes every rendered document strictly against the real Kubernetes
 // API types: an unknown or misspelt field, a duplicate field or an unknown kind is an error.
 //
+// install and uninstall (install.go) run helm install/uninstall through Helm's action
+// package against a kubeconfig's cluster: the end-to-end tests' real node (tests/k8s_node.rs).
+//
 // It is a test tool for tests/deploy_chart.rs (built by tests/peers/install.sh into
 // target/peers/bin/chart-check), not something users run. Usage:
 //
@@ -10,6 +13,8 @@
 //	                   [--kube-version V] CHART_DIR
 //	chart-check istio-template [--native] [--annotations JSON] FILE
 //	chart-check decode FILE...
+//	chart-check install --kubeconfig FILE [--namespace NS] [--release NAME] [-f ...] [--set ...] CHART_DIR
+//	chart-check uninstall --kubeconfig FILE [--namespace NS] [--release NAME]
 //	chart-check version
 //
 // render prints one JSON object: {"objects": [...], "notes": "..."} where every object went
@@ -62,7 +67,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fail(errors.New("usage: chart-check render|istio-template ..."))
+		fail(errors.New("usage: chart-check render|istio-template|decode|install|uninstall|version ..."))
 	}
 	var err error
 	switch os.Args[1] {
@@ -79,7 +84,7 @@ func main() {
 	case "version":
 		fmt.Println(versions())
 	default:
-		err = fmt.Errorf("unknown command %q (render, istio-template)", os.Args[1])
+		err = fmt.Errorf("unknown command %q (render, istio-template, decode, install, uninstall, version)", os.Args[1])
 	}
 	if err != nil {
 		fail(err)
