@@ -19,9 +19,6 @@ COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto/ proto/
 COPY src/ src/
 COPY benches/ benches/
-# The real-node test binary is declared in Cargo.toml (harness = false), so its file must be
-# there for Cargo to load the manifest, though the image never builds it.
-COPY tests/k8s_node.rs tests/k8s_node.rs
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked \
