@@ -41,6 +41,10 @@ pub enum ConfigError {
          letters, digits, '-', '.' and '_', starting and ending with a letter)"
     )]
     BadPluginName(String),
+    #[error(
+        "{flag} {value:?} is not a listen address (host:port, e.g. 0.0.0.0:9988); empty turns it off"
+    )]
+    BadAddress { flag: &'static str, value: String },
     #[error("{flag} must be at least 1")]
     ZeroLimit { flag: &'static str },
     #[error("--extra-trust-anchors {path:?}: {reason}")]
@@ -344,8 +348,8 @@ impl RunArgs {
             agent_socket,
             sds,
             csi,
-            metrics_addr: optional_addr(&self.metrics_addr)?,
-            health_addr: optional_addr(&self.health_addr)?,
+            metrics_addr: optional_addr("--metrics-addr", &self.metrics_addr)?,
+            health_addr: optional_addr("--health-addr", &self.health_addr)?,
         })
     }
 
@@ -561,13 +565,17 @@ fn distinct_names(sds: &SdsConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn optional_addr(value: &str) -> Result<Option<SocketAddr>, ConfigError> {
+fn optional_addr(flag: &'static str, value: &str) -> Result<Option<SocketAddr>, ConfigError> {
     if value.is_empty() {
         return Ok(None);
     }
-    value.parse().map(Some).map_err(|_| ConfigError::EmptyName {
-        flag: "listen address (host:port)",
-    })
+    value
+        .parse()
+        .map(Some)
+        .map_err(|_| ConfigError::BadAddress {
+            flag,
+            value: value.to_owned(),
+        })
 }
 
 /// spiffe-csi-driver is configured with Go-style single-dash flags (csi.md S-8) and no
@@ -848,6 +856,31 @@ mod tests {
             .validate(&no_env())
             .unwrap_err();
         assert!(err.to_string().contains("listen address"));
+    }
+
+    #[test]
+    fn an_unparseable_listen_address_is_named_not_called_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = args(dir.path(), &["--csi-socket=", "--metrics-addr=nonsense"])
+            .validate(&no_env())
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::BadAddress {
+                flag: "--metrics-addr",
+                value: "nonsense".into()
+            }
+        );
+        let message = err.to_string();
+        assert!(
+            message.starts_with("--metrics-addr \"nonsense\""),
+            "{message}"
+        );
+        assert!(!message.contains("must not be empty"), "{message}");
+        let err = args(dir.path(), &["--csi-socket=", "--health-addr=:x"])
+            .validate(&no_env())
+            .unwrap_err();
+        assert!(err.to_string().starts_with("--health-addr"), "{err}");
     }
 
     #[test]
