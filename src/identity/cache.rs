@@ -21,6 +21,7 @@ use super::IdentityError;
 use super::process::{PinnedProcess, ProcRoot};
 use super::source::{Source, Workload};
 use super::types::{BundleSet, SharedBundles, SharedSvids, WorkloadSvids};
+use crate::clock::unix_now;
 use crate::telemetry::metrics::{Metrics, UpstreamLabel};
 
 /// What a workload's streams see.
@@ -298,12 +299,6 @@ impl Cache {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
-}
-
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// Replaces the state only when the content changed: an agent update that changes nothing

@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod process;
 pub mod source;
+pub mod supervisor;
 pub mod types;
 
 pub use cache::{Cache, CacheOptions, Subscription, SvidState};

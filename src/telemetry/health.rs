@@ -15,9 +15,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::Metrics;
+use crate::clock::unix_now;
 use crate::csi::RegistrationStatus;
 use crate::identity::Cache;
-use crate::identity::cache::unix_now;
 
 /// Everything readiness looks at.
 pub struct Readiness {

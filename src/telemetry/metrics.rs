@@ -280,7 +280,7 @@ impl Collector for ExpiryCollector {
         let Some(expires_at) = (self.0)() else {
             return Ok(());
         };
-        let gauge = ConstGauge::new(expires_at.saturating_sub(crate::identity::cache::unix_now()));
+        let gauge = ConstGauge::new(expires_at.saturating_sub(crate::clock::unix_now()));
         let metric = encoder.encode_descriptor(
             "svid_earliest_expiry_seconds",
             "Seconds until the earliest expiry among the SVIDs served.",
@@ -428,7 +428,7 @@ mod tests {
             !metrics.encode().contains("earliest_expiry"),
             "absent when nothing is served"
         );
-        let at = crate::identity::cache::unix_now() + 600;
+        let at = crate::clock::unix_now() + 600;
         metrics.register_earliest_expiry(move || Some(at));
         let text = metrics.encode();
         let line = text
