@@ -15,10 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use super::names::Resource;
 use super::secrets::{BundleMemo, MemoRef, View, Waiting};
 use super::socket::PeerInfo;
-use super::stream::{DeltaStream, Reaction, SotwStream, StreamSettings};
+use super::stream::{DeltaStream, Protocol, Reaction, SotwStream, StreamSettings};
 use crate::identity::types::SharedBundles;
 use crate::identity::{Cache, ProcRoot, Subscription, SvidState, Workload};
 use crate::telemetry::metrics::{ApiLabel, Metrics, StreamGauges};
@@ -133,7 +132,7 @@ impl SdsService {
         let state = StreamState {
             context,
             inbound: request.into_inner(),
-            protocol: P::default(),
+            protocol: P::new(Arc::clone(&self.settings)),
             waits: WaitLog::default(),
             span,
             ended: false,
@@ -152,8 +151,8 @@ impl SdsService {
     ) -> Result<Response<DiscoveryResponse>, Status> {
         let workload = self.workload_of(&request)?;
         let mut context = self.context(workload)?;
-        let mut stream = SotwStream::default();
-        if let Err(status) = stream.on_request(request.get_ref(), &self.settings) {
+        let mut stream = SotwStream::new(Arc::clone(&self.settings));
+        if let Err(status) = stream.on_request(request.get_ref()) {
             context.gauges.metrics().sds.refused.inc();
             return Err(status);
         }
@@ -163,10 +162,8 @@ impl SdsService {
         let mut last_waiting = BTreeMap::new();
         loop {
             if let Some(snapshot) = context.snapshot()? {
-                let (response, waiting) = stream.respond(
-                    &snapshot.view(&self.settings, &context.bundle_memo),
-                    &self.settings,
-                );
+                let (response, waiting) =
+                    stream.respond(&snapshot.view(&self.settings, &context.bundle_memo));
                 match response {
                     Some(response) if waiting.is_empty() || wanted == 0 => {
                         context
@@ -313,98 +310,6 @@ async fn next_event<R>(
     }
 }
 
-/// What the SotW and the delta state machines have in common, for one stream loop.
-trait Protocol: Default + Send + 'static {
-    type Request: Send + 'static;
-    type Response: Send + 'static;
-    const API: &'static str;
-
-    fn on_request(
-        &mut self,
-        request: &Self::Request,
-        settings: &StreamSettings,
-    ) -> Result<Reaction, Status>;
-    /// The names a request adds, for the NACK log.
-    fn requested_in(request: &Self::Request) -> &[String];
-    /// The names the stream currently wants, once it has asked.
-    fn names(&self) -> Option<&BTreeMap<String, Resource>>;
-    fn respond(
-        &mut self,
-        view: &View<'_>,
-        settings: &StreamSettings,
-    ) -> (Option<Self::Response>, BTreeMap<String, Waiting>);
-    fn log_push(response: &Self::Response);
-}
-
-impl Protocol for SotwStream {
-    type Request = DiscoveryRequest;
-    type Response = DiscoveryResponse;
-    const API: &'static str = "sotw";
-
-    fn on_request(
-        &mut self,
-        request: &DiscoveryRequest,
-        settings: &StreamSettings,
-    ) -> Result<Reaction, Status> {
-        SotwStream::on_request(self, request, settings)
-    }
-
-    fn requested_in(request: &DiscoveryRequest) -> &[String] {
-        &request.resource_names
-    }
-
-    fn names(&self) -> Option<&BTreeMap<String, Resource>> {
-        self.requested()
-    }
-
-    fn respond(
-        &mut self,
-        view: &View<'_>,
-        settings: &StreamSettings,
-    ) -> (Option<DiscoveryResponse>, BTreeMap<String, Waiting>) {
-        SotwStream::respond(self, view, settings)
-    }
-
-    fn log_push(response: &DiscoveryResponse) {
-        tracing::debug!(version = %response.version_info, resources = response.resources.len(), "pushing secrets");
-    }
-}
-
-impl Protocol for DeltaStream {
-    type Request = DeltaDiscoveryRequest;
-    type Response = DeltaDiscoveryResponse;
-    const API: &'static str = "delta";
-
-    fn on_request(
-        &mut self,
-        request: &DeltaDiscoveryRequest,
-        settings: &StreamSettings,
-    ) -> Result<Reaction, Status> {
-        DeltaStream::on_request(self, request, settings)
-    }
-
-    fn requested_in(request: &DeltaDiscoveryRequest) -> &[String] {
-        &request.resource_names_subscribe
-    }
-
-    fn names(&self) -> Option<&BTreeMap<String, Resource>> {
-        Some(self.subscribed())
-    }
-
-    fn respond(
-        &mut self,
-        view: &View<'_>,
-        settings: &StreamSettings,
-    ) -> (Option<DeltaDiscoveryResponse>, BTreeMap<String, Waiting>) {
-        DeltaStream::respond(self, view, settings)
-    }
-
-    fn log_push(response: &DeltaDiscoveryResponse) {
-        let names: Vec<&str> = response.resources.iter().map(|r| r.name.as_str()).collect();
-        tracing::debug!(secrets = ?names, "pushing secrets");
-    }
-}
-
 /// Everything one stream owns; dropped when the client goes away (hyper drops the body).
 struct StreamState<P: Protocol> {
     context: StreamContext,
@@ -463,7 +368,7 @@ impl<P: Protocol> StreamState<P> {
             };
             let settings = &self.context.settings;
             let view = snapshot.view(settings, &self.context.bundle_memo);
-            let (response, waiting) = self.protocol.respond(&view, settings);
+            let (response, waiting) = self.protocol.respond(&view);
             self.context.gauges.set_waiting(!waiting.is_empty());
             self.waits.update(waiting);
             if let Some(response) = response {
@@ -482,7 +387,7 @@ impl<P: Protocol> StreamState<P> {
 
     fn on_request(&mut self, request: &P::Request) -> Result<(), Status> {
         let metrics = self.context.gauges.metrics();
-        match self.protocol.on_request(request, &self.context.settings) {
+        match self.protocol.on_request(request) {
             Ok(reaction) => {
                 count_reaction(metrics, &reaction, P::requested_in(request));
                 if let Some(names) = self.protocol.names() {
