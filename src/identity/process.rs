@@ -188,16 +188,16 @@ mod tests {
     #[test]
     fn pinning_by_pid_reads_the_start_time_once_and_follows_the_process() {
         let proc = ProcRoot::default();
-        let mut child = std::process::Command::new("sleep")
+        let mut sleeper = std::process::Command::new("sleep")
             .arg("30")
             .spawn()
             .unwrap();
-        let pinned = proc.pin_pid(child.id() as i32).unwrap();
-        assert_eq!(Some(pinned.key()), proc.process(child.id() as i32));
-        assert!(matches!(pinned.how, Watch::Pidfd(_)));
-        assert!(pinned.is_alive());
-        child.kill().unwrap();
-        child.wait().unwrap();
+        let pid = sleeper.id() as i32;
+        let pinned = proc.pin_pid(pid).unwrap();
+        assert_eq!(Some(pinned.key()), proc.process(pid));
+        assert!(matches!(pinned.how, Watch::Pidfd(_)) && pinned.is_alive());
+        sleeper.kill().unwrap();
+        sleeper.wait().unwrap();
         assert!(!pinned.is_alive());
         assert!(proc.pin_pid(i32::MAX).is_none(), "no such process");
     }
