@@ -4,6 +4,7 @@
 pub mod grpc;
 pub mod metrics;
 pub mod names;
+pub mod response;
 pub mod secrets;
 pub mod service;
 pub mod socket;

@@ -5,9 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use futures::Stream;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
@@ -17,6 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::metrics::{SdsMetrics, StreamGauges};
+use super::response::{DeltaResponse, SotwResponse};
 use super::secrets::{BundleMemo, MemoRef, View, Waiting};
 use super::socket::PeerInfo;
 use super::stream::{DeltaStream, Protocol, Reaction, SotwStream, StreamSettings};
@@ -132,14 +131,14 @@ impl SdsService {
     pub fn stream_secrets(
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<ResponseStream<DiscoveryResponse>>, Status> {
+    ) -> Result<Response<ResponseStream<SotwResponse>>, Status> {
         self.open_stream::<SotwStream>(request)
     }
 
     pub fn delta_secrets(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<ResponseStream<DeltaDiscoveryResponse>>, Status> {
+    ) -> Result<Response<ResponseStream<DeltaResponse>>, Status> {
         self.open_stream::<DeltaStream>(request)
     }
 
@@ -170,7 +169,7 @@ impl SdsService {
     pub async fn fetch_secrets(
         &self,
         request: Request<DiscoveryRequest>,
-    ) -> Result<Response<DiscoveryResponse>, Status> {
+    ) -> Result<Response<SotwResponse>, Status> {
         let caller = self.caller_of(&request)?;
         let mut context = self.context(&caller)?;
         let mut stream = SotwStream::new(Arc::clone(&self.settings));

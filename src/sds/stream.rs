@@ -6,13 +6,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-    Resource as DeltaResource,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use tonic::Status;
 
 use super::names::{self, Quoted, Resource, SpecialNames};
+use super::response::{DeltaResource, DeltaResponse, SharedAny, SotwResponse};
 use super::secrets::{self, Encoded, NodeTraits, SECRET_TYPE_URL, ValidationMode, View, Waiting};
 
 /// Envoy sends one name per stream (E7); gRPC xDS clients batch a few.
@@ -186,7 +184,7 @@ impl SotwStream {
 
 impl Protocol for SotwStream {
     type Request = DiscoveryRequest;
-    type Response = DiscoveryResponse;
+    type Response = SotwResponse;
     const API: &'static str = "sotw";
 
     fn new(settings: Arc<StreamSettings>) -> Self {
@@ -233,10 +231,7 @@ impl Protocol for SotwStream {
 
     /// The response to send for the current snapshot, if any: when an answer is due and
     /// something resolved, or when the content differs from what was last sent.
-    fn respond(
-        &mut self,
-        view: &View<'_>,
-    ) -> (Option<DiscoveryResponse>, BTreeMap<String, Waiting>) {
+    fn respond(&mut self, view: &View<'_>) -> (Option<SotwResponse>, BTreeMap<String, Waiting>) {
         let Some(names) = &self.names else {
             return (None, BTreeMap::new());
         };
@@ -265,17 +260,16 @@ impl Protocol for SotwStream {
         self.answer_due = false;
         self.last_nonce = Some(nonce.clone());
         self.last_version = Some(version.clone());
-        let response = DiscoveryResponse {
+        let response = SotwResponse {
             version_info: version,
-            resources: resolution.secrets.iter().map(|e| e.any.clone()).collect(),
+            resources: resolution.secrets.into_iter().map(SharedAny).collect(),
             type_url: SECRET_TYPE_URL.to_owned(),
             nonce,
-            ..Default::default()
         };
         (Some(response), resolution.waiting)
     }
 
-    fn log_push(response: &DiscoveryResponse) {
+    fn log_push(response: &SotwResponse) {
         tracing::debug!(version = %response.version_info, resources = response.resources.len(), "pushing secrets");
     }
 }
@@ -314,7 +308,7 @@ impl DeltaStream {
 
 impl Protocol for DeltaStream {
     type Request = DeltaDiscoveryRequest;
-    type Response = DeltaDiscoveryResponse;
+    type Response = DeltaResponse;
     const API: &'static str = "delta";
 
     fn new(settings: Arc<StreamSettings>) -> Self {
@@ -370,10 +364,7 @@ impl Protocol for DeltaStream {
         Some(&self.subscribed)
     }
 
-    fn respond(
-        &mut self,
-        view: &View<'_>,
-    ) -> (Option<DeltaDiscoveryResponse>, BTreeMap<String, Waiting>) {
+    fn respond(&mut self, view: &View<'_>) -> (Option<DeltaResponse>, BTreeMap<String, Waiting>) {
         let mode = secrets::validation_mode(self.node, self.settings.validation_disabled);
         let resolution = resolve_all(&self.subscribed, view, mode);
         let mut resources = Vec::new();
@@ -388,8 +379,7 @@ impl Protocol for DeltaStream {
             resources.push(DeltaResource {
                 name: secret.name.clone(),
                 version: secret.version.clone(),
-                resource: Some(secret.any.clone()),
-                ..Default::default()
+                resource: Some(SharedAny(secret)),
             });
         }
         if resources.is_empty() {
@@ -397,16 +387,15 @@ impl Protocol for DeltaStream {
         }
         let nonce = new_nonce();
         self.last_nonce = Some(nonce.clone());
-        let response = DeltaDiscoveryResponse {
+        let response = DeltaResponse {
             resources,
             type_url: SECRET_TYPE_URL.to_owned(),
             nonce,
-            ..Default::default()
         };
         (Some(response), resolution.waiting)
     }
 
-    fn log_push(response: &DeltaDiscoveryResponse) {
+    fn log_push(response: &DeltaResponse) {
         let names: Vec<&str> = response.resources.iter().map(|r| r.name.as_str()).collect();
         tracing::debug!(secrets = ?names, "pushing secrets");
     }
@@ -443,10 +432,7 @@ mod tests {
         )
     }
 
-    fn respond(
-        stream: &mut SotwStream,
-        snap: &(WorkloadSvids, BundleSet),
-    ) -> Option<DiscoveryResponse> {
+    fn respond(stream: &mut SotwStream, snap: &(WorkloadSvids, BundleSet)) -> Option<SotwResponse> {
         stream
             .respond(&View {
                 svids: &snap.0,
@@ -662,7 +648,7 @@ mod tests {
             let name_sets: [&[&str]; 3] = [&["default"], &["ROOTCA", "default"], &["spiffe://example.org/a"]];
             let mut s = SotwStream::default();
             let mut nonces = BTreeSet::new();
-            let mut last: Option<DiscoveryResponse> = None;
+            let mut last: Option<SotwResponse> = None;
             let mut names: &[&str] = name_sets[0];
             let mut answer_pending = false;
             for (action, pick, flag) in steps {
