@@ -159,7 +159,8 @@ async fn start_csi(
     registration: watch::Sender<RegistrationStatus>,
     metrics: Arc<CsiMetrics>,
 ) -> Result<(), BridgeError> {
-    crate::csi::serve_with_metrics(config, sds_serving, shutdown, registration, metrics).await?;
+    crate::csi::serve_with_registration(config, sds_serving, shutdown, registration, metrics)
+        .await?;
     Ok(())
 }
 

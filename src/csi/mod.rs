@@ -137,29 +137,43 @@ pub async fn serve(
     .await
 }
 
+/// Where the CSI metrics go: a registry to add them to, or metrics already registered (the
+/// bridge registers them at start, so they are exported even with CSI off).
+pub enum CsiTelemetry {
+    Registry(Arc<Metrics>),
+    Registered(Arc<CsiMetrics>),
+}
+
+impl From<Arc<Metrics>> for CsiTelemetry {
+    fn from(registry: Arc<Metrics>) -> Self {
+        Self::Registry(registry)
+    }
+}
+
+impl From<Arc<CsiMetrics>> for CsiTelemetry {
+    fn from(metrics: Arc<CsiMetrics>) -> Self {
+        Self::Registered(metrics)
+    }
+}
+
 /// [`serve`], publishing the kubelet registration state on `registration` (for /healthz and
-/// metrics: [`RegistrationStatus::is_failed`] means pods cannot use the plugin), with the
-/// CSI metrics registered into `metrics`.
+/// metrics: [`RegistrationStatus::is_failed`] means pods cannot use the plugin). Given a
+/// registry, registers the CSI metrics there and keeps `kubelet_registration` current.
 pub async fn serve_with_registration(
     config: CsiConfig,
     sds_serving: watch::Receiver<bool>,
     shutdown: CancellationToken,
     registration: watch::Sender<RegistrationStatus>,
-    metrics: Arc<Metrics>,
+    telemetry: impl Into<CsiTelemetry>,
 ) -> Result<(), CsiError> {
-    let csi_metrics = Arc::new(CsiMetrics::register(&metrics));
-    csi_metrics.follow_registration(registration.subscribe());
-    serve_with_metrics(config, sds_serving, shutdown, registration, csi_metrics).await
-}
-
-/// [`serve_with_registration`] with CSI metrics the caller registered already.
-pub async fn serve_with_metrics(
-    config: CsiConfig,
-    sds_serving: watch::Receiver<bool>,
-    shutdown: CancellationToken,
-    registration: watch::Sender<RegistrationStatus>,
-    metrics: Arc<CsiMetrics>,
-) -> Result<(), CsiError> {
+    let metrics = match telemetry.into() {
+        CsiTelemetry::Registered(metrics) => metrics,
+        CsiTelemetry::Registry(registry) => {
+            let metrics = Arc::new(CsiMetrics::register(&registry));
+            metrics.follow_registration(registration.subscribe());
+            metrics
+        }
+    };
     // 0600, like node-driver-registrar's umask 0077; only the kubelet (root) dials it.
     let listener = uds::bind(&config.socket, SocketAccess::Owner).map_err(CsiError::Socket)?;
     tracing::info!(
