@@ -6,7 +6,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
 use tonic::Status;
 
 use super::names::{self, Quoted, Resource, SpecialNames};
@@ -74,6 +76,15 @@ pub trait Protocol: Send + 'static {
     /// The response to send for this snapshot, if any, and the names still waiting.
     fn respond(&mut self, view: &View<'_>) -> (Option<Self::Response>, BTreeMap<String, Waiting>);
     fn log_push(response: &Self::Response);
+}
+
+/// A request on the current nonce: Envoy accepted the last response, or says why not
+/// (E12, E13).
+fn ack_or_nack(error_detail: Option<&RpcStatus>) -> Reaction {
+    match error_detail {
+        Some(status) => Reaction::Nacked(status.message.clone()),
+        None => Reaction::Acked,
+    }
 }
 
 fn check_type_url(type_url: &str) -> Result<(), Status> {
@@ -149,17 +160,61 @@ fn resolve_all(
     Resolution { secrets, waiting }
 }
 
+/// What both kinds of stream keep: the node's settings, what matters of the Envoy, and the
+/// nonce of the last response.
+#[derive(Debug)]
+struct Core {
+    settings: Arc<StreamSettings>,
+    /// What matters of the node from the first request that carried one (E10, D-10).
+    node: Option<NodeTraits>,
+    last_nonce: Option<String>,
+}
+
+impl Core {
+    fn new(settings: Arc<StreamSettings>) -> Self {
+        Self {
+            settings,
+            node: None,
+            last_nonce: None,
+        }
+    }
+
+    /// Checks a request's type URL and keeps the node from the first that carries one.
+    fn accept(&mut self, type_url: &str, node: Option<&Node>) -> Result<(), Status> {
+        check_type_url(type_url)?;
+        if let Some(node) = node {
+            self.node.get_or_insert_with(|| NodeTraits::of(node));
+        }
+        Ok(())
+    }
+
+    fn parse<'a>(
+        &self,
+        names: impl ExactSizeIterator<Item = &'a String>,
+    ) -> Result<BTreeMap<String, Resource>, Status> {
+        parse_names(names, &self.settings)
+    }
+
+    fn mode(&self) -> ValidationMode {
+        secrets::validation_mode(self.node, self.settings.validation_disabled)
+    }
+
+    /// A fresh nonce, remembered as the last response's.
+    fn next_nonce(&mut self) -> String {
+        let nonce = new_nonce();
+        self.last_nonce = Some(nonce.clone());
+        nonce
+    }
+}
+
 // === impl SotwStream ===
 
 /// State of one `StreamSecrets` stream.
 #[derive(Debug)]
 pub struct SotwStream {
-    settings: Arc<StreamSettings>,
+    core: Core,
     /// Names of the last accepted request; `None` until the first request.
     names: Option<BTreeMap<String, Resource>>,
-    /// What matters of the node from the first request that carried one (E10, D-10).
-    node: Option<NodeTraits>,
-    last_nonce: Option<String>,
     last_version: Option<String>,
     /// A request that must be answered even if the content did not change (E11).
     answer_due: bool,
@@ -174,7 +229,7 @@ impl Default for SotwStream {
 
 impl SotwStream {
     pub fn node(&self) -> Option<NodeTraits> {
-        self.node
+        self.core.node
     }
 
     pub fn requested(&self) -> Option<&BTreeMap<String, Resource>> {
@@ -189,36 +244,34 @@ impl Protocol for SotwStream {
 
     fn new(settings: Arc<StreamSettings>) -> Self {
         Self {
-            settings,
+            core: Core::new(settings),
             names: None,
-            node: None,
-            last_nonce: None,
             last_version: None,
             answer_due: false,
         }
     }
 
     fn on_request(&mut self, request: &DiscoveryRequest) -> Result<Reaction, Status> {
-        check_type_url(&request.type_url)?;
-        if let Some(node) = &request.node {
-            self.node.get_or_insert_with(|| NodeTraits::of(node));
-        }
+        self.core.accept(&request.type_url, request.node.as_ref())?;
         let nonce = request.response_nonce.as_str();
         let first_on_stream = nonce.is_empty();
-        if !first_on_stream && self.last_nonce.as_deref().is_some_and(|last| last != nonce) {
+        if !first_on_stream
+            && self
+                .core
+                .last_nonce
+                .as_deref()
+                .is_some_and(|last| last != nonce)
+        {
             return Ok(Reaction::Stale);
         }
-        let names = parse_names(request.resource_names.iter(), &self.settings)?;
+        let names = self.core.parse(request.resource_names.iter())?;
         let names_changed = self.names.as_ref() != Some(&names);
         self.names = Some(names);
         if first_on_stream || names_changed {
             self.answer_due = true;
             return Ok(Reaction::Answer);
         }
-        match &request.error_detail {
-            Some(status) => Ok(Reaction::Nacked(status.message.clone())),
-            None => Ok(Reaction::Acked),
-        }
+        Ok(ack_or_nack(request.error_detail.as_ref()))
     }
 
     fn requested_in(request: &DiscoveryRequest) -> &[String] {
@@ -235,7 +288,7 @@ impl Protocol for SotwStream {
         let Some(names) = &self.names else {
             return (None, BTreeMap::new());
         };
-        let mode = secrets::validation_mode(self.node, self.settings.validation_disabled);
+        let mode = self.core.mode();
         let resolution = if names.is_empty() {
             Resolution {
                 secrets: view
@@ -256,9 +309,8 @@ impl Protocol for SotwStream {
         if !(changed || self.answer_due) {
             return (None, resolution.waiting);
         }
-        let nonce = new_nonce();
+        let nonce = self.core.next_nonce();
         self.answer_due = false;
-        self.last_nonce = Some(nonce.clone());
         self.last_version = Some(version.clone());
         let response = SotwResponse {
             version_info: version,
@@ -279,14 +331,12 @@ impl Protocol for SotwStream {
 /// State of one `DeltaSecrets` stream.
 #[derive(Debug)]
 pub struct DeltaStream {
-    settings: Arc<StreamSettings>,
+    core: Core,
     subscribed: BTreeMap<String, Resource>,
-    node: Option<NodeTraits>,
     /// Version last sent per name.
     sent: BTreeMap<String, String>,
     /// Newly subscribed names: sent even if the client claims to have them (E23).
     due: BTreeSet<String>,
-    last_nonce: Option<String>,
 }
 
 impl Default for DeltaStream {
@@ -298,7 +348,7 @@ impl Default for DeltaStream {
 
 impl DeltaStream {
     pub fn node(&self) -> Option<NodeTraits> {
-        self.node
+        self.core.node
     }
 
     pub fn subscribed(&self) -> &BTreeMap<String, Resource> {
@@ -313,23 +363,18 @@ impl Protocol for DeltaStream {
 
     fn new(settings: Arc<StreamSettings>) -> Self {
         Self {
-            settings,
+            core: Core::new(settings),
             subscribed: BTreeMap::new(),
-            node: None,
             sent: BTreeMap::new(),
             due: BTreeSet::new(),
-            last_nonce: None,
         }
     }
 
     fn on_request(&mut self, request: &DeltaDiscoveryRequest) -> Result<Reaction, Status> {
-        check_type_url(&request.type_url)?;
-        if let Some(node) = &request.node {
-            self.node.get_or_insert_with(|| NodeTraits::of(node));
-        }
+        self.core.accept(&request.type_url, request.node.as_ref())?;
         // Subscription changes count whatever the nonce says; only ACK/NACK reading depends
         // on it.
-        let added = parse_names(request.resource_names_subscribe.iter(), &self.settings)?;
+        let added = self.core.parse(request.resource_names_subscribe.iter())?;
         for name in &request.resource_names_unsubscribe {
             self.subscribed.remove(name);
             self.sent.remove(name);
@@ -347,13 +392,10 @@ impl Protocol for DeltaStream {
         if nonce.is_empty() {
             return Ok(Reaction::Acked);
         }
-        if self.last_nonce.as_deref() != Some(nonce) {
+        if self.core.last_nonce.as_deref() != Some(nonce) {
             return Ok(Reaction::Stale);
         }
-        match &request.error_detail {
-            Some(status) => Ok(Reaction::Nacked(status.message.clone())),
-            None => Ok(Reaction::Acked),
-        }
+        Ok(ack_or_nack(request.error_detail.as_ref()))
     }
 
     fn requested_in(request: &DeltaDiscoveryRequest) -> &[String] {
@@ -365,7 +407,7 @@ impl Protocol for DeltaStream {
     }
 
     fn respond(&mut self, view: &View<'_>) -> (Option<DeltaResponse>, BTreeMap<String, Waiting>) {
-        let mode = secrets::validation_mode(self.node, self.settings.validation_disabled);
+        let mode = self.core.mode();
         let resolution = resolve_all(&self.subscribed, view, mode);
         let mut resources = Vec::new();
         for secret in resolution.secrets {
@@ -385,8 +427,7 @@ impl Protocol for DeltaStream {
         if resources.is_empty() {
             return (None, resolution.waiting);
         }
-        let nonce = new_nonce();
-        self.last_nonce = Some(nonce.clone());
+        let nonce = self.core.next_nonce();
         let response = DeltaResponse {
             resources,
             type_url: SECRET_TYPE_URL.to_owned(),
