@@ -7,10 +7,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, IdentitySourceKind};
-use crate::csi::RegistrationStatus;
+use crate::csi::{CsiMetrics, RegistrationReadiness, RegistrationStatus};
 use crate::identity::{Cache, CacheOptions, DelegatedSource, ProcRoot, Source, WorkloadApiSource};
-use crate::sds::names::SpecialNames;
-use crate::sds::{CallerIdentity, Limits, SdsError, SdsServer, StreamSettings};
+use crate::sds::{CallerIdentity, SdsError, SdsServer, Serving};
 use crate::telemetry::health::{self, Readiness};
 use crate::telemetry::metrics::Metrics;
 
@@ -50,27 +49,20 @@ pub async fn run(config: Config) -> Result<(), BridgeError> {
         ..CacheOptions::default()
     };
     let cache = Cache::new(source, cache_options, shutdown.clone());
-    let expiry_cache = Arc::downgrade(&cache);
-    metrics.register_earliest_expiry(move || {
-        expiry_cache
-            .upgrade()
-            .and_then(|c| c.health().earliest_expiry)
-    });
 
     let (serving_tx, serving_rx) = watch::channel(false);
-    let sds = SdsServer::new(
-        config.sds.socket.clone(),
+    let sds = SdsServer::from_config(
+        config.sds.clone(),
         Arc::clone(&cache),
-        stream_settings(&config),
         caller_identity,
         proc_root,
         shutdown.clone(),
-        config.sds.limits,
     );
     let sds_task = tokio::spawn(sds.serve(serving_tx, shutdown.clone()));
 
     let (registration_tx, registration_rx) = watch::channel(RegistrationStatus::NotStarted);
-    spawn_registration_metric(registration_rx.clone(), Arc::clone(&metrics));
+    let csi_metrics = Arc::new(CsiMetrics::register(&metrics));
+    csi_metrics.follow_registration(registration_rx.clone());
     let registers = config.csi.as_ref().is_some_and(|c| c.register_with_kubelet);
     let csi_task = config.csi.clone().map(|csi| {
         tokio::spawn(start_csi(
@@ -78,15 +70,15 @@ pub async fn run(config: Config) -> Result<(), BridgeError> {
             serving_rx.clone(),
             shutdown.clone(),
             registration_tx,
-            Arc::clone(&metrics),
+            csi_metrics,
         ))
     });
 
-    let readiness = Arc::new(Readiness {
-        sds_serving: serving_rx,
-        registration: registers.then_some(registration_rx),
-        cache,
-    });
+    let mut readiness = Readiness::new().with(Serving(serving_rx));
+    if registers {
+        readiness = readiness.with(RegistrationReadiness(registration_rx));
+    }
+    let readiness = Arc::new(readiness.with(cache));
     let endpoints: Vec<_> = [config.health_addr, config.metrics_addr]
         .into_iter()
         .flatten()
@@ -118,36 +110,6 @@ fn identity_source(config: &Config) -> (Arc<dyn Source>, CallerIdentity) {
             CallerIdentity::Bridge,
         ),
     }
-}
-
-fn stream_settings(config: &Config) -> StreamSettings {
-    StreamSettings {
-        special: SpecialNames {
-            default_svid: config.sds.default_svid_name.clone(),
-            default_bundle: config.sds.default_bundle_name.clone(),
-            all_bundles: config.sds.default_all_bundles_name.clone(),
-        },
-        validation_disabled: config.sds.disable_spiffe_cert_validation,
-        extra_trust_anchors: config.sds.extra_trust_anchors.clone(),
-        limits: Limits {
-            max_names_per_request: config.sds.limits.max_names_per_request,
-            max_name_bytes: config.sds.limits.max_name_bytes,
-        },
-    }
-}
-
-fn spawn_registration_metric(
-    mut registration: watch::Receiver<RegistrationStatus>,
-    metrics: Arc<Metrics>,
-) {
-    tokio::spawn(async move {
-        loop {
-            metrics.set_registration_state(registration.borrow_and_update().state());
-            if registration.changed().await.is_err() {
-                return;
-            }
-        }
-    });
 }
 
 async fn wait_for_servers(
@@ -195,7 +157,7 @@ async fn start_csi(
     sds_serving: watch::Receiver<bool>,
     shutdown: CancellationToken,
     registration: watch::Sender<RegistrationStatus>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<CsiMetrics>,
 ) -> Result<(), BridgeError> {
     crate::csi::serve_with_registration(config, sds_serving, shutdown, registration, metrics)
         .await?;

@@ -9,6 +9,16 @@ use std::path::{Component, Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 
+use crate::identity::cache::DEFAULT_MAX_STREAMS_PER_WORKLOAD;
+use crate::sds::names::{
+    DEFAULT_ALL_BUNDLES_NAME, DEFAULT_BUNDLE_NAME, DEFAULT_SVID_NAME, SpecialNames,
+};
+use crate::sds::stream::{DEFAULT_MAX_NAME_BYTES, DEFAULT_MAX_NAMES_PER_REQUEST};
+use crate::sds::{
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_STREAMS_PER_CONNECTION,
+    StreamSettings,
+};
+
 /// The SPIRE agent socket the SPIRE Helm chart shares with workloads.
 pub const DEFAULT_AGENT_SOCKET: &str = "/run/spire/agent-sockets/spire-agent.sock";
 /// Where the SPIRE agent's admin API (Delegated Identity) listens.
@@ -41,6 +51,10 @@ pub enum ConfigError {
          letters, digits, '-', '.' and '_', starting and ending with a letter)"
     )]
     BadPluginName(String),
+    #[error(
+        "{flag} {value:?} is not a listen address (host:port, e.g. 0.0.0.0:9988); empty turns it off"
+    )]
+    BadAddress { flag: &'static str, value: String },
     #[error("{flag} must be at least 1")]
     ZeroLimit { flag: &'static str },
     #[error("--extra-trust-anchors {path:?}: {reason}")]
@@ -62,12 +76,9 @@ pub enum IdentitySourceKind {
     WorkloadApi,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
+pub use crate::csi::CsiConfig;
+pub use crate::sds::{SdsConfig, SdsLimits};
+pub use crate::telemetry::LogFormat;
 
 /// `svid-bridge run` flags. Field docs are the `--help` text.
 #[derive(Debug, Clone, Args)]
@@ -141,13 +152,13 @@ pub struct RunArgs {
     pub kubelet_root: PathBuf,
 
     /// SDS name of the workload's default X.509-SVID.
-    #[arg(long, default_value = "default", env = "SVID_BRIDGE_DEFAULT_SVID_NAME")]
+    #[arg(long, default_value = DEFAULT_SVID_NAME, env = "SVID_BRIDGE_DEFAULT_SVID_NAME")]
     pub default_svid_name: String,
 
     /// SDS name of the workload's own trust domain bundle.
     #[arg(
         long,
-        default_value = "ROOTCA",
+        default_value = DEFAULT_BUNDLE_NAME,
         env = "SVID_BRIDGE_DEFAULT_BUNDLE_NAME"
     )]
     pub default_bundle_name: String,
@@ -155,7 +166,7 @@ pub struct RunArgs {
     /// SDS name of all bundles the workload may see.
     #[arg(
         long,
-        default_value = "ALL",
+        default_value = DEFAULT_ALL_BUNDLES_NAME,
         env = "SVID_BRIDGE_DEFAULT_ALL_BUNDLES_NAME"
     )]
     pub default_all_bundles_name: String,
@@ -170,21 +181,29 @@ pub struct RunArgs {
     pub disable_spiffe_cert_validation: bool,
 
     /// Most resource names in one SDS request.
-    #[arg(long, default_value_t = 100, env = "SVID_BRIDGE_MAX_NAMES_PER_REQUEST")]
+    #[arg(
+        long,
+        default_value_t = DEFAULT_MAX_NAMES_PER_REQUEST,
+        env = "SVID_BRIDGE_MAX_NAMES_PER_REQUEST"
+    )]
     pub max_names_per_request: usize,
 
     /// Longest resource name, in bytes (a SPIFFE ID is at most 2048).
-    #[arg(long, default_value_t = 4096, env = "SVID_BRIDGE_MAX_NAME_BYTES")]
+    #[arg(long, default_value_t = DEFAULT_MAX_NAME_BYTES, env = "SVID_BRIDGE_MAX_NAME_BYTES")]
     pub max_name_bytes: usize,
 
     /// Largest SDS request message, in bytes.
-    #[arg(long, default_value_t = 1024 * 1024, env = "SVID_BRIDGE_MAX_REQUEST_BYTES")]
+    #[arg(
+        long,
+        default_value_t = DEFAULT_MAX_REQUEST_BYTES,
+        env = "SVID_BRIDGE_MAX_REQUEST_BYTES"
+    )]
     pub max_request_bytes: usize,
 
     /// Concurrent SDS streams on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
     #[arg(
         long,
-        default_value_t = 100_000,
+        default_value_t = DEFAULT_MAX_STREAMS_PER_CONNECTION,
         env = "SVID_BRIDGE_MAX_STREAMS_PER_CONNECTION"
     )]
     pub max_streams_per_connection: u32,
@@ -192,13 +211,13 @@ pub struct RunArgs {
     /// Concurrent SDS streams of one process (in Workload API mode: of all callers).
     #[arg(
         long,
-        default_value_t = 1000,
+        default_value_t = DEFAULT_MAX_STREAMS_PER_WORKLOAD,
         env = "SVID_BRIDGE_MAX_STREAMS_PER_PROCESS"
     )]
     pub max_streams_per_process: usize,
 
     /// Concurrent connections to the SDS socket; further ones are closed at once.
-    #[arg(long, default_value_t = 10_000, env = "SVID_BRIDGE_MAX_CONNECTIONS")]
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS, env = "SVID_BRIDGE_MAX_CONNECTIONS")]
     pub max_connections: usize,
 
     /// Prometheus metrics listen address; empty turns it off.
@@ -251,57 +270,6 @@ pub struct Config {
     pub health_addr: Option<SocketAddr>,
 }
 
-#[derive(Debug, Clone)]
-pub struct SdsConfig {
-    pub socket: PathBuf,
-    pub default_svid_name: String,
-    pub default_bundle_name: String,
-    pub default_all_bundles_name: String,
-    pub disable_spiffe_cert_validation: bool,
-    /// DER certificates from --extra-trust-anchors.
-    pub extra_trust_anchors: Vec<Vec<u8>>,
-    pub limits: SdsLimits,
-}
-
-/// Every SDS limit; each overflow is refused with an error that names the limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SdsLimits {
-    pub max_names_per_request: usize,
-    pub max_name_bytes: usize,
-    pub max_request_bytes: usize,
-    pub max_streams_per_connection: u32,
-    pub max_streams_per_process: usize,
-    pub max_connections: usize,
-}
-
-#[derive(Debug, Clone)]
-pub struct CsiConfig {
-    pub socket: PathBuf,
-    pub plugin_name: String,
-    pub mount_dir: PathBuf,
-    pub node_id: String,
-    /// Must equal the kubelet's `--root-dir` as a string: targets are confined under it.
-    pub kubelet_root: PathBuf,
-    /// The CSI socket as the kubelet dials it, reported in registration GetInfo.
-    pub registration_endpoint: PathBuf,
-    pub register_with_kubelet: bool,
-}
-
-impl CsiConfig {
-    /// `<kubelet-root>/plugins_registry/<plugin-name>-reg.sock`, where the kubelet's plugin
-    /// watcher looks (csi.md §6).
-    pub fn registration_socket(&self) -> PathBuf {
-        self.kubelet_root
-            .join("plugins_registry")
-            .join(format!("{}-reg.sock", self.plugin_name))
-    }
-
-    /// Publish targets must live under here (csi.md R-4).
-    pub fn pods_dir(&self) -> PathBuf {
-        self.kubelet_root.join("pods")
-    }
-}
-
 /// What validation needs from the process environment, so tests can supply their own.
 pub trait Env {
     fn var(&self, name: &str) -> Option<String>;
@@ -321,22 +289,26 @@ impl RunArgs {
         let sds_socket = absolute_socket("--sds-socket", &self.sds_socket_path())?;
         let agent_socket = self.resolve_agent_socket(env)?;
         let admin_socket = absolute("--admin-socket", &self.admin_socket)?;
+        let special = SpecialNames {
+            default_svid: non_empty("--default-svid-name", &self.default_svid_name)?,
+            default_bundle: non_empty("--default-bundle-name", &self.default_bundle_name)?,
+            all_bundles: non_empty("--default-all-bundles-name", &self.default_all_bundles_name)?,
+        };
+        distinct_names(&special)?;
+        let limits = self.limits()?;
         let sds = SdsConfig {
             socket: sds_socket,
-            default_svid_name: non_empty("--default-svid-name", &self.default_svid_name)?,
-            default_bundle_name: non_empty("--default-bundle-name", &self.default_bundle_name)?,
-            default_all_bundles_name: non_empty(
-                "--default-all-bundles-name",
-                &self.default_all_bundles_name,
-            )?,
-            disable_spiffe_cert_validation: self.disable_spiffe_cert_validation,
-            extra_trust_anchors: match &self.extra_trust_anchors {
-                Some(path) => load_trust_anchors(path)?,
-                None => Vec::new(),
+            stream: StreamSettings {
+                special,
+                limits: limits.per_request(),
+                validation_disabled: self.disable_spiffe_cert_validation,
+                extra_trust_anchors: match &self.extra_trust_anchors {
+                    Some(path) => load_trust_anchors(path)?,
+                    None => Vec::new(),
+                },
             },
-            limits: self.limits()?,
+            limits,
         };
-        distinct_names(&sds)?;
         let csi = self.validate_csi(&sds.socket, env)?;
         Ok(Config {
             identity_source: self.identity_source,
@@ -344,8 +316,8 @@ impl RunArgs {
             agent_socket,
             sds,
             csi,
-            metrics_addr: optional_addr(&self.metrics_addr)?,
-            health_addr: optional_addr(&self.health_addr)?,
+            metrics_addr: optional_addr("--metrics-addr", &self.metrics_addr)?,
+            health_addr: optional_addr("--health-addr", &self.health_addr)?,
         })
     }
 
@@ -541,11 +513,11 @@ fn non_empty(flag: &'static str, value: &str) -> Result<String, ConfigError> {
 
 /// SPIRE only warns when the bundle names collide (spire-sds.md B-11); a collision makes one
 /// of the two names unreachable, so we refuse it.
-fn distinct_names(sds: &SdsConfig) -> Result<(), ConfigError> {
+fn distinct_names(special: &SpecialNames) -> Result<(), ConfigError> {
     let names = [
-        ("--default-svid-name", &sds.default_svid_name),
-        ("--default-bundle-name", &sds.default_bundle_name),
-        ("--default-all-bundles-name", &sds.default_all_bundles_name),
+        ("--default-svid-name", &special.default_svid),
+        ("--default-bundle-name", &special.default_bundle),
+        ("--default-all-bundles-name", &special.all_bundles),
     ];
     for (i, (first, a)) in names.iter().enumerate() {
         for (second, b) in &names[i + 1..] {
@@ -561,13 +533,17 @@ fn distinct_names(sds: &SdsConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn optional_addr(value: &str) -> Result<Option<SocketAddr>, ConfigError> {
+fn optional_addr(flag: &'static str, value: &str) -> Result<Option<SocketAddr>, ConfigError> {
     if value.is_empty() {
         return Ok(None);
     }
-    value.parse().map(Some).map_err(|_| ConfigError::EmptyName {
-        flag: "listen address (host:port)",
-    })
+    value
+        .parse()
+        .map(Some)
+        .map_err(|_| ConfigError::BadAddress {
+            flag,
+            value: value.to_owned(),
+        })
 }
 
 /// spiffe-csi-driver is configured with Go-style single-dash flags (csi.md S-8) and no
@@ -787,7 +763,10 @@ mod tests {
         let config = args(dir.path(), &["--csi-socket=", &flag])
             .validate(&no_env())
             .unwrap();
-        assert_eq!(config.sds.extra_trust_anchors, vec![cert.der().to_vec()]);
+        assert_eq!(
+            config.sds.stream.extra_trust_anchors,
+            vec![cert.der().to_vec()]
+        );
 
         let bad = dir.path().join("bad.pem");
         std::fs::write(
@@ -848,6 +827,50 @@ mod tests {
             .validate(&no_env())
             .unwrap_err();
         assert!(err.to_string().contains("listen address"));
+    }
+
+    #[test]
+    fn an_unparseable_listen_address_is_named_not_called_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = args(dir.path(), &["--csi-socket=", "--metrics-addr=nonsense"])
+            .validate(&no_env())
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::BadAddress {
+                flag: "--metrics-addr",
+                value: "nonsense".into()
+            }
+        );
+        let message = err.to_string();
+        assert!(
+            message.starts_with("--metrics-addr \"nonsense\""),
+            "{message}"
+        );
+        assert!(!message.contains("must not be empty"), "{message}");
+        let err = args(dir.path(), &["--csi-socket=", "--health-addr=:x"])
+            .validate(&no_env())
+            .unwrap_err();
+        assert!(err.to_string().starts_with("--health-addr"), "{err}");
+    }
+
+    #[test]
+    fn flag_defaults_are_the_domains_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = args(dir.path(), &["--csi-socket="])
+            .validate(&no_env())
+            .unwrap();
+        assert_eq!(config.sds.limits, SdsLimits::default());
+        assert_eq!(config.sds.stream.special, SpecialNames::default());
+        let stream = StreamSettings::default();
+        assert_eq!(
+            config.sds.stream.limits.max_names_per_request,
+            stream.limits.max_names_per_request
+        );
+        assert_eq!(
+            config.sds.stream.limits.max_name_bytes,
+            stream.limits.max_name_bytes
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! node plugin and kubelet registration), [`uds`] (Unix listeners) and [`telemetry`].
 
 pub mod bridge;
+pub mod clock;
 pub mod config;
 pub mod csi;
 pub mod identity;

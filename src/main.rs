@@ -128,7 +128,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    svid_bridge::telemetry::init_logging(&args.log)?;
+    svid_bridge::telemetry::init_logging(args.log.log_format, &args.log.log_level)?;
     let config = args
         .validate(&ProcessEnv)
         .context("invalid configuration")?;
@@ -142,10 +142,7 @@ fn inspect(
     names: Vec<String>,
     log: LogArgs,
 ) -> anyhow::Result<()> {
-    let _ = svid_bridge::telemetry::init_logging(&LogArgs {
-        log_level: "warn".into(),
-        ..log
-    });
+    let _ = svid_bridge::telemetry::init_logging(log.log_format, "warn");
     let report = runtime()?.block_on(svid_bridge::inspect::inspect(socket, &names, timeout))?;
     print!("{}", report.text);
     match report.not_served {

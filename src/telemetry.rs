@@ -1,6 +1,5 @@
 //! Logs (tracing, text or JSON), Prometheus metrics and the health endpoints.
 
-pub mod grpc;
 pub mod health;
 pub mod metrics;
 
@@ -9,7 +8,13 @@ use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::FmtSpan;
 
-use crate::config::{LogArgs, LogFormat};
+/// Log line format (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -24,9 +29,9 @@ pub enum TelemetryError {
     AlreadyInstalled,
 }
 
-/// Installs the global subscriber. `RUST_LOG`, when set, wins over `--log-level`.
-pub fn init_logging(args: &LogArgs) -> Result<(), TelemetryError> {
-    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| args.log_level.clone());
+/// Installs the global subscriber. `RUST_LOG`, when set, wins over `level` (`--log-level`).
+pub fn init_logging(format: LogFormat, level: &str) -> Result<(), TelemetryError> {
+    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| level.to_owned());
     let filter = EnvFilter::try_new(&directives).map_err(|source| TelemetryError::Filter {
         filter: directives.clone(),
         source,
@@ -36,7 +41,7 @@ pub fn init_logging(args: &LogArgs) -> Result<(), TelemetryError> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_span_events(FmtSpan::NONE);
-    let installed = match args.log_format {
+    let installed = match format {
         LogFormat::Text => builder.with_target(false).try_init(),
         LogFormat::Json => builder
             .json()

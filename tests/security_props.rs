@@ -37,7 +37,7 @@ use svid_bridge::proto::csi::{
 };
 use svid_bridge::sds::names::SpecialNames;
 use svid_bridge::sds::secrets::{SECRET_TYPE_URL, View};
-use svid_bridge::sds::stream::{DeltaStream, Limits, SotwStream, StreamSettings};
+use svid_bridge::sds::stream::{DeltaStream, Limits, Protocol, SotwStream, StreamSettings};
 
 // ------------------------------------------------------------------------------ SDS ----
 
@@ -290,7 +290,7 @@ proptest! {
         settings in settings_strategy(),
         steps in prop::collection::vec((req_strategy(), snap_strategy(), any::<bool>()), 1..16),
     ) {
-        let mut stream = SotwStream::default();
+        let mut stream = SotwStream::new(std::sync::Arc::new(settings));
         let mut last_nonce = String::new();
         let mut nonces = BTreeSet::new();
         for (req, snap, respond_now) in steps {
@@ -303,7 +303,7 @@ proptest! {
                 error_detail: req.error.as_ref().map(|(code, message)| RpcStatus { code: *code, message: message.clone(), details: vec![] }),
                 ..Default::default()
             };
-            if let Err(status) = stream.on_request(&request, &settings) {
+            if let Err(status) = stream.on_request(&request) {
                 prop_assert!(allowed(status.code()), "{:?}", status);
                 prop_assert!(status.message().len() < 1024, "error message too long: {}", status.message().len());
                 break; // the stream ends here, as in the service
@@ -311,7 +311,7 @@ proptest! {
             if !respond_now { continue; }
             let (svids, bundles, anchors) = build(&snap);
             let view = View { svids: &svids, bundles: &bundles, extra_anchors: &anchors, memo: None };
-            let (response, waiting) = stream.respond(&view, &settings);
+            let (response, waiting) = stream.respond(&view);
             if let Some(response) = response {
                 prop_assert_eq!(&response.type_url, SECRET_TYPE_URL);
                 prop_assert!(nonces.insert(response.nonce.clone()), "nonce reused");
@@ -336,7 +336,7 @@ proptest! {
         settings in settings_strategy(),
         steps in prop::collection::vec((req_strategy(), snap_strategy(), any::<bool>()), 1..16),
     ) {
-        let mut stream = DeltaStream::default();
+        let mut stream = DeltaStream::new(std::sync::Arc::new(settings));
         let mut last_nonce = String::new();
         for (req, snap, respond_now) in steps {
             let request = DeltaDiscoveryRequest {
@@ -348,7 +348,7 @@ proptest! {
                 error_detail: req.error.as_ref().map(|(code, message)| RpcStatus { code: *code, message: message.clone(), details: vec![] }),
                 ..Default::default()
             };
-            if let Err(status) = stream.on_request(&request, &settings) {
+            if let Err(status) = stream.on_request(&request) {
                 prop_assert!(allowed(status.code()), "{:?}", status);
                 prop_assert!(status.message().len() < 1024);
                 break;
@@ -356,7 +356,7 @@ proptest! {
             if !respond_now { continue; }
             let (svids, bundles, anchors) = build(&snap);
             let view = View { svids: &svids, bundles: &bundles, extra_anchors: &anchors, memo: None };
-            let (response, _) = stream.respond(&view, &settings);
+            let (response, _) = stream.respond(&view);
             if let Some(response) = response {
                 prop_assert_eq!(&response.type_url, SECRET_TYPE_URL);
                 last_nonce = response.nonce.clone();
@@ -373,15 +373,14 @@ proptest! {
     /// nor federates with, whatever it asks for.
     #[test]
     fn no_bundle_beyond_own_and_federated(snap in snap_strategy(), names in prop::collection::vec(name_strategy(), 0..8)) {
-        let settings = StreamSettings::default();
         let (svids, bundles, anchors) = build(&snap);
         let mut may_see: BTreeSet<String> = svids.federates_with.iter().cloned().collect();
         if let Some(own) = svids.own_trust_domain() { may_see.insert(own.to_owned()); }
         let mut stream = SotwStream::default();
         let request = DiscoveryRequest { resource_names: names, type_url: SECRET_TYPE_URL.into(), ..Default::default() };
-        if stream.on_request(&request, &settings).is_err() { return Ok(()); }
+        if stream.on_request(&request).is_err() { return Ok(()); }
         let view = View { svids: &svids, bundles: &bundles, extra_anchors: &anchors, memo: None };
-        if let (Some(response), _) = stream.respond(&view, &settings) {
+        if let (Some(response), _) = stream.respond(&view) {
             for any in &response.resources {
                 let secret = Secret::decode(any.value.as_slice()).unwrap();
                 for td in bundle_trust_domains(&secret, &bundles) {

@@ -9,19 +9,19 @@ use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use svid_bridge::sds::secrets::{SECRET_TYPE_URL, View};
-use svid_bridge::sds::stream::DeltaStream;
+use svid_bridge::sds::stream::{DeltaStream, Protocol};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else {
         return;
     };
     let settings = common::settings(selector);
-    let mut stream = DeltaStream::default();
+    let mut stream = DeltaStream::new(std::sync::Arc::new(settings));
     for (i, chunk) in common::chunks(rest).into_iter().enumerate() {
         let Ok(request) = DeltaDiscoveryRequest::decode(chunk) else {
             continue;
         };
-        if let Err(status) = stream.on_request(&request, &settings) {
+        if let Err(status) = stream.on_request(&request) {
             assert!(common::allowed(status.code()), "{status:?}");
             return;
         }
@@ -30,8 +30,9 @@ fuzz_target!(|data: &[u8]| {
             svids: &svids,
             bundles: &bundles,
             extra_anchors: &[],
+            memo: None,
         };
-        if let (Some(response), _) = stream.respond(&view, &settings) {
+        if let (Some(response), _) = stream.respond(&view) {
             assert_eq!(response.type_url, SECRET_TYPE_URL);
             for resource in &response.resources {
                 assert!(stream.subscribed().contains_key(&resource.name));

@@ -11,19 +11,19 @@ use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use svid_bridge::sds::secrets::{SECRET_TYPE_URL, View};
-use svid_bridge::sds::stream::SotwStream;
+use svid_bridge::sds::stream::{Protocol, SotwStream};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else {
         return;
     };
     let settings = common::settings(selector);
-    let mut stream = SotwStream::default();
+    let mut stream = SotwStream::new(std::sync::Arc::new(settings));
     for (i, chunk) in common::chunks(rest).into_iter().enumerate() {
         let Ok(request) = DiscoveryRequest::decode(chunk) else {
             continue;
         };
-        if let Err(status) = stream.on_request(&request, &settings) {
+        if let Err(status) = stream.on_request(&request) {
             assert!(common::allowed(status.code()), "{status:?}");
             assert!(status.message().len() < 1024);
             return;
@@ -33,8 +33,9 @@ fuzz_target!(|data: &[u8]| {
             svids: &svids,
             bundles: &bundles,
             extra_anchors: &[],
+            memo: None,
         };
-        if let (Some(response), _) = stream.respond(&view, &settings) {
+        if let (Some(response), _) = stream.respond(&view) {
             assert_eq!(response.type_url, SECRET_TYPE_URL);
             let requested = stream.requested().cloned().unwrap_or_default();
             for any in &response.resources {

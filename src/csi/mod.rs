@@ -6,8 +6,10 @@
 //! publish, unpublish that clears stacked mounts, volume stats the kubelet accepts, tight
 //! socket permissions, and built-in registration.
 
+pub mod calls;
 pub mod identity;
 pub mod locks;
+pub mod metrics;
 pub mod mount;
 pub mod mountinfo;
 pub mod node;
@@ -25,17 +27,68 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
-use crate::config::CsiConfig;
 use crate::proto::csi::GetPluginInfoRequest;
 use crate::proto::csi::identity_client::IdentityClient;
 use crate::proto::csi::identity_server::IdentityServer;
 use crate::proto::csi::node_server::NodeServer;
 use crate::proto::pluginregistration::registration_server::RegistrationServer;
-use crate::telemetry::grpc::CsiCallsLayer;
+use crate::telemetry::health::Ready;
 use crate::telemetry::metrics::Metrics;
 use crate::uds::{self, SocketAccess, UdsError};
 
+pub use metrics::CsiMetrics;
 pub use registration::RegistrationStatus;
+
+use calls::CsiCallsLayer;
+
+#[derive(Debug, Clone)]
+pub struct CsiConfig {
+    pub socket: PathBuf,
+    pub plugin_name: String,
+    pub mount_dir: PathBuf,
+    pub node_id: String,
+    /// Must equal the kubelet's `--root-dir` as a string: targets are confined under it.
+    pub kubelet_root: PathBuf,
+    /// The CSI socket as the kubelet dials it, reported in registration GetInfo.
+    pub registration_endpoint: PathBuf,
+    pub register_with_kubelet: bool,
+}
+
+impl CsiConfig {
+    /// `<kubelet-root>/plugins_registry/<plugin-name>-reg.sock`, where the kubelet's plugin
+    /// watcher looks (csi.md §6).
+    pub fn registration_socket(&self) -> PathBuf {
+        self.kubelet_root
+            .join("plugins_registry")
+            .join(format!("{}-reg.sock", self.plugin_name))
+    }
+
+    /// Publish targets must live under here (csi.md R-4).
+    pub fn pods_dir(&self) -> PathBuf {
+        self.kubelet_root.join("pods")
+    }
+}
+
+/// Readiness while the bridge registers itself: ready once the kubelet accepted it.
+pub struct RegistrationReadiness(pub watch::Receiver<RegistrationStatus>);
+
+impl Ready for RegistrationReadiness {
+    fn check(&self) -> Result<(), String> {
+        let status = self.0.borrow();
+        if status.is_registered() {
+            return Ok(());
+        }
+        let detail = match &*status {
+            RegistrationStatus::Rejected { error } => format!(": {error}"),
+            RegistrationStatus::Unavailable { reason } => format!(": {reason}"),
+            _ => String::new(),
+        };
+        Err(format!(
+            "the CSI plugin is not registered with the kubelet ({}){detail}",
+            status.state()
+        ))
+    }
+}
 
 /// How long the bridge waits for its own CSI socket to answer before registering.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -84,15 +137,43 @@ pub async fn serve(
     .await
 }
 
+/// Where the CSI metrics go: a registry to add them to, or metrics already registered (the
+/// bridge registers them at start, so they are exported even with CSI off).
+pub enum CsiTelemetry {
+    Registry(Arc<Metrics>),
+    Registered(Arc<CsiMetrics>),
+}
+
+impl From<Arc<Metrics>> for CsiTelemetry {
+    fn from(registry: Arc<Metrics>) -> Self {
+        Self::Registry(registry)
+    }
+}
+
+impl From<Arc<CsiMetrics>> for CsiTelemetry {
+    fn from(metrics: Arc<CsiMetrics>) -> Self {
+        Self::Registered(metrics)
+    }
+}
+
 /// [`serve`], publishing the kubelet registration state on `registration` (for /healthz and
-/// metrics: [`RegistrationStatus::is_failed`] means pods cannot use the plugin).
+/// metrics: [`RegistrationStatus::is_failed`] means pods cannot use the plugin). Given a
+/// registry, registers the CSI metrics there and keeps `kubelet_registration` current.
 pub async fn serve_with_registration(
     config: CsiConfig,
     sds_serving: watch::Receiver<bool>,
     shutdown: CancellationToken,
     registration: watch::Sender<RegistrationStatus>,
-    metrics: Arc<Metrics>,
+    telemetry: impl Into<CsiTelemetry>,
 ) -> Result<(), CsiError> {
+    let metrics = match telemetry.into() {
+        CsiTelemetry::Registered(metrics) => metrics,
+        CsiTelemetry::Registry(registry) => {
+            let metrics = Arc::new(CsiMetrics::register(&registry));
+            metrics.follow_registration(registration.subscribe());
+            metrics
+        }
+    };
     // 0600, like node-driver-registrar's umask 0077; only the kubelet (root) dials it.
     let listener = uds::bind(&config.socket, SocketAccess::Owner).map_err(CsiError::Socket)?;
     tracing::info!(
@@ -128,7 +209,7 @@ fn serve_csi(
     sds_serving: watch::Receiver<bool>,
     listener: UnixListener,
     stop: CancellationToken,
-    metrics: Arc<Metrics>,
+    metrics: Arc<CsiMetrics>,
 ) -> impl Future<Output = Result<(), tonic::transport::Error>> + Send + 'static {
     let identity = identity::IdentityService::new(
         config.plugin_name.clone(),

@@ -9,11 +9,12 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use super::CsiConfig;
 use super::locks::{TargetGuard, TargetLocks};
+use super::metrics::CsiMetrics;
 use super::mount::{self, MountError, Published};
 use super::target::{Target, shorten};
 use super::validate;
-use crate::config::CsiConfig;
 use crate::proto::csi::node_server::Node;
 use crate::proto::csi::node_service_capability::{
     Rpc, Type as CapabilityType, rpc::Type as RpcType,
@@ -25,7 +26,6 @@ use crate::proto::csi::{
     NodePublishVolumeRequest, NodePublishVolumeResponse, NodeServiceCapability,
     NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse, VolumeCondition, VolumeUsage,
 };
-use crate::telemetry::metrics::Metrics;
 
 /// `volume_context` keys the kubelet adds with `podInfoOnMount: true` (csi.md §4).
 /// Volumes already published when the plugin starts (a restart must not reset the gauge):
@@ -70,14 +70,13 @@ struct Inner {
     /// `<kubelet-root>/pods`: every target must be below it.
     pods_dir: PathBuf,
     locks: TargetLocks,
-    metrics: Arc<Metrics>,
+    metrics: Arc<CsiMetrics>,
 }
 
 impl NodeService {
-    pub fn new(config: &CsiConfig, metrics: Arc<Metrics>) -> Self {
+    pub fn new(config: &CsiConfig, metrics: Arc<CsiMetrics>) -> Self {
         let published = count_published(&config.mount_dir, &config.pods_dir());
         metrics
-            .csi
             .published_volumes
             .set(i64::try_from(published).unwrap_or(i64::MAX));
         NodeService {
@@ -103,7 +102,7 @@ impl NodeService {
         let (source, pods_dir) = (&self.inner.mount_dir, &self.inner.pods_dir);
         match locked(guard, || mount::publish(source, pods_dir, &target))? {
             Published::Mounted => {
-                self.inner.metrics.csi.published_volumes.inc();
+                self.inner.metrics.published_volumes.inc();
                 tracing::info!("volume published");
             }
             // P-11: a kubelet restart republishes every volume; mounting again is what
@@ -124,7 +123,7 @@ impl NodeService {
         let pods_dir = &self.inner.pods_dir;
         let done = locked(guard, || mount::unpublish(pods_dir, &target))?;
         if done.unmounted > 0 {
-            self.inner.metrics.csi.published_volumes.dec();
+            self.inner.metrics.published_volumes.dec();
         }
         match (done.unmounted, done.removed) {
             (0, false) => tracing::info!("volume already unpublished"), // U-6

@@ -3,12 +3,14 @@
 //! workload among all of that workload's SDS streams.
 
 pub mod cache;
+pub mod metrics;
 pub mod process;
 pub mod source;
+pub mod supervisor;
 pub mod types;
 
 pub use cache::{Cache, CacheOptions, Subscription, SvidState};
-pub use process::{ProcRoot, ProcessKey};
+pub use process::{PinnedProcess, ProcRoot, ProcessKey};
 pub use source::{DelegatedSource, Source, Workload, WorkloadApiSource};
 pub use types::{BundleSet, Svid, WorkloadSvids};
 

@@ -51,11 +51,7 @@ impl ProcRoot {
 
     /// A handle that stays with the process `key` names, for checking on it repeatedly.
     pub fn pin(&self, key: ProcessKey) -> PinnedProcess {
-        let pidfd = (self.0 == Path::new("/proc"))
-            .then(|| Pid::from_raw(key.pid))
-            .flatten()
-            .and_then(|pid| rustix::process::pidfd_open(pid, PidfdFlags::empty()).ok());
-        let how = match pidfd {
+        let how = match self.open_pidfd(key.pid) {
             // The PID may have been reused before the pidfd was opened: the start time,
             // read after opening, says whether the pidfd holds the process we pinned.
             Some(fd) if self.is_alive(key) => Watch::Pidfd(fd),
@@ -63,6 +59,28 @@ impl ProcRoot {
             None => Watch::StartTime(self.clone()),
         };
         PinnedProcess { key, how }
+    }
+
+    /// The process now on `pid`, pinned, with one read of its `stat`; `None` if there is
+    /// none. Its pidfd is opened before the start time is read: if the process has not
+    /// exited by the time the pidfd is checked, the PID still named it when it was read.
+    pub fn pin_pid(&self, pid: i32) -> Option<PinnedProcess> {
+        let pidfd = self.open_pidfd(pid);
+        let key = self.process(pid)?;
+        let how = match pidfd {
+            Some(fd) if !pidfd_signals_exit(&fd) => Watch::Pidfd(fd),
+            Some(_) => Watch::Exited,
+            None => Watch::StartTime(self.clone()),
+        };
+        Some(PinnedProcess { key, how })
+    }
+
+    /// Only for the real `/proc`: a fake tree's PIDs are not this kernel's.
+    fn open_pidfd(&self, pid: i32) -> Option<OwnedFd> {
+        (self.0 == Path::new("/proc"))
+            .then(|| Pid::from_raw(pid))
+            .flatten()
+            .and_then(|pid| rustix::process::pidfd_open(pid, PidfdFlags::empty()).ok())
     }
 }
 
@@ -165,6 +183,17 @@ mod tests {
         }
         child.wait().unwrap();
         assert!(!pinned.is_alive(), "and stays exited once reaped");
+    }
+
+    #[test]
+    fn pinning_by_pid_takes_a_pidfd_and_the_start_time_once() {
+        // Following the process to its exit is the pidfd's job, tested above.
+        let proc = ProcRoot::default();
+        let me = std::process::id() as i32;
+        let pinned = proc.pin_pid(me).unwrap();
+        assert_eq!(Some(pinned.key()), proc.process(me));
+        assert!(matches!(pinned.how, Watch::Pidfd(_)) && pinned.is_alive());
+        assert!(proc.pin_pid(i32::MAX).is_none(), "no such process");
     }
 
     #[test]

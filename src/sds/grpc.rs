@@ -7,13 +7,12 @@ use std::future::{Ready, ready};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
 use tonic::server::{Grpc, NamedService, StreamingService, UnaryService};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::response::{DeltaResponse, SotwResponse};
 use super::service::{ResponseStream, SdsService};
 use crate::uds::SmallBufferCodec;
 
@@ -68,15 +67,15 @@ where
         let service = Arc::clone(&self.service);
         match request.uri().path() {
             STREAM_SECRETS => {
-                let mut grpc = self.grpc::<DiscoveryResponse, DiscoveryRequest>();
+                let mut grpc = self.grpc::<SotwResponse, DiscoveryRequest>();
                 Box::pin(async move { Ok(grpc.streaming(Sotw(service), request).await) })
             }
             DELTA_SECRETS => {
-                let mut grpc = self.grpc::<DeltaDiscoveryResponse, DeltaDiscoveryRequest>();
+                let mut grpc = self.grpc::<DeltaResponse, DeltaDiscoveryRequest>();
                 Box::pin(async move { Ok(grpc.streaming(Delta(service), request).await) })
             }
             FETCH_SECRETS => {
-                let mut grpc = self.grpc::<DiscoveryResponse, DiscoveryRequest>();
+                let mut grpc = self.grpc::<SotwResponse, DiscoveryRequest>();
                 Box::pin(async move { Ok(grpc.unary(Fetch(service), request).await) })
             }
             _ => Box::pin(async { Ok(Status::unimplemented("").into_http()) }),
@@ -89,8 +88,8 @@ struct Delta(Arc<SdsService>);
 struct Fetch(Arc<SdsService>);
 
 impl StreamingService<DiscoveryRequest> for Sotw {
-    type Response = DiscoveryResponse;
-    type ResponseStream = ResponseStream<DiscoveryResponse>;
+    type Response = SotwResponse;
+    type ResponseStream = ResponseStream<SotwResponse>;
     // Opening a stream does not wait: the response stream does the waiting.
     type Future = Ready<Result<Response<Self::ResponseStream>, Status>>;
 
@@ -100,8 +99,8 @@ impl StreamingService<DiscoveryRequest> for Sotw {
 }
 
 impl StreamingService<DeltaDiscoveryRequest> for Delta {
-    type Response = DeltaDiscoveryResponse;
-    type ResponseStream = ResponseStream<DeltaDiscoveryResponse>;
+    type Response = DeltaResponse;
+    type ResponseStream = ResponseStream<DeltaResponse>;
     type Future = Ready<Result<Response<Self::ResponseStream>, Status>>;
 
     fn call(&mut self, request: Request<Streaming<DeltaDiscoveryRequest>>) -> Self::Future {
@@ -110,8 +109,8 @@ impl StreamingService<DeltaDiscoveryRequest> for Delta {
 }
 
 impl UnaryService<DiscoveryRequest> for Fetch {
-    type Response = DiscoveryResponse;
-    type Future = BoxFuture<Response<DiscoveryResponse>, Status>;
+    type Response = SotwResponse;
+    type Future = BoxFuture<Response<SotwResponse>, Status>;
 
     fn call(&mut self, request: Request<DiscoveryRequest>) -> Self::Future {
         let service = Arc::clone(&self.0);

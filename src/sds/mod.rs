@@ -2,7 +2,9 @@
 //! state machine, incremental (delta) streams and unary fetches.
 
 pub mod grpc;
+pub mod metrics;
 pub mod names;
+pub mod response;
 pub mod secrets;
 pub mod service;
 pub mod socket;
@@ -15,13 +17,77 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub use metrics::SdsMetrics;
 pub use service::{CallerIdentity, SdsService};
 pub use stream::{Limits, StreamSettings};
 
-use crate::config::SdsLimits;
+use crate::identity::cache::DEFAULT_MAX_STREAMS_PER_WORKLOAD;
 use crate::identity::{Cache, ProcRoot};
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::health::Ready;
 use crate::uds::{self, UdsError};
+
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// Envoy opens one stream per secret name on one HTTP/2 connection (E7), so the
+/// per-connection default is istio-agent's 100,000.
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 100_000;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// Every SDS limit; each overflow is refused with an error that names the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SdsLimits {
+    pub max_names_per_request: usize,
+    pub max_name_bytes: usize,
+    pub max_request_bytes: usize,
+    pub max_streams_per_connection: u32,
+    pub max_streams_per_process: usize,
+    pub max_connections: usize,
+}
+
+impl Default for SdsLimits {
+    fn default() -> Self {
+        let names = Limits::default();
+        Self {
+            max_names_per_request: names.max_names_per_request,
+            max_name_bytes: names.max_name_bytes,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
+            max_streams_per_process: DEFAULT_MAX_STREAMS_PER_WORKLOAD,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+impl SdsLimits {
+    /// The limits each stream checks its requests against.
+    pub fn per_request(&self) -> Limits {
+        Limits {
+            max_names_per_request: self.max_names_per_request,
+            max_name_bytes: self.max_name_bytes,
+        }
+    }
+}
+
+/// Everything the SDS server is configured with.
+#[derive(Debug, Clone)]
+pub struct SdsConfig {
+    pub socket: PathBuf,
+    /// What every stream answers with.
+    pub stream: StreamSettings,
+    pub limits: SdsLimits,
+}
+
+/// Readiness: the SDS socket serves.
+pub struct Serving(pub watch::Receiver<bool>);
+
+impl Ready for Serving {
+    fn check(&self) -> Result<(), String> {
+        if *self.0.borrow() {
+            Ok(())
+        } else {
+            Err("the SDS socket is not serving".into())
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -35,10 +101,9 @@ pub enum SdsError {
 pub struct SdsServer {
     pub socket: PathBuf,
     pub service: SdsService,
-    /// Transport limits; Envoy opens one stream per secret name on one HTTP/2 connection
-    /// (E7), so the per-connection default is istio-agent's 100,000.
+    /// Transport limits.
     pub limits: SdsLimits,
-    metrics: Arc<Metrics>,
+    metrics: Arc<SdsMetrics>,
     proc_root: ProcRoot,
 }
 
@@ -52,12 +117,12 @@ impl SdsServer {
         shutdown: CancellationToken,
         limits: SdsLimits,
     ) -> Self {
-        let metrics = Arc::clone(cache.metrics());
+        let metrics = Arc::new(SdsMetrics::register(cache.metrics()));
         let service = SdsService::new(
             cache,
             settings,
             caller_identity,
-            proc_root.clone(),
+            Arc::clone(&metrics),
             shutdown,
         );
         Self {
@@ -67,6 +132,25 @@ impl SdsServer {
             proc_root,
             metrics,
         }
+    }
+
+    /// The server `config` describes.
+    pub fn from_config(
+        config: SdsConfig,
+        cache: Arc<Cache>,
+        caller_identity: CallerIdentity,
+        proc_root: ProcRoot,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self::new(
+            config.socket,
+            cache,
+            config.stream,
+            caller_identity,
+            proc_root,
+            shutdown,
+            config.limits,
+        )
     }
 
     /// Binds the socket, reports `serving`, serves until `shutdown`, ends every stream

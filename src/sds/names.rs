@@ -14,12 +14,18 @@ pub struct SpecialNames {
     pub all_bundles: String,
 }
 
+/// `--default-svid-name`, `--default-bundle-name`, `--default-all-bundles-name`: SPIRE's
+/// names, which Istio uses.
+pub const DEFAULT_SVID_NAME: &str = "default";
+pub const DEFAULT_BUNDLE_NAME: &str = "ROOTCA";
+pub const DEFAULT_ALL_BUNDLES_NAME: &str = "ALL";
+
 impl Default for SpecialNames {
     fn default() -> Self {
         Self {
-            default_svid: "default".into(),
-            default_bundle: "ROOTCA".into(),
-            all_bundles: "ALL".into(),
+            default_svid: DEFAULT_SVID_NAME.into(),
+            default_bundle: DEFAULT_BUNDLE_NAME.into(),
+            all_bundles: DEFAULT_ALL_BUNDLES_NAME.into(),
         }
     }
 }

@@ -196,9 +196,9 @@ impl BundleMemo {
     }
 }
 
-/// Which trust domains a validation secret holds, in order, and whether the extra trust
-/// anchors join each.
-type BundlePlan<'a> = Vec<(&'a str, bool)>;
+/// Which trust domains a validation secret holds, in order, with their bundles, and
+/// whether the extra trust anchors join each: looked up once, when the name resolves.
+type BundlePlan<'a> = Vec<(&'a str, &'a [Vec<u8>], bool)>;
 
 /// A name that cannot be served yet, and why (for the "waiting" log line and metric).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -254,7 +254,10 @@ impl View<'_> {
         let key = MemoKey {
             name: name.to_owned(),
             mode,
-            plan: plan.iter().map(|(td, x)| ((*td).to_owned(), *x)).collect(),
+            plan: plan
+                .iter()
+                .map(|(td, _, extras)| ((*td).to_owned(), *extras))
+                .collect(),
         };
         Ok(memo.memo.get_or_build(memo.snapshot, key, || {
             Encoded::new(self.validation_secret_for(name, &plan, mode))
@@ -265,17 +268,17 @@ impl View<'_> {
         match resource {
             Resource::OwnBundle => {
                 let td = self.own_trust_domain()?;
-                self.bundles.get(td).ok_or(Waiting(
+                let bundle = self.bundles.get(td).ok_or(Waiting(
                     "the agent holds no bundle for the own trust domain yet",
                 ))?;
-                Ok(vec![(td, true)])
+                Ok(vec![(td, bundle, true)])
             }
             Resource::AllBundles => {
                 let own_td = self.own_trust_domain()?;
                 Ok(self
                     .visible_bundles()
                     .into_iter()
-                    .map(|(td, _)| (td, td == own_td))
+                    .map(|(td, bundle)| (td, bundle, td == own_td))
                     .collect())
             }
             Resource::TrustDomainBundle(td) => {
@@ -284,10 +287,10 @@ impl View<'_> {
                         "the workload's entries do not federate with this trust domain",
                     ));
                 }
-                self.bundles.get(td).ok_or(Waiting(
+                let bundle = self.bundles.get(td).ok_or(Waiting(
                     "the agent holds no bundle for this trust domain yet",
                 ))?;
-                Ok(vec![(td.as_str(), false)])
+                Ok(vec![(td.as_str(), bundle, false)])
             }
             Resource::DefaultSvid | Resource::Svid(_) => Ok(vec![]),
         }
@@ -301,8 +304,7 @@ impl View<'_> {
     ) -> Secret {
         let bundles: Vec<(&str, Cow<'_, [Vec<u8>]>)> = plan
             .iter()
-            .map(|&(td, with_extras)| {
-                let bundle = self.bundles.get(td).unwrap_or_default();
+            .map(|&(td, bundle, with_extras)| {
                 let roots = if with_extras {
                     Cow::Owned(self.with_extra_anchors(bundle))
                 } else {

@@ -5,23 +5,22 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use futures::Stream;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use super::names::Resource;
+use super::metrics::{SdsMetrics, StreamGauges};
+use super::response::{DeltaResponse, SotwResponse};
 use super::secrets::{BundleMemo, MemoRef, View, Waiting};
 use super::socket::PeerInfo;
-use super::stream::{DeltaStream, Reaction, SotwStream, StreamSettings};
-use crate::identity::types::SharedBundles;
-use crate::identity::{Cache, ProcRoot, Subscription, SvidState, Workload};
-use crate::telemetry::metrics::{ApiLabel, Metrics, StreamGauges};
+use super::stream::{DeltaStream, Protocol, Reaction, SotwStream, StreamSettings};
+use crate::identity::types::{SharedBundles, SharedSvids};
+use crate::identity::{Cache, PinnedProcess, Subscription, SvidState, Workload};
 
 /// How a caller is mapped to a workload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,10 +35,26 @@ pub struct SdsService {
     cache: Arc<Cache>,
     settings: Arc<StreamSettings>,
     caller_identity: CallerIdentity,
-    proc_root: ProcRoot,
+    metrics: Arc<SdsMetrics>,
     shutdown: CancellationToken,
     fetch_timeout: Duration,
     bundle_memo: Arc<BundleMemo>,
+}
+
+/// Whom a request is answered for.
+enum Caller {
+    /// The process that opened the connection, pinned at accept.
+    Process(Arc<PinnedProcess>),
+    Bridge,
+}
+
+impl Caller {
+    fn pid(&self) -> i32 {
+        match self {
+            Caller::Process(process) => process.key().pid,
+            Caller::Bridge => 0,
+        }
+    }
 }
 
 impl SdsService {
@@ -47,58 +62,62 @@ impl SdsService {
         cache: Arc<Cache>,
         settings: StreamSettings,
         caller_identity: CallerIdentity,
-        proc_root: ProcRoot,
+        metrics: Arc<SdsMetrics>,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             cache,
             settings: Arc::new(settings),
             caller_identity,
-            proc_root,
+            metrics,
             shutdown,
             fetch_timeout: Duration::from_secs(5),
             bundle_memo: Arc::default(),
         }
     }
 
-    /// The workload behind a request: the process that opened the connection, pinned by
-    /// its start time when the connection was accepted (spire-sds.md A-2, A-4, DI-4).
-    fn workload_of<T>(&self, request: &Request<T>) -> Result<Workload, Status> {
+    /// The workload behind a request: the process that opened the connection, pinned
+    /// when the connection was accepted (spire-sds.md A-2, A-4, DI-4).
+    fn caller_of<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         if self.caller_identity == CallerIdentity::Bridge {
-            return Ok(Workload::Bridge);
+            return Ok(Caller::Bridge);
         }
         let peer = request
             .extensions()
             .get::<PeerInfo>()
             .ok_or_else(|| Status::internal("no peer information on this connection"))?;
-        let Some(process) = peer.process else {
+        let Some(process) = &peer.process else {
             return Err(Status::unavailable(
                 "cannot identify the caller: its PID is not visible in svid-bridge's PID \
                  namespace (run svid-bridge with hostPID, beside the SPIRE agent)",
             ));
         };
-        if !self.proc_root.is_alive(process) {
+        if !process.is_alive() {
             return Err(Status::unavailable(format!(
                 "the process that opened this connection (PID {}) has exited; reconnect",
-                process.pid
+                process.key().pid
             )));
         }
-        Ok(Workload::Process(process))
+        Ok(Caller::Process(Arc::clone(process)))
     }
 
-    fn context(&self, workload: Workload) -> Result<StreamContext, Status> {
-        let subscription = self.cache.subscribe(workload).map_err(|limit| {
-            self.cache.metrics().sds.streams_refused.inc();
-            tracing::warn!(pid = pid_of(workload), %limit, "refused an SDS stream");
+    fn context(&self, caller: &Caller) -> Result<StreamContext, Status> {
+        let subscription = match caller {
+            Caller::Process(process) => self.cache.subscribe_process(process),
+            Caller::Bridge => self.cache.subscribe(Workload::Bridge),
+        };
+        let subscription = subscription.map_err(|limit| {
+            self.metrics.streams_refused.inc();
+            tracing::warn!(pid = caller.pid(), %limit, "refused an SDS stream");
             Status::resource_exhausted(limit.to_string())
         })?;
         Ok(StreamContext {
             subscription,
             bundles: self.cache.bundles(),
-            settings: Arc::clone(&self.settings),
+            extra_anchors: Arc::clone(&self.settings),
             bundle_memo: Arc::clone(&self.bundle_memo),
             shutdown: self.shutdown.clone(),
-            gauges: StreamGauges::new(Arc::clone(self.cache.metrics())),
+            gauges: StreamGauges::new(Arc::clone(&self.metrics)),
         })
     }
 }
@@ -112,14 +131,14 @@ impl SdsService {
     pub fn stream_secrets(
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<ResponseStream<DiscoveryResponse>>, Status> {
+    ) -> Result<Response<ResponseStream<SotwResponse>>, Status> {
         self.open_stream::<SotwStream>(request)
     }
 
     pub fn delta_secrets(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<ResponseStream<DeltaDiscoveryResponse>>, Status> {
+    ) -> Result<Response<ResponseStream<DeltaResponse>>, Status> {
         self.open_stream::<DeltaStream>(request)
     }
 
@@ -127,16 +146,17 @@ impl SdsService {
         &self,
         request: Request<Streaming<P::Request>>,
     ) -> Result<Response<ResponseStream<P::Response>>, Status> {
-        let workload = self.workload_of(&request)?;
-        let context = self.context(workload)?;
-        let span = tracing::info_span!("sds_stream", pid = pid_of(workload), api = P::API);
+        let caller = self.caller_of(&request)?;
+        let context = self.context(&caller)?;
+        let span = tracing::info_span!("sds_stream", pid = caller.pid(), api = P::API);
         let state = StreamState {
             context,
             inbound: request.into_inner(),
-            protocol: P::default(),
+            protocol: P::new(Arc::clone(&self.settings)),
             waits: WaitLog::default(),
             span,
             ended: false,
+            responses: self.metrics.responses_of(P::API),
         };
         Ok(Response::new(Box::pin(futures::stream::unfold(
             state,
@@ -149,12 +169,12 @@ impl SdsService {
     pub async fn fetch_secrets(
         &self,
         request: Request<DiscoveryRequest>,
-    ) -> Result<Response<DiscoveryResponse>, Status> {
-        let workload = self.workload_of(&request)?;
-        let mut context = self.context(workload)?;
-        let mut stream = SotwStream::default();
-        if let Err(status) = stream.on_request(request.get_ref(), &self.settings) {
-            context.gauges.metrics().sds.refused.inc();
+    ) -> Result<Response<SotwResponse>, Status> {
+        let caller = self.caller_of(&request)?;
+        let mut context = self.context(&caller)?;
+        let mut stream = SotwStream::new(Arc::clone(&self.settings));
+        if let Err(status) = stream.on_request(request.get_ref()) {
+            self.metrics.refused.inc();
             return Err(status);
         }
         let wanted = stream.requested().map_or(0, BTreeMap::len);
@@ -163,19 +183,10 @@ impl SdsService {
         let mut last_waiting = BTreeMap::new();
         loop {
             if let Some(snapshot) = context.snapshot()? {
-                let (response, waiting) = stream.respond(
-                    &snapshot.view(&self.settings, &context.bundle_memo),
-                    &self.settings,
-                );
+                let (response, waiting) = stream.respond(&context.view(&snapshot));
                 match response {
                     Some(response) if waiting.is_empty() || wanted == 0 => {
-                        context
-                            .gauges
-                            .metrics()
-                            .sds
-                            .responses
-                            .get_or_create(&ApiLabel { api: "fetch" })
-                            .inc();
+                        self.metrics.responses_of("fetch").inc();
                         return Ok(Response::new(response));
                     }
                     _ => last_waiting = waiting,
@@ -200,43 +211,36 @@ fn still_waiting(waiting: &BTreeMap<String, Waiting>) -> Status {
     Status::unavailable(format!("still waiting for {}", reasons.join("; ")))
 }
 
-fn pid_of(workload: Workload) -> i32 {
-    match workload {
-        Workload::Process(p) => p.pid,
-        Workload::Bridge => 0,
-    }
-}
-
 /// What one stream reads: its workload's SVIDs and the node's bundles.
 struct StreamContext {
     subscription: Subscription,
     bundles: watch::Receiver<Option<SharedBundles>>,
-    settings: Arc<StreamSettings>,
+    /// The settings, for their extra trust anchors (the state machine has the rest).
+    extra_anchors: Arc<StreamSettings>,
     bundle_memo: Arc<BundleMemo>,
     shutdown: CancellationToken,
     gauges: StreamGauges,
 }
 
 struct Snapshot {
-    svids: crate::identity::types::SharedSvids,
+    svids: SharedSvids,
     bundles: SharedBundles,
 }
 
-impl Snapshot {
-    fn view<'a>(&'a self, settings: &'a StreamSettings, memo: &'a BundleMemo) -> View<'a> {
+impl StreamContext {
+    /// What the workload may see in `snapshot`, with the node's memo of validation secrets.
+    fn view<'a>(&'a self, snapshot: &'a Snapshot) -> View<'a> {
         View {
-            svids: &self.svids,
-            bundles: &self.bundles,
-            extra_anchors: &settings.extra_trust_anchors,
+            svids: &snapshot.svids,
+            bundles: &snapshot.bundles,
+            extra_anchors: &self.extra_anchors.extra_trust_anchors,
             memo: Some(MemoRef {
-                memo,
-                snapshot: &self.bundles,
+                memo: &self.bundle_memo,
+                snapshot: &snapshot.bundles,
             }),
         }
     }
-}
 
-impl StreamContext {
     /// The current SVIDs and bundles, once both have arrived.
     fn snapshot(&mut self) -> Result<Option<Snapshot>, Status> {
         let svids = match &*self.subscription.svids().borrow_and_update() {
@@ -313,98 +317,6 @@ async fn next_event<R>(
     }
 }
 
-/// What the SotW and the delta state machines have in common, for one stream loop.
-trait Protocol: Default + Send + 'static {
-    type Request: Send + 'static;
-    type Response: Send + 'static;
-    const API: &'static str;
-
-    fn on_request(
-        &mut self,
-        request: &Self::Request,
-        settings: &StreamSettings,
-    ) -> Result<Reaction, Status>;
-    /// The names a request adds, for the NACK log.
-    fn requested_in(request: &Self::Request) -> &[String];
-    /// The names the stream currently wants, once it has asked.
-    fn names(&self) -> Option<&BTreeMap<String, Resource>>;
-    fn respond(
-        &mut self,
-        view: &View<'_>,
-        settings: &StreamSettings,
-    ) -> (Option<Self::Response>, BTreeMap<String, Waiting>);
-    fn log_push(response: &Self::Response);
-}
-
-impl Protocol for SotwStream {
-    type Request = DiscoveryRequest;
-    type Response = DiscoveryResponse;
-    const API: &'static str = "sotw";
-
-    fn on_request(
-        &mut self,
-        request: &DiscoveryRequest,
-        settings: &StreamSettings,
-    ) -> Result<Reaction, Status> {
-        SotwStream::on_request(self, request, settings)
-    }
-
-    fn requested_in(request: &DiscoveryRequest) -> &[String] {
-        &request.resource_names
-    }
-
-    fn names(&self) -> Option<&BTreeMap<String, Resource>> {
-        self.requested()
-    }
-
-    fn respond(
-        &mut self,
-        view: &View<'_>,
-        settings: &StreamSettings,
-    ) -> (Option<DiscoveryResponse>, BTreeMap<String, Waiting>) {
-        SotwStream::respond(self, view, settings)
-    }
-
-    fn log_push(response: &DiscoveryResponse) {
-        tracing::debug!(version = %response.version_info, resources = response.resources.len(), "pushing secrets");
-    }
-}
-
-impl Protocol for DeltaStream {
-    type Request = DeltaDiscoveryRequest;
-    type Response = DeltaDiscoveryResponse;
-    const API: &'static str = "delta";
-
-    fn on_request(
-        &mut self,
-        request: &DeltaDiscoveryRequest,
-        settings: &StreamSettings,
-    ) -> Result<Reaction, Status> {
-        DeltaStream::on_request(self, request, settings)
-    }
-
-    fn requested_in(request: &DeltaDiscoveryRequest) -> &[String] {
-        &request.resource_names_subscribe
-    }
-
-    fn names(&self) -> Option<&BTreeMap<String, Resource>> {
-        Some(self.subscribed())
-    }
-
-    fn respond(
-        &mut self,
-        view: &View<'_>,
-        settings: &StreamSettings,
-    ) -> (Option<DeltaDiscoveryResponse>, BTreeMap<String, Waiting>) {
-        DeltaStream::respond(self, view, settings)
-    }
-
-    fn log_push(response: &DeltaDiscoveryResponse) {
-        let names: Vec<&str> = response.resources.iter().map(|r| r.name.as_str()).collect();
-        tracing::debug!(secrets = ?names, "pushing secrets");
-    }
-}
-
 /// Everything one stream owns; dropped when the client goes away (hyper drops the body).
 struct StreamState<P: Protocol> {
     context: StreamContext,
@@ -414,6 +326,8 @@ struct StreamState<P: Protocol> {
     span: tracing::Span,
     /// An error was yielded: the stream ends with it.
     ended: bool,
+    /// This stream's API's response counter.
+    responses: Counter,
 }
 
 enum Step<R> {
@@ -461,20 +375,12 @@ impl<P: Protocol> StreamState<P> {
                 Ok(None) => continue,
                 Err(status) => return Step::Fail(status),
             };
-            let settings = &self.context.settings;
-            let view = snapshot.view(settings, &self.context.bundle_memo);
-            let (response, waiting) = self.protocol.respond(&view, settings);
+            let (response, waiting) = self.protocol.respond(&self.context.view(&snapshot));
             self.context.gauges.set_waiting(!waiting.is_empty());
             self.waits.update(waiting);
             if let Some(response) = response {
                 P::log_push(&response);
-                self.context
-                    .gauges
-                    .metrics()
-                    .sds
-                    .responses
-                    .get_or_create(&ApiLabel { api: P::API })
-                    .inc();
+                self.responses.inc();
                 return Step::Push(response);
             }
         }
@@ -482,7 +388,7 @@ impl<P: Protocol> StreamState<P> {
 
     fn on_request(&mut self, request: &P::Request) -> Result<(), Status> {
         let metrics = self.context.gauges.metrics();
-        match self.protocol.on_request(request, &self.context.settings) {
+        match self.protocol.on_request(request) {
             Ok(reaction) => {
                 count_reaction(metrics, &reaction, P::requested_in(request));
                 if let Some(names) = self.protocol.names() {
@@ -491,7 +397,7 @@ impl<P: Protocol> StreamState<P> {
                 Ok(())
             }
             Err(status) => {
-                metrics.sds.refused.inc();
+                metrics.refused.inc();
                 tracing::warn!(error = %status.message(), "refused SDS request");
                 Err(status)
             }
@@ -506,14 +412,14 @@ impl<P: Protocol> Drop for StreamState<P> {
     }
 }
 
-fn count_reaction(metrics: &Metrics, reaction: &Reaction, names: &[String]) {
+fn count_reaction(metrics: &SdsMetrics, reaction: &Reaction, names: &[String]) {
     match reaction {
         Reaction::Nacked(message) => {
-            metrics.sds.nacks.inc();
+            metrics.nacks.inc();
             tracing::error!(secrets = ?names, envoy_error = %message, "Envoy rejected the secrets we sent (NACK); not resending until they change");
         }
         Reaction::Acked => {
-            metrics.sds.acks.inc();
+            metrics.acks.inc();
         }
         Reaction::Stale => tracing::debug!("ignoring a request with a stale nonce"),
         Reaction::Answer => {}

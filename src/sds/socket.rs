@@ -22,8 +22,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Connected, UdsConnectInfo};
 
-use crate::identity::{ProcRoot, ProcessKey};
-use crate::telemetry::metrics::Metrics;
+use super::metrics::SdsMetrics;
+use crate::identity::{PinnedProcess, ProcRoot};
 use crate::uds::{self, AuthorityFixingStream, SocketAccess, UdsError};
 
 /// How often the socket's presence is checked.
@@ -40,18 +40,19 @@ fn file_identity(path: &Path) -> Option<(u64, u64)> {
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
     pub uds: UdsConnectInfo,
-    /// The connecting process, pinned by its start time at accept: a later RPC on the same
-    /// connection (held by a child, or passed on) is refused once that process is gone,
-    /// even if its PID was reused meanwhile (spire-sds.md, DI-4). `None` when the
+    /// The connecting process, pinned at accept (its start time read once, a pidfd held):
+    /// a later RPC on the same connection (held by a child, or passed on) is refused once
+    /// that process is gone, even if its PID was reused meanwhile (spire-sds.md,
+    /// DI-4), and its workload's subscription follows the same handle. `None` when the
     /// peer's PID is not visible in our PID namespace.
-    pub process: Option<ProcessKey>,
+    pub process: Option<Arc<PinnedProcess>>,
 }
 
 /// `--max-connections`: connections beyond the limit are closed as soon as they are
 /// accepted, so a runaway client cannot exhaust the bridge's file descriptors.
 pub struct ConnectionLimit {
     pub max: usize,
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<SdsMetrics>,
 }
 
 /// Logs about refused connections at most this often.
@@ -67,7 +68,7 @@ impl Slots {
     fn take(&mut self) -> Option<Slot> {
         if self.open.fetch_add(1, Ordering::AcqRel) >= self.limit.max {
             self.open.fetch_sub(1, Ordering::AcqRel);
-            self.limit.metrics.sds.connections_refused.inc();
+            self.limit.metrics.connections_refused.inc();
             if self
                 .last_warning
                 .is_none_or(|at| at.elapsed() >= WARN_REFUSED_EVERY)
@@ -80,7 +81,7 @@ impl Slots {
             }
             return None;
         }
-        self.limit.metrics.sds.connections.inc();
+        self.limit.metrics.connections.inc();
         Some(Slot {
             open: Arc::clone(&self.open),
             metrics: Arc::clone(&self.limit.metrics),
@@ -91,13 +92,13 @@ impl Slots {
 /// A connection's place under the limit, freed when the connection closes.
 struct Slot {
     open: Arc<AtomicUsize>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<SdsMetrics>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.open.fetch_sub(1, Ordering::AcqRel);
-        self.metrics.sds.connections.dec();
+        self.metrics.connections.dec();
     }
 }
 
@@ -115,7 +116,8 @@ impl Connection {
             .peer_cred
             .and_then(|cred| cred.pid())
             .filter(|pid| *pid > 0)
-            .and_then(|pid| proc_root.process(pid));
+            .and_then(|pid| proc_root.pin_pid(pid))
+            .map(Arc::new);
         Self {
             io: AuthorityFixingStream::new(stream),
             peer: PeerInfo { uds, process },

@@ -1,18 +1,24 @@
 //! Per-stream protocol state for state-of-the-world (`StreamSecrets`) and incremental
 //! (`DeltaSecrets`) SDS. Pure: requests and identity snapshots in, responses out; the tonic
-//! glue in `service.rs` feeds it, and the property tests below drive it directly.
+//! glue in `service.rs` feeds it through [`Protocol`], and the property tests below drive
+//! it directly. Each stream holds the node's settings from its construction.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-    Resource as DeltaResource,
-};
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
 use tonic::Status;
 
 use super::names::{self, Quoted, Resource, SpecialNames};
+use super::response::{DeltaResource, DeltaResponse, SharedAny, SotwResponse};
 use super::secrets::{self, Encoded, NodeTraits, SECRET_TYPE_URL, ValidationMode, View, Waiting};
+
+/// Envoy sends one name per stream (E7); gRPC xDS clients batch a few.
+pub const DEFAULT_MAX_NAMES_PER_REQUEST: usize = 100;
+/// A SPIFFE ID is at most 2048 bytes, so longer names cannot be anything we serve.
+pub const DEFAULT_MAX_NAME_BYTES: usize = 4096;
 
 /// Request limits; each overflow is an `InvalidArgument` that says which limit.
 #[derive(Clone, Copy, Debug)]
@@ -22,12 +28,10 @@ pub struct Limits {
 }
 
 impl Default for Limits {
-    /// Envoy sends one name per stream (E7); gRPC xDS clients batch a few. A SPIFFE ID is at
-    /// most 2048 bytes, so longer names cannot be anything we serve.
     fn default() -> Self {
         Self {
-            max_names_per_request: 100,
-            max_name_bytes: 4096,
+            max_names_per_request: DEFAULT_MAX_NAMES_PER_REQUEST,
+            max_name_bytes: DEFAULT_MAX_NAME_BYTES,
         }
     }
 }
@@ -53,6 +57,34 @@ pub enum Reaction {
     Nacked(String),
     /// A nonce older than our last response (E14, D-6): ignored entirely.
     Stale,
+}
+
+/// What the SotW and the delta state machines have in common, for one stream loop.
+pub trait Protocol: Send + 'static {
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+    /// For the `api` label and log lines: `sotw` or `delta`.
+    const API: &'static str;
+
+    /// A stream that answers with these settings.
+    fn new(settings: Arc<StreamSettings>) -> Self;
+    fn on_request(&mut self, request: &Self::Request) -> Result<Reaction, Status>;
+    /// The names a request adds, for the NACK log.
+    fn requested_in(request: &Self::Request) -> &[String];
+    /// The names the stream currently wants, once it has asked.
+    fn names(&self) -> Option<&BTreeMap<String, Resource>>;
+    /// The response to send for this snapshot, if any, and the names still waiting.
+    fn respond(&mut self, view: &View<'_>) -> (Option<Self::Response>, BTreeMap<String, Waiting>);
+    fn log_push(response: &Self::Response);
+}
+
+/// A request on the current nonce: Envoy accepted the last response, or says why not
+/// (E12, E13).
+fn ack_or_nack(error_detail: Option<&RpcStatus>) -> Reaction {
+    match error_detail {
+        Some(status) => Reaction::Nacked(status.message.clone()),
+        None => Reaction::Acked,
+    }
 }
 
 fn check_type_url(type_url: &str) -> Result<(), Status> {
@@ -128,68 +160,135 @@ fn resolve_all(
     Resolution { secrets, waiting }
 }
 
-// === impl SotwStream ===
-
-/// State of one `StreamSecrets` stream.
-#[derive(Debug, Default)]
-pub struct SotwStream {
-    /// Names of the last accepted request; `None` until the first request.
-    names: Option<BTreeMap<String, Resource>>,
+/// What both kinds of stream keep: the node's settings, what matters of the Envoy, and the
+/// nonce of the last response.
+#[derive(Debug)]
+struct Core {
+    settings: Arc<StreamSettings>,
     /// What matters of the node from the first request that carried one (E10, D-10).
     node: Option<NodeTraits>,
     last_nonce: Option<String>,
+}
+
+impl Core {
+    fn new(settings: Arc<StreamSettings>) -> Self {
+        Self {
+            settings,
+            node: None,
+            last_nonce: None,
+        }
+    }
+
+    /// Checks a request's type URL and keeps the node from the first that carries one.
+    fn accept(&mut self, type_url: &str, node: Option<&Node>) -> Result<(), Status> {
+        check_type_url(type_url)?;
+        if let Some(node) = node {
+            self.node.get_or_insert_with(|| NodeTraits::of(node));
+        }
+        Ok(())
+    }
+
+    fn parse<'a>(
+        &self,
+        names: impl ExactSizeIterator<Item = &'a String>,
+    ) -> Result<BTreeMap<String, Resource>, Status> {
+        parse_names(names, &self.settings)
+    }
+
+    fn mode(&self) -> ValidationMode {
+        secrets::validation_mode(self.node, self.settings.validation_disabled)
+    }
+
+    /// A fresh nonce, remembered as the last response's.
+    fn next_nonce(&mut self) -> String {
+        let nonce = new_nonce();
+        self.last_nonce = Some(nonce.clone());
+        nonce
+    }
+}
+
+// === impl SotwStream ===
+
+/// State of one `StreamSecrets` stream.
+#[derive(Debug)]
+pub struct SotwStream {
+    core: Core,
+    /// Names of the last accepted request; `None` until the first request.
+    names: Option<BTreeMap<String, Resource>>,
     last_version: Option<String>,
     /// A request that must be answered even if the content did not change (E11).
     answer_due: bool,
 }
 
+impl Default for SotwStream {
+    /// A stream with the default settings.
+    fn default() -> Self {
+        Self::new(Arc::default())
+    }
+}
+
 impl SotwStream {
     pub fn node(&self) -> Option<NodeTraits> {
-        self.node
+        self.core.node
     }
 
     pub fn requested(&self) -> Option<&BTreeMap<String, Resource>> {
         self.names.as_ref()
     }
+}
 
-    pub fn on_request(
-        &mut self,
-        request: &DiscoveryRequest,
-        settings: &StreamSettings,
-    ) -> Result<Reaction, Status> {
-        check_type_url(&request.type_url)?;
-        if let Some(node) = &request.node {
-            self.node.get_or_insert_with(|| NodeTraits::of(node));
+impl Protocol for SotwStream {
+    type Request = DiscoveryRequest;
+    type Response = SotwResponse;
+    const API: &'static str = "sotw";
+
+    fn new(settings: Arc<StreamSettings>) -> Self {
+        Self {
+            core: Core::new(settings),
+            names: None,
+            last_version: None,
+            answer_due: false,
         }
+    }
+
+    fn on_request(&mut self, request: &DiscoveryRequest) -> Result<Reaction, Status> {
+        self.core.accept(&request.type_url, request.node.as_ref())?;
         let nonce = request.response_nonce.as_str();
         let first_on_stream = nonce.is_empty();
-        if !first_on_stream && self.last_nonce.as_deref().is_some_and(|last| last != nonce) {
+        if !first_on_stream
+            && self
+                .core
+                .last_nonce
+                .as_deref()
+                .is_some_and(|last| last != nonce)
+        {
             return Ok(Reaction::Stale);
         }
-        let names = parse_names(request.resource_names.iter(), settings)?;
+        let names = self.core.parse(request.resource_names.iter())?;
         let names_changed = self.names.as_ref() != Some(&names);
         self.names = Some(names);
         if first_on_stream || names_changed {
             self.answer_due = true;
             return Ok(Reaction::Answer);
         }
-        match &request.error_detail {
-            Some(status) => Ok(Reaction::Nacked(status.message.clone())),
-            None => Ok(Reaction::Acked),
-        }
+        Ok(ack_or_nack(request.error_detail.as_ref()))
+    }
+
+    fn requested_in(request: &DiscoveryRequest) -> &[String] {
+        &request.resource_names
+    }
+
+    fn names(&self) -> Option<&BTreeMap<String, Resource>> {
+        self.names.as_ref()
     }
 
     /// The response to send for the current snapshot, if any: when an answer is due and
     /// something resolved, or when the content differs from what was last sent.
-    pub fn respond(
-        &mut self,
-        view: &View<'_>,
-        settings: &StreamSettings,
-    ) -> (Option<DiscoveryResponse>, BTreeMap<String, Waiting>) {
+    fn respond(&mut self, view: &View<'_>) -> (Option<SotwResponse>, BTreeMap<String, Waiting>) {
         let Some(names) = &self.names else {
             return (None, BTreeMap::new());
         };
-        let mode = secrets::validation_mode(self.node, settings.validation_disabled);
+        let mode = self.core.mode();
         let resolution = if names.is_empty() {
             Resolution {
                 secrets: view
@@ -210,56 +309,72 @@ impl SotwStream {
         if !(changed || self.answer_due) {
             return (None, resolution.waiting);
         }
-        let nonce = new_nonce();
+        let nonce = self.core.next_nonce();
         self.answer_due = false;
-        self.last_nonce = Some(nonce.clone());
         self.last_version = Some(version.clone());
-        let response = DiscoveryResponse {
+        let response = SotwResponse {
             version_info: version,
-            resources: resolution.secrets.iter().map(|e| e.any.clone()).collect(),
+            resources: resolution.secrets.into_iter().map(SharedAny).collect(),
             type_url: SECRET_TYPE_URL.to_owned(),
             nonce,
-            ..Default::default()
         };
         (Some(response), resolution.waiting)
+    }
+
+    fn log_push(response: &SotwResponse) {
+        tracing::debug!(version = %response.version_info, resources = response.resources.len(), "pushing secrets");
     }
 }
 
 // === impl DeltaStream ===
 
 /// State of one `DeltaSecrets` stream.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DeltaStream {
+    core: Core,
     subscribed: BTreeMap<String, Resource>,
-    node: Option<NodeTraits>,
     /// Version last sent per name.
     sent: BTreeMap<String, String>,
     /// Newly subscribed names: sent even if the client claims to have them (E23).
     due: BTreeSet<String>,
-    last_nonce: Option<String>,
+}
+
+impl Default for DeltaStream {
+    /// A stream with the default settings.
+    fn default() -> Self {
+        Self::new(Arc::default())
+    }
 }
 
 impl DeltaStream {
     pub fn node(&self) -> Option<NodeTraits> {
-        self.node
+        self.core.node
     }
 
     pub fn subscribed(&self) -> &BTreeMap<String, Resource> {
         &self.subscribed
     }
+}
 
-    pub fn on_request(
-        &mut self,
-        request: &DeltaDiscoveryRequest,
-        settings: &StreamSettings,
-    ) -> Result<Reaction, Status> {
-        check_type_url(&request.type_url)?;
-        if let Some(node) = &request.node {
-            self.node.get_or_insert_with(|| NodeTraits::of(node));
+impl Protocol for DeltaStream {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaResponse;
+    const API: &'static str = "delta";
+
+    fn new(settings: Arc<StreamSettings>) -> Self {
+        Self {
+            core: Core::new(settings),
+            subscribed: BTreeMap::new(),
+            sent: BTreeMap::new(),
+            due: BTreeSet::new(),
         }
+    }
+
+    fn on_request(&mut self, request: &DeltaDiscoveryRequest) -> Result<Reaction, Status> {
+        self.core.accept(&request.type_url, request.node.as_ref())?;
         // Subscription changes count whatever the nonce says; only ACK/NACK reading depends
         // on it.
-        let added = parse_names(request.resource_names_subscribe.iter(), settings)?;
+        let added = self.core.parse(request.resource_names_subscribe.iter())?;
         for name in &request.resource_names_unsubscribe {
             self.subscribed.remove(name);
             self.sent.remove(name);
@@ -277,21 +392,22 @@ impl DeltaStream {
         if nonce.is_empty() {
             return Ok(Reaction::Acked);
         }
-        if self.last_nonce.as_deref() != Some(nonce) {
+        if self.core.last_nonce.as_deref() != Some(nonce) {
             return Ok(Reaction::Stale);
         }
-        match &request.error_detail {
-            Some(status) => Ok(Reaction::Nacked(status.message.clone())),
-            None => Ok(Reaction::Acked),
-        }
+        Ok(ack_or_nack(request.error_detail.as_ref()))
     }
 
-    pub fn respond(
-        &mut self,
-        view: &View<'_>,
-        settings: &StreamSettings,
-    ) -> (Option<DeltaDiscoveryResponse>, BTreeMap<String, Waiting>) {
-        let mode = secrets::validation_mode(self.node, settings.validation_disabled);
+    fn requested_in(request: &DeltaDiscoveryRequest) -> &[String] {
+        &request.resource_names_subscribe
+    }
+
+    fn names(&self) -> Option<&BTreeMap<String, Resource>> {
+        Some(&self.subscribed)
+    }
+
+    fn respond(&mut self, view: &View<'_>) -> (Option<DeltaResponse>, BTreeMap<String, Waiting>) {
+        let mode = self.core.mode();
         let resolution = resolve_all(&self.subscribed, view, mode);
         let mut resources = Vec::new();
         for secret in resolution.secrets {
@@ -305,22 +421,24 @@ impl DeltaStream {
             resources.push(DeltaResource {
                 name: secret.name.clone(),
                 version: secret.version.clone(),
-                resource: Some(secret.any.clone()),
-                ..Default::default()
+                resource: Some(SharedAny(secret)),
             });
         }
         if resources.is_empty() {
             return (None, resolution.waiting);
         }
-        let nonce = new_nonce();
-        self.last_nonce = Some(nonce.clone());
-        let response = DeltaDiscoveryResponse {
+        let nonce = self.core.next_nonce();
+        let response = DeltaResponse {
             resources,
             type_url: SECRET_TYPE_URL.to_owned(),
             nonce,
-            ..Default::default()
         };
         (Some(response), resolution.waiting)
+    }
+
+    fn log_push(response: &DeltaResponse) {
+        let names: Vec<&str> = response.resources.iter().map(|r| r.name.as_str()).collect();
+        tracing::debug!(secrets = ?names, "pushing secrets");
     }
 }
 
@@ -355,42 +473,31 @@ mod tests {
         )
     }
 
-    fn respond(
-        stream: &mut SotwStream,
-        snap: &(WorkloadSvids, BundleSet),
-    ) -> Option<DiscoveryResponse> {
+    fn respond(stream: &mut SotwStream, snap: &(WorkloadSvids, BundleSet)) -> Option<SotwResponse> {
         stream
-            .respond(
-                &View {
-                    svids: &snap.0,
-                    bundles: &snap.1,
-                    extra_anchors: &[],
-                    memo: None,
-                },
-                &StreamSettings::default(),
-            )
+            .respond(&View {
+                svids: &snap.0,
+                bundles: &snap.1,
+                extra_anchors: &[],
+                memo: None,
+            })
             .0
     }
 
     #[test]
     fn ack_nack_and_stale_nonces() {
-        let settings = StreamSettings::default();
         let snap = snapshot(&["spiffe://example.org/a"]);
         let mut s = SotwStream::default();
         assert_eq!(
-            s.on_request(&request(&["default"], "", ""), &settings)
-                .unwrap(),
+            s.on_request(&request(&["default"], "", "")).unwrap(),
             Reaction::Answer
         );
         let first = respond(&mut s, &snap).unwrap();
         assert_eq!(first.type_url, SECRET_TYPE_URL, "E16: exact type_url");
         // E12: ACK → nothing.
         assert_eq!(
-            s.on_request(
-                &request(&["default"], &first.version_info, &first.nonce),
-                &settings
-            )
-            .unwrap(),
+            s.on_request(&request(&["default"], &first.version_info, &first.nonce))
+                .unwrap(),
             Reaction::Acked
         );
         assert!(
@@ -399,8 +506,7 @@ mod tests {
         );
         // E14: a stale nonce is ignored, even with other names.
         assert_eq!(
-            s.on_request(&request(&["ROOTCA"], "", "0000"), &settings)
-                .unwrap(),
+            s.on_request(&request(&["ROOTCA"], "", "0000")).unwrap(),
             Reaction::Stale
         );
         // E13: NACK → no resend of the same content (D-7 "does not spin").
@@ -411,7 +517,7 @@ mod tests {
             details: vec![],
         });
         assert_eq!(
-            s.on_request(&nack, &settings).unwrap(),
+            s.on_request(&nack).unwrap(),
             Reaction::Nacked("bad cert".into())
         );
         assert!(respond(&mut s, &snap).is_none());
@@ -425,15 +531,13 @@ mod tests {
     #[test]
     fn reconnect_with_old_version_is_answered_with_the_same_version() {
         // E11: first request of a new stream carries the last accepted version; answer it.
-        let settings = StreamSettings::default();
         let snap = snapshot(&["spiffe://example.org/a"]);
         let mut old = SotwStream::default();
-        old.on_request(&request(&["default"], "", ""), &settings)
-            .unwrap();
+        old.on_request(&request(&["default"], "", "")).unwrap();
         let sent = respond(&mut old, &snap).unwrap();
         let mut new = SotwStream::default();
         assert_eq!(
-            new.on_request(&request(&["default"], &sent.version_info, ""), &settings)
+            new.on_request(&request(&["default"], &sent.version_info, ""))
                 .unwrap(),
             Reaction::Answer
         );
@@ -447,23 +551,19 @@ mod tests {
     #[test]
     fn many_names_on_one_stream_all_resolve() {
         // B-9 and B-10 fixed: any combination of names works on one request.
-        let settings = StreamSettings::default();
         let snap = snapshot(&["spiffe://example.org/a"]);
         let mut s = SotwStream::default();
-        s.on_request(
-            &request(
-                &[
-                    "default",
-                    "spiffe://example.org/a",
-                    "ROOTCA",
-                    "ALL",
-                    "spiffe://example.org",
-                ],
-                "",
-                "",
-            ),
-            &settings,
-        )
+        s.on_request(&request(
+            &[
+                "default",
+                "spiffe://example.org/a",
+                "ROOTCA",
+                "ALL",
+                "spiffe://example.org",
+            ],
+            "",
+            "",
+        ))
         .unwrap();
         let response = respond(&mut s, &snap).unwrap();
         assert_eq!(response.resources.len(), 5);
@@ -471,20 +571,15 @@ mod tests {
 
     #[test]
     fn unresolvable_names_wait_and_bad_ones_fail() {
-        let settings = StreamSettings::default();
         let mut s = SotwStream::default();
-        s.on_request(&request(&["default"], "", ""), &settings)
-            .unwrap();
+        s.on_request(&request(&["default"], "", "")).unwrap();
         let empty = snapshot(&[]);
-        let (response, waiting) = s.respond(
-            &View {
-                svids: &empty.0,
-                bundles: &empty.1,
-                extra_anchors: &[],
-                memo: None,
-            },
-            &settings,
-        );
+        let (response, waiting) = s.respond(&View {
+            svids: &empty.0,
+            bundles: &empty.1,
+            extra_anchors: &[],
+            memo: None,
+        });
         assert!(response.is_none());
         assert!(waiting.contains_key("default"));
         let later = snapshot(&["spiffe://example.org/a"]);
@@ -494,14 +589,14 @@ mod tests {
         );
 
         let err = SotwStream::default()
-            .on_request(&request(&["file-root:system"], "", ""), &settings)
+            .on_request(&request(&["file-root:system"], "", ""))
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         let mut wrong_type = request(&["default"], "", "");
         wrong_type.type_url = "type.googleapis.com/envoy.config.cluster.v3.Cluster".into();
         assert_eq!(
             SotwStream::default()
-                .on_request(&wrong_type, &settings)
+                .on_request(&wrong_type)
                 .unwrap_err()
                 .code(),
             tonic::Code::InvalidArgument
@@ -511,7 +606,7 @@ mod tests {
             .collect();
         let refs: Vec<&str> = many.iter().map(String::as_str).collect();
         let err = SotwStream::default()
-            .on_request(&request(&refs, "", ""), &settings)
+            .on_request(&request(&refs, "", ""))
             .unwrap_err();
         assert!(err.message().contains("limit is 100"), "{}", err.message());
     }
@@ -519,7 +614,6 @@ mod tests {
     #[test]
     fn node_from_the_first_request_is_kept() {
         // D-10 / E10: later requests omit the node (set_node_on_first_message_only).
-        let settings = StreamSettings::default();
         let mut s = SotwStream::default();
         let old_envoy = Node {
             id: "sidecar~1".into(),
@@ -537,19 +631,17 @@ mod tests {
         };
         let mut first = request(&["ROOTCA"], "", "");
         first.node = Some(old_envoy.clone());
-        s.on_request(&first, &settings).unwrap();
+        s.on_request(&first).unwrap();
         let mut later = request(&["ROOTCA", "default"], "", "");
         later.node = Some(Node::default());
-        s.on_request(&later, &settings).unwrap();
-        s.on_request(&request(&["default"], "", ""), &settings)
-            .unwrap();
+        s.on_request(&later).unwrap();
+        s.on_request(&request(&["default"], "", "")).unwrap();
         assert_eq!(s.node(), Some(NodeTraits::of(&old_envoy)));
         assert_ne!(s.node(), Some(NodeTraits::of(&Node::default())));
     }
 
     #[test]
     fn delta_sends_subscribed_names_and_only_changes() {
-        let settings = StreamSettings::default();
         let snap = snapshot(&["spiffe://example.org/a"]);
         let view = View {
             svids: &snap.0,
@@ -563,34 +655,25 @@ mod tests {
             resource_names_subscribe: vec!["default".into()],
             ..Default::default()
         };
-        assert_eq!(
-            d.on_request(&subscribe, &settings).unwrap(),
-            Reaction::Answer
-        );
-        let first = d.respond(&view, &settings).0.unwrap();
+        assert_eq!(d.on_request(&subscribe).unwrap(), Reaction::Answer);
+        let first = d.respond(&view).0.unwrap();
         assert_eq!(first.resources.len(), 1);
         assert_eq!(first.resources[0].name, "default");
-        assert!(
-            d.respond(&view, &settings).0.is_none(),
-            "unchanged: nothing"
-        );
+        assert!(d.respond(&view).0.is_none(), "unchanged: nothing");
         let ack = DeltaDiscoveryRequest {
             type_url: SECRET_TYPE_URL.into(),
             response_nonce: first.nonce.clone(),
             ..Default::default()
         };
-        assert_eq!(d.on_request(&ack, &settings).unwrap(), Reaction::Acked);
+        assert_eq!(d.on_request(&ack).unwrap(), Reaction::Acked);
         let rotated = snapshot(&["spiffe://example.org/b"]);
         let second = d
-            .respond(
-                &View {
-                    svids: &rotated.0,
-                    bundles: &rotated.1,
-                    extra_anchors: &[],
-                    memo: None,
-                },
-                &settings,
-            )
+            .respond(&View {
+                svids: &rotated.0,
+                bundles: &rotated.1,
+                extra_anchors: &[],
+                memo: None,
+            })
             .0
             .unwrap();
         assert_ne!(second.resources[0].version, first.resources[0].version);
@@ -602,19 +685,18 @@ mod tests {
         /// two consecutive responses carry the same version unless an answer was due.
         #[test]
         fn sotw_invariants(steps in proptest::collection::vec((0u8..5, 0usize..3, any::<bool>()), 1..40)) {
-            let settings = StreamSettings::default();
             let snaps = [snapshot(&["spiffe://example.org/a"]), snapshot(&["spiffe://example.org/b"]), snapshot(&[])];
             let name_sets: [&[&str]; 3] = [&["default"], &["ROOTCA", "default"], &["spiffe://example.org/a"]];
             let mut s = SotwStream::default();
             let mut nonces = BTreeSet::new();
-            let mut last: Option<DiscoveryResponse> = None;
+            let mut last: Option<SotwResponse> = None;
             let mut names: &[&str] = name_sets[0];
             let mut answer_pending = false;
             for (action, pick, flag) in steps {
                 let due = match action {
-                    0 => { names = name_sets[pick]; s.on_request(&request(names, "", ""), &settings).unwrap() == Reaction::Answer }
-                    1 => match &last { Some(r) => { s.on_request(&request(names, &r.version_info, &r.nonce), &settings).unwrap(); false } None => false },
-                    2 => { s.on_request(&request(names, "", "stale"), &settings).unwrap(); false }
+                    0 => { names = name_sets[pick]; s.on_request(&request(names, "", "")).unwrap() == Reaction::Answer }
+                    1 => match &last { Some(r) => { s.on_request(&request(names, &r.version_info, &r.nonce)).unwrap(); false } None => false },
+                    2 => { s.on_request(&request(names, "", "stale")).unwrap(); false }
                     _ => false,
                 };
                 answer_pending |= due;

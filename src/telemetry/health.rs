@@ -11,49 +11,41 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::Metrics;
-use crate::csi::RegistrationStatus;
-use crate::identity::Cache;
-use crate::identity::cache::unix_now;
 
-/// Everything readiness looks at.
+/// One part of the bridge that can say whether it is ready to serve. The domains
+/// implement it; the health endpoint only asks.
+pub trait Ready: Send + Sync + 'static {
+    /// `Ok` when ready, else the reason, short enough for a probe's output.
+    fn check(&self) -> Result<(), String>;
+}
+
+impl<T: Ready + ?Sized> Ready for Arc<T> {
+    fn check(&self) -> Result<(), String> {
+        (**self).check()
+    }
+}
+
+/// Every part readiness asks, in order: the first that is not ready gives the reason.
+#[derive(Default)]
 pub struct Readiness {
-    pub sds_serving: watch::Receiver<bool>,
-    /// The kubelet registration state, when the bridge registers itself.
-    pub registration: Option<watch::Receiver<RegistrationStatus>>,
-    pub cache: Arc<Cache>,
+    parts: Vec<Box<dyn Ready>>,
 }
 
 impl Readiness {
-    /// `Ok` when ready, else the reason, short enough for a probe's output.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with(mut self, part: impl Ready) -> Self {
+        self.parts.push(Box::new(part));
+        self
+    }
+
     pub fn check(&self) -> Result<(), String> {
-        if !*self.sds_serving.borrow() {
-            return Err("the SDS socket is not serving".into());
-        }
-        if let Some(registration) = &self.registration {
-            let status = registration.borrow();
-            if !status.is_registered() {
-                let detail = match &*status {
-                    RegistrationStatus::Rejected { error } => format!(": {error}"),
-                    RegistrationStatus::Unavailable { reason } => format!(": {reason}"),
-                    _ => String::new(),
-                };
-                return Err(format!(
-                    "the CSI plugin is not registered with the kubelet ({}){detail}",
-                    status.state()
-                ));
-            }
-        }
-        let health = self.cache.health();
-        if !health.serving_valid_identities(unix_now()) {
-            return Err(
-                "the SPIRE agent is unreachable and no valid cached SVID is left to serve".into(),
-            );
-        }
-        Ok(())
+        self.parts.iter().try_for_each(|part| part.check())
     }
 }
 

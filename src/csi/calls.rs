@@ -10,15 +10,15 @@ use std::time::Instant;
 
 use tower::{Layer, Service};
 
-use super::metrics::{CsiCallLabel, MethodLabel, Metrics};
+use super::metrics::{CsiCallLabel, CsiMetrics, MethodLabel};
 
 #[derive(Clone)]
 pub struct CsiCallsLayer {
-    metrics: Arc<Metrics>,
+    metrics: Arc<CsiMetrics>,
 }
 
 impl CsiCallsLayer {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub fn new(metrics: Arc<CsiMetrics>) -> Self {
         Self { metrics }
     }
 }
@@ -37,7 +37,7 @@ impl<S> Layer<S> for CsiCallsLayer {
 #[derive(Clone)]
 pub struct CsiCalls<S> {
     inner: S,
-    metrics: Arc<Metrics>,
+    metrics: Arc<CsiMetrics>,
 }
 
 impl<S, B, RB> Service<http::Request<B>> for CsiCalls<S>
@@ -72,7 +72,6 @@ where
                     .and_then(|v| v.parse::<i32>().ok())
                     .map_or(tonic::Code::Ok, tonic::Code::from);
                 metrics
-                    .csi
                     .calls
                     .get_or_create(&CsiCallLabel {
                         method: method.clone(),
@@ -80,7 +79,6 @@ where
                     })
                     .inc();
                 metrics
-                    .csi
                     .duration
                     .get_or_create(&MethodLabel { method })
                     .observe(started.elapsed().as_secs_f64());
