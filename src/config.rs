@@ -24,7 +24,7 @@ pub const DEFAULT_AGENT_SOCKET: &str = "/run/spire/agent-sockets/spire-agent.soc
 /// Where the SPIRE agent's admin API (Delegated Identity) listens.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/spire/admin-sockets/admin.sock";
 /// The bridge's SDS socket: file name `socket` so an Istio sidecar finds it in the mounted
-/// `workload-spiffe-uds` directory (envoy-and-istio.md I1).
+/// `workload-spiffe-uds` directory (I1).
 pub const DEFAULT_SDS_SOCKET: &str = "/run/spire/agent-sockets/socket";
 pub const DEFAULT_CSI_SOCKET: &str = "/var/lib/kubelet/plugins/csi.spiffe.io/csi.sock";
 pub const DEFAULT_KUBELET_ROOT: &str = "/var/lib/kubelet";
@@ -413,7 +413,7 @@ impl RunArgs {
     }
 }
 
-/// GetPluginInfo's name rule as csi-sanity checks it (csi.md §7): starts and ends with a
+/// GetPluginInfo's name rule as csi-sanity checks it (docs/behaviours.md, "csi-sanity"): starts and ends with a
 /// letter, at most 63 characters.
 pub fn is_valid_plugin_name(name: &str) -> bool {
     let bytes = name.as_bytes();
@@ -511,7 +511,7 @@ fn non_empty(flag: &'static str, value: &str) -> Result<String, ConfigError> {
     }
 }
 
-/// SPIRE only warns when the bundle names collide (spire-sds.md B-11); a collision makes one
+/// SPIRE only warns when the bundle names collide (B-11); a collision makes one
 /// of the two names unreachable, so we refuse it.
 fn distinct_names(special: &SpecialNames) -> Result<(), ConfigError> {
     let names = [
@@ -546,7 +546,7 @@ fn optional_addr(flag: &'static str, value: &str) -> Result<Option<SocketAddr>, 
         })
 }
 
-/// spiffe-csi-driver is configured with Go-style single-dash flags (csi.md S-8) and no
+/// spiffe-csi-driver is configured with Go-style single-dash flags (S-8) and no
 /// subcommand; rewrite such an argument list into ours so the bridge is a drop-in.
 pub fn normalize_args<I: IntoIterator<Item = String>>(args: I) -> Vec<String> {
     const SINGLE_DASH: &[&str] = &[

@@ -51,7 +51,7 @@ pub enum SocketAccess {
     /// not replace it; in a pod the CSI mount is read-only on top.
     World,
     /// Only the owner (root): the CSI and registration sockets, which the kubelet dials as
-    /// root. Mirrors node-driver-registrar's umask 0077 (csi.md §6, R-5).
+    /// root. Mirrors node-driver-registrar's umask 0077.
     Owner,
 }
 

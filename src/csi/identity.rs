@@ -1,4 +1,4 @@
-//! CSI Identity service (csi.md I-1…I-3, §3).
+//! CSI Identity service (I-1…I-3; docs/behaviours.md, "CSI spec for a node-only plugin").
 
 use std::path::PathBuf;
 

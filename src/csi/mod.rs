@@ -1,7 +1,7 @@
 //! The CSI node plugin: Identity and Node services for ephemeral inline volumes that
 //! bind-mount the socket directory into pods, and kubelet plugin registration.
 //!
-//! Behaviour follows spiffe-csi-driver (reference `csi.md`, ids P-…, U-…, N-…, V-…) so the
+//! Behaviour follows spiffe-csi-driver (the P-, U-, N-, V- ids of docs/behaviours.md) so the
 //! bridge is a drop-in, with the fixes listed there as R-1…R-6: confined and idempotent
 //! publish, unpublish that clears stacked mounts, volume stats the kubelet accepts, tight
 //! socket permissions, and built-in registration.
@@ -56,14 +56,14 @@ pub struct CsiConfig {
 
 impl CsiConfig {
     /// `<kubelet-root>/plugins_registry/<plugin-name>-reg.sock`, where the kubelet's plugin
-    /// watcher looks (csi.md §6).
+    /// watcher looks (docs/behaviours.md, "Kubelet plugin registration").
     pub fn registration_socket(&self) -> PathBuf {
         self.kubelet_root
             .join("plugins_registry")
             .join(format!("{}-reg.sock", self.plugin_name))
     }
 
-    /// Publish targets must live under here (csi.md R-4).
+    /// Publish targets must live under here.
     pub fn pods_dir(&self) -> PathBuf {
         self.kubelet_root.join("pods")
     }
@@ -262,9 +262,10 @@ async fn drain(
     }
 }
 
-/// §6 ordering: the registration socket appears only once the CSI socket answers (the
-/// kubelet calls NodeGetInfo right after GetInfo) and disappears first at shutdown (the
-/// kubelet reads its removal as deregistration).
+/// Registration order (docs/behaviours.md, "Kubelet plugin registration"): the registration
+/// socket appears only once the CSI socket answers (the kubelet calls NodeGetInfo right
+/// after GetInfo) and disappears first at shutdown (the kubelet reads its removal as
+/// deregistration).
 async fn register_until_shutdown(
     config: &CsiConfig,
     status: watch::Sender<RegistrationStatus>,

@@ -8,7 +8,7 @@
 //!
 //! Mount points are recognised with `statx` (`STATX_ATTR_MOUNT_ROOT`, a few µs whatever the
 //! mount count) instead of scanning `/proc/self/mountinfo` (tens of ms at 10,000 mounts,
-//! csi.md M-5); mountinfo is only the fallback for kernels older than 5.8.
+//! M-5); mountinfo is only the fallback for kernels older than 5.8.
 
 use std::fs;
 use std::io;
@@ -425,7 +425,7 @@ fn mount_root_attribute(stx: &Statx) -> Option<bool> {
 }
 
 /// Peels mounts off the target until it is no longer a mount point; returns how many.
-/// A single umount removes only the top of a stack (csi.md U-4 note), hence the loop.
+/// A single umount removes only the top of a stack (U-4), hence the loop.
 fn unmount_all(parent: &OwnedFd, target: &Target) -> Result<usize, MountError> {
     let path = proc_fd_path(parent).join(target.name());
     let mut unmounted = 0;

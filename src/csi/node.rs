@@ -1,4 +1,4 @@
-//! CSI Node service for ephemeral inline volumes (csi.md §2.3–2.6, R-1…R-6).
+//! CSI Node service for ephemeral inline volumes (the P-, U-, N-, V- and R- ids of docs/behaviours.md).
 //!
 //! Handlers validate, confine the path, take the per-target lock and run the blocking mount
 //! work on tokio's blocking pool; [`super::mount`] holds the syscalls.
@@ -27,7 +27,7 @@ use crate::proto::csi::{
     NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse, VolumeCondition, VolumeUsage,
 };
 
-/// `volume_context` keys the kubelet adds with `podInfoOnMount: true` (csi.md §4).
+/// `volume_context` keys the kubelet adds with `podInfoOnMount: true` (docs/behaviours.md, "Kubelet volume context").
 /// Volumes already published when the plugin starts (a restart must not reset the gauge):
 /// mounts under `pods_dir` whose device and root are those of `mount_dir`. Read once, so
 /// the mountinfo scan's cost on busy nodes does not matter.

@@ -1,4 +1,4 @@
-//! The kubelet plugin-registration service (csi.md §6), so no node-driver-registrar sidecar
+//! The kubelet plugin-registration service (docs/behaviours.md, "Kubelet plugin registration"), so no node-driver-registrar sidecar
 //! is needed: the kubelet's plugin watcher finds `<name>-reg.sock` in `plugins_registry/`,
 //! calls GetInfo, registers the CSI endpoint it returns, and reports back through
 //! NotifyRegistrationStatus.
@@ -13,7 +13,7 @@ use crate::proto::pluginregistration::{
     InfoRequest, PluginInfo, RegistrationStatus as KubeletStatus, RegistrationStatusResponse,
 };
 
-/// What the node-driver-registrar reports (csi.md §6).
+/// What the node-driver-registrar reports (docs/behaviours.md, "Kubelet plugin registration").
 pub const PLUGIN_TYPE: &str = "CSIPlugin";
 pub const SUPPORTED_VERSIONS: &[&str] = &["1.0.0"];
 

@@ -1,4 +1,4 @@
-//! Lexical confinement of `target_path` / `volume_path` to `<kubelet-root>/pods/` (csi.md R-4).
+//! Lexical confinement of `target_path` / `volume_path` to `<kubelet-root>/pods/`.
 //!
 //! spiffe-csi-driver bind-mounts wherever it is told (P-14). Anyone who reaches the CSI socket
 //! could then place the socket directory over any directory on the host, so we accept only

@@ -1,4 +1,4 @@
-//! Request validation, in spiffe-csi-driver's order and with its messages (csi.md P-1…P-9,
+//! Request validation, in spiffe-csi-driver's order and with its messages (P-1…P-9,
 //! U-1, U-2). The messages are kept verbatim: users search for them, and the kubelet
 //! shows them in pod events (K-2).
 
@@ -8,7 +8,7 @@ use crate::proto::csi::{
     NodeGetVolumeStatsRequest, NodePublishVolumeRequest, NodeUnpublishVolumeRequest,
 };
 
-/// The `volume_context` key the kubelet sets to `"true"` for inline volumes (csi.md §4).
+/// The `volume_context` key the kubelet sets to `"true"` for inline volumes (docs/behaviours.md, "Kubelet volume context").
 pub const EPHEMERAL_KEY: &str = "csi.storage.k8s.io/ephemeral";
 
 pub const MISSING_VOLUME_ID: &str = "request missing required volume id";
@@ -92,7 +92,7 @@ mod tests {
     use crate::proto::csi::VolumeCapability;
     use crate::proto::csi::volume_capability::{AccessMode, BlockVolume, MountVolume};
 
-    /// spiffe-csi-driver's unit-test base request (csi.md §2.3, DRVT `init`).
+    /// spiffe-csi-driver's unit-test base request (docs/behaviours.md, "spiffe-csi-driver's unit-test base request").
     fn base() -> NodePublishVolumeRequest {
         NodePublishVolumeRequest {
             volume_id: "volumeID".into(),

@@ -1,8 +1,7 @@
 //! One upstream subscription per workload, shared by all of its SDS streams.
 //!
-//! Envoy opens one SDS stream per secret name (envoy-and-istio.md E6, E7), so an Istio
-//! sidecar holds at least two; SPIRE attests and subscribes once per stream (spire-sds.md
-//! H-4). Here every stream of a workload reads the same `watch` channel, fed by one
+//! Envoy opens one SDS stream per secret name (E6, E7), so an Istio sidecar holds at least
+//! two; SPIRE attests and subscribes once per stream (H-4). Here every stream of a workload reads the same `watch` channel, fed by one
 //! supervisor task (`identity::supervisor`) that reconnects with capped, jittered backoff,
 //! keeps the last good SVIDs while the agent is away (until they expire), and publishes
 //! only real changes. The channel's receivers are the workload's streams: when the last
@@ -357,7 +356,7 @@ impl Ready for Cache {
 }
 
 /// Replaces the state only when the content changed: an agent update that changes nothing
-/// (another entry rotated, spire-sds.md D-9, DI-5) reaches no stream.
+/// (another entry rotated, D-9, DI-5) reaches no stream.
 fn publish_svids(state: &watch::Sender<SvidState>, svids: WorkloadSvids) -> bool {
     state.send_if_modified(|current| {
         if matches!(current, SvidState::Ready(old) if **old == svids) {
@@ -419,7 +418,7 @@ impl Upstream for Svids {
         svids: WorkloadSvids,
         state: &watch::Sender<SvidState>,
     ) -> ControlFlow<(), Option<WorkloadSvids>> {
-        // The agent attests whatever holds the PID *now* (spire-sds.md DI-4): an update
+        // The agent attests whatever holds the PID *now* (DI-4): an update
         // that arrives after the process was replaced may describe the new process.
         if !self.process.is_alive() {
             tracing::info!(

@@ -1,7 +1,7 @@
 //! The caller's process, as seen through `/proc`, to guard against PID reuse.
 //!
 //! SPIRE's Delegated Identity API attests whatever process holds a PID when it looks, with no
-//! liveness or reuse check (spire-sds.md DI-4): the delegate must pin the process. We pin it
+//! liveness or reuse check (DI-4): the delegate must pin the process. We pin it
 //! by its start time (field 22 of `/proc/<pid>/stat`), as SPIRE's own peer tracker does for
 //! its public socket.
 

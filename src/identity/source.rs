@@ -50,7 +50,7 @@ pub trait Source: Send + Sync + 'static {
 }
 
 /// SPIRE has been seen to need more than gRPC's 4 MiB default for big bundle sets
-/// (Cilium raised its limit to 20 MB, spire-sds.md §4).
+/// (Cilium raised its limit to 20 MB, docs/behaviours.md, "Delegated Identity message size").
 const MAX_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
 
 pub use crate::uds::channel as unix_channel;

@@ -47,7 +47,7 @@ impl Svid {
 }
 
 /// Everything the agent currently issues to one workload, in the agent's order: the first
-/// SVID is the workload's default (spire-sds.md B-7).
+/// SVID is the workload's default (B-7).
 #[derive(Clone, PartialEq, Eq, Debug, Default)]
 pub struct WorkloadSvids {
     pub svids: Vec<Svid>,
@@ -96,7 +96,7 @@ pub type SharedSvids = Arc<WorkloadSvids>;
 pub type SharedBundles = Arc<BundleSet>;
 
 /// `spiffe://td` or `td` → `td`. The Delegated Identity API keys bundles by trust domain ID,
-/// although its proto comment says "name" (spire-sds.md DI-6); accept both.
+/// although its proto comment says "name" (DI-6); accept both.
 pub fn trust_domain_name(key: &str) -> &str {
     key.strip_prefix("spiffe://")
         .unwrap_or(key)

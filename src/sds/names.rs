@@ -6,7 +6,7 @@
 use std::fmt;
 
 /// The three configurable special names (SPIRE's `default_svid_name`, `default_bundle_name`,
-/// `default_all_bundles_name`, spire-sds.md §2).
+/// `default_all_bundles_name`, docs/behaviours.md, "Agent configuration names").
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SpecialNames {
     pub default_svid: String,
@@ -79,7 +79,7 @@ pub enum NameError {
 }
 
 /// A name as it appears in an error message: at most a short prefix, so that a 64 KiB name
-/// echoed back cannot overflow the client's trailer limit (DESIGN.md, "SDS behaviour").
+/// echoed back cannot overflow the client's trailer limit (docs/behaviours.md, "Bounded error messages").
 #[derive(Clone, PartialEq, Eq)]
 pub struct Quoted(String);
 
@@ -213,7 +213,7 @@ mod tests {
 
     #[test]
     fn configured_special_names_replace_the_defaults() {
-        // The OpenShift/Istio federation setup (spire-sds.md B-11, envoy-and-istio.md I5).
+        // The OpenShift/Istio federation setup (B-11, I5).
         let special = SpecialNames {
             default_svid: "default".into(),
             default_bundle: "null".into(),
@@ -226,7 +226,7 @@ mod tests {
 
     #[test]
     fn names_that_can_never_resolve_say_why() {
-        // envoy-and-istio.md I6: Istio < 1.26 sends these to the workload socket.
+        // I6: Istio < 1.26 sends these to the workload socket.
         let err = p("file-root:system").unwrap_err();
         assert!(err.to_string().contains("Istio 1.26"), "{err}");
         assert!(matches!(

@@ -19,7 +19,7 @@ use super::names::Resource;
 use crate::identity::types::SharedBundles;
 use crate::identity::{BundleSet, Svid, WorkloadSvids};
 
-/// The one resource type SDS serves (spire-sds.md §1, envoy-and-istio.md E9, E16).
+/// The one resource type SDS serves (E9, E16; docs/behaviours.md, "SDS wire names and the Secret type URL").
 pub const SECRET_TYPE_URL: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 const SPIFFE_VALIDATOR: &str = "envoy.tls.cert_validator.spiffe";

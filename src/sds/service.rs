@@ -77,7 +77,7 @@ impl SdsService {
     }
 
     /// The workload behind a request: the process that opened the connection, pinned
-    /// when the connection was accepted (spire-sds.md, DI-4).
+    /// when the connection was accepted (A-2, A-4, DI-4).
     fn caller_of<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         if self.caller_identity == CallerIdentity::Bridge {
             return Ok(Caller::Bridge);

@@ -42,7 +42,7 @@ pub struct PeerInfo {
     pub uds: UdsConnectInfo,
     /// The connecting process, pinned at accept (its start time read once, a pidfd held):
     /// a later RPC on the same connection (held by a child, or passed on) is refused once
-    /// that process is gone, even if its PID was reused meanwhile (spire-sds.md,
+    /// that process is gone, even if its PID was reused meanwhile (A-2, A-4,
     /// DI-4), and its workload's subscription follows the same handle. `None` when the
     /// peer's PID is not visible in our PID namespace.
     pub process: Option<Arc<PinnedProcess>>,

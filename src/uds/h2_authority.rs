@@ -6,7 +6,7 @@
 //! PROTOCOL_ERROR before tonic sees the request (hyperium/h2#487). We cannot change h2, so this
 //! adapter sits on the read side of each accepted connection and rewrites header blocks
 //! before h2 parses them: an `:authority` that `Authority` would refuse becomes `localhost`.
-//! Nothing in the bridge depends on the authority (DESIGN.md, "SDS behaviour").
+//! Nothing in the bridge depends on the authority (docs/behaviours.md, "gRPC C-core clients and :authority").
 //!
 //! HPACK makes this stateful: a client indexes headers into its dynamic table and refers to
 //! them in later blocks, and h2's decoder must keep the same table. So every header block is

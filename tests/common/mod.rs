@@ -1,6 +1,6 @@
 //! The harness every integration test uses: the real peers (SPIRE server + agent, Envoy,
 //! csi-sanity) as child processes, on loopback and in private temp directories, so tests can
-//! run in parallel (DESIGN.md "Real peers in tests").
+//! run in parallel (docs/behaviours.md, "Real peers in tests").
 //!
 //! - Peers live in `<CARGO_MANIFEST_DIR>/target/peers/bin` (`make peers`), or in
 //!   `$SVID_BRIDGE_PEERS_DIR`. A missing peer panics: tests never skip.

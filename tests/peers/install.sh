@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the real peers that the integration tests run (DESIGN.md "Real peers in tests"):
+# Installs the real peers that the integration tests run (docs/behaviours.md, "Real peers in tests"):
 #
 #   target/peers/bin/spire-server, spire-agent   SPIRE v1.13.3, built from tests/peers/spire/
 #   target/peers/bin/csi-sanity                  csi-test v5, built from tests/peers/csi-sanity/
