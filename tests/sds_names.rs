@@ -353,9 +353,18 @@ async fn a_nack_is_never_answered_with_the_same_content() {
         change.response_nonce = response.nonce.clone();
         stream.tx.send(change).await.unwrap();
     }
+    // A WARN with Envoy's text, not an ERROR: the rejection is the workload's to act on.
+    let logs = bridge.logs();
+    let nack = logs
+        .lines()
+        .find(|l| l.contains("NACK") && l.contains("rejected round 0"))
+        .unwrap_or_else(|| panic!("the NACK is logged with Envoy's error text:\n{logs}"));
+    assert!(nack.contains(" WARN "), "{nack}");
     assert!(
-        bridge.logs().contains("NACK"),
-        "the NACK is logged with Envoy's error text"
+        !logs
+            .lines()
+            .any(|l| l.contains("NACK") && l.contains("ERROR")),
+        "{logs}"
     );
 }
 
@@ -421,4 +430,11 @@ async fn workload_api_mode_serves_the_bridges_own_identity() {
         "this unregistered test process gets the bridge's identity"
     );
     assert_eq!(trust_domains(&secrets["ROOTCA"]), ["example.org"]);
+    // The caller is still named by its PID in the logs (it used to be pid=0 for everyone).
+    let logs = bridge.logs();
+    assert!(
+        logs.contains(&format!("pid={}", std::process::id())),
+        "{logs}"
+    );
+    assert!(!logs.contains("pid=0"), "{logs}");
 }

@@ -45,15 +45,27 @@ pub struct SdsService {
 enum Caller {
     /// The process that opened the connection, pinned at accept.
     Process(Arc<PinnedProcess>),
-    Bridge,
+    /// Served the bridge's own identity (Workload API mode); the peer's PID, when the socket
+    /// gave one, is still what an operator needs to find the caller in the logs.
+    Bridge { peer_pid: Option<i32> },
 }
 
 impl Caller {
-    fn pid(&self) -> i32 {
+    /// The caller's PID; `None` (never a made-up 0) when the socket did not give one.
+    fn pid(&self) -> Option<i32> {
         match self {
-            Caller::Process(process) => process.key().pid,
-            Caller::Bridge => 0,
+            Caller::Process(process) => Some(process.key().pid),
+            Caller::Bridge { peer_pid } => *peer_pid,
         }
+    }
+
+    /// A span for the caller's stream, with `pid` only when it is known.
+    fn stream_span(&self, api: &'static str) -> tracing::Span {
+        let span = tracing::info_span!("sds_stream", pid = tracing::field::Empty, api);
+        if let Some(pid) = self.pid() {
+            span.record("pid", pid);
+        }
+        span
     }
 }
 
@@ -79,13 +91,16 @@ impl SdsService {
     /// The workload behind a request: the process that opened the connection, pinned
     /// when the connection was accepted (A-2, A-4, DI-4).
     fn caller_of<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        let peer = request.extensions().get::<PeerInfo>();
         if self.caller_identity == CallerIdentity::Bridge {
-            return Ok(Caller::Bridge);
+            let peer_pid = peer
+                .and_then(|p| p.uds.peer_cred)
+                .and_then(|cred| cred.pid())
+                .filter(|pid| *pid > 0);
+            return Ok(Caller::Bridge { peer_pid });
         }
-        let peer = request
-            .extensions()
-            .get::<PeerInfo>()
-            .ok_or_else(|| Status::internal("no peer information on this connection"))?;
+        let peer =
+            peer.ok_or_else(|| Status::internal("no peer information on this connection"))?;
         let Some(process) = &peer.process else {
             return Err(Status::unavailable(
                 "cannot identify the caller: its PID is not visible in svid-bridge's PID \
@@ -101,14 +116,16 @@ impl SdsService {
         Ok(Caller::Process(Arc::clone(process)))
     }
 
-    fn context(&self, caller: &Caller) -> Result<StreamContext, Status> {
+    fn context(&self, caller: &Caller, api: &'static str) -> Result<StreamContext, Status> {
         let subscription = match caller {
             Caller::Process(process) => self.cache.subscribe_process(process),
-            Caller::Bridge => self.cache.subscribe(Workload::Bridge),
+            Caller::Bridge { .. } => self.cache.subscribe(Workload::Bridge),
         };
         let subscription = subscription.map_err(|limit| {
             self.metrics.streams_refused.inc();
-            tracing::warn!(pid = caller.pid(), %limit, "refused an SDS stream");
+            caller.stream_span(api).in_scope(|| {
+                tracing::warn!(%limit, "refused an SDS stream");
+            });
             Status::resource_exhausted(limit.to_string())
         })?;
         Ok(StreamContext {
@@ -147,8 +164,8 @@ impl SdsService {
         request: Request<Streaming<P::Request>>,
     ) -> Result<Response<ResponseStream<P::Response>>, Status> {
         let caller = self.caller_of(&request)?;
-        let context = self.context(&caller)?;
-        let span = tracing::info_span!("sds_stream", pid = caller.pid(), api = P::API);
+        let context = self.context(&caller, P::API)?;
+        let span = caller.stream_span(P::API);
         let state = StreamState {
             context,
             inbound: request.into_inner(),
@@ -171,7 +188,7 @@ impl SdsService {
         request: Request<DiscoveryRequest>,
     ) -> Result<Response<SotwResponse>, Status> {
         let caller = self.caller_of(&request)?;
-        let mut context = self.context(&caller)?;
+        let mut context = self.context(&caller, "fetch")?;
         let mut stream = SotwStream::new(Arc::clone(&self.settings));
         if let Err(status) = stream.on_request(request.get_ref()) {
             self.metrics.refused.inc();
@@ -416,7 +433,9 @@ fn count_reaction(metrics: &SdsMetrics, reaction: &Reaction, names: &[String]) {
     match reaction {
         Reaction::Nacked(message) => {
             metrics.nacks.inc();
-            tracing::error!(secrets = ?names, envoy_error = %message, "Envoy rejected the secrets we sent (NACK); not resending until they change");
+            // WARN, not ERROR: the bridge did its part; Envoy's reason (a config that does
+            // not fit the certificate, an old Envoy) is the workload owner's to act on.
+            tracing::warn!(secrets = ?names, envoy_error = %message, "Envoy rejected the secrets we sent (NACK); not resending until they change");
         }
         Reaction::Acked => {
             metrics.acks.inc();
