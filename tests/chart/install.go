@@ -42,12 +42,8 @@ func actionConfig(kubeconfig, namespace string) (*action.Configuration, error) {
 
 func install(args []string) error {
 	fs := flag.NewFlagSet("install", flag.ContinueOnError)
-	var valueFiles, sets, setStrings multiFlag
-	fs.Var(&valueFiles, "f", "values file (repeatable, later wins)")
-	fs.Var(&sets, "set", "key=value as with helm --set (repeatable)")
-	fs.Var(&setStrings, "set-string", "key=value as with helm --set-string (repeatable)")
-	namespace := fs.String("namespace", "spire-system", "release namespace")
-	release := fs.String("release", "svid-bridge", "release name")
+	rel := addReleaseFlags(fs)
+	namespace, release := rel.namespace, rel.release
 	kubeconfig := fs.String("kubeconfig", "", "kubeconfig of the cluster")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -55,7 +51,7 @@ func install(args []string) error {
 	if fs.NArg() != 1 {
 		return errors.New("install needs exactly one CHART_DIR")
 	}
-	vals, err := userValues(valueFiles, sets, setStrings)
+	vals, err := rel.values()
 	if err != nil {
 		return err
 	}

@@ -120,6 +120,27 @@ func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }
 
 // userValues merges user-supplied values as helm does: files in order, then --set, then
 // --set-string.
+// releaseFlags are the flags render and install share: the release and the user's values,
+// given as helm takes them.
+type releaseFlags struct {
+	valueFiles, sets, setStrings multiFlag
+	namespace, release           *string
+}
+
+func addReleaseFlags(fs *flag.FlagSet) *releaseFlags {
+	r := &releaseFlags{}
+	fs.Var(&r.valueFiles, "f", "values file (repeatable, later wins)")
+	fs.Var(&r.sets, "set", "key=value as with helm --set (repeatable)")
+	fs.Var(&r.setStrings, "set-string", "key=value as with helm --set-string (repeatable)")
+	r.namespace = fs.String("namespace", "spire-system", "release namespace")
+	r.release = fs.String("release", "svid-bridge", "release name")
+	return r
+}
+
+func (r *releaseFlags) values() (map[string]any, error) {
+	return userValues(r.valueFiles, r.sets, r.setStrings)
+}
+
 func userValues(valueFiles, sets, setStrings []string) (map[string]any, error) {
 	userVals := map[string]any{}
 	for _, f := range valueFiles {
@@ -148,12 +169,8 @@ func userValues(valueFiles, sets, setStrings []string) (map[string]any, error) {
 
 func render(args []string) error {
 	fs := flag.NewFlagSet("render", flag.ContinueOnError)
-	var valueFiles, sets, setStrings multiFlag
-	fs.Var(&valueFiles, "f", "values file (repeatable, later wins)")
-	fs.Var(&sets, "set", "key=value as with helm --set (repeatable)")
-	fs.Var(&setStrings, "set-string", "key=value as with helm --set-string (repeatable)")
-	namespace := fs.String("namespace", "spire-system", "release namespace")
-	release := fs.String("release", "svid-bridge", "release name")
+	rel := addReleaseFlags(fs)
+	namespace, release := rel.namespace, rel.release
 	kubeVersion := fs.String("kube-version", "v1.33.0", "Kubernetes version the chart is rendered for")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -163,7 +180,7 @@ func render(args []string) error {
 	}
 	chartDir := fs.Arg(0)
 
-	userVals, err := userValues(valueFiles, sets, setStrings)
+	userVals, err := rel.values()
 	if err != nil {
 		return err
 	}
