@@ -34,6 +34,18 @@ fn text(bytes: &[u8]) -> String {
 fn every_name_gets_its_own_answer_and_a_refusal_is_not_called_unreachable() {
     let spire = Spire::start(spire_options_for_bridge("example.org"));
     let bridge = Bridge::start(&spire);
+    // The agent hands out the bridge's own SVID a moment after its entry exists.
+    wait_until_with(
+        Duration::from_secs(30),
+        "inspect gets the bridge's own SVID",
+        &[&bridge],
+        || {
+            inspect(&bridge, &bridge.sds_socket(), &["--timeout=2s", "default"])
+                .status
+                .success()
+                .then_some(())
+        },
+    );
     let out = inspect(
         &bridge,
         &bridge.sds_socket(),
