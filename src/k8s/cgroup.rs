@@ -128,6 +128,22 @@ mod tests {
         assert_eq!(parse_proc_cgroup(&text), pod(Some(CID)));
     }
 
+    /// Recorded on the test bed's real node: `/proc/<pid>/cgroup` of an Envoy container
+    /// (kubelet 1.34, containerd 1.6, cgroupfs driver, cgroup v1 hybrid).
+    #[test]
+    fn a_real_envoy_pod_on_the_test_node() {
+        let text = include_str!("fixtures/containerd-cgroupfs-v1-hybrid.cgroup");
+        assert_eq!(
+            parse_proc_cgroup(text),
+            Some(PodCgroup {
+                pod_uid: "9662b00a-3c6e-45e4-9114-16f9cda52e49".into(),
+                container_id: Some(
+                    "d8488844b7b4eb7714e43922f2a88dfcc39c37e41db8f372417b48f629d67cbe".into()
+                ),
+            })
+        );
+    }
+
     #[test]
     fn guaranteed_pods_have_no_qos_segment() {
         assert_eq!(
