@@ -13,28 +13,25 @@
 //! same mkdir + bind mount and umount + rmdir done directly, without gRPC.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
-#[path = "../tests/csi_support/mod.rs"]
-mod csi_support;
 mod support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
+use svid_bridge::testing::mount_ns;
 
-use csi_support::{
-    add_mounts, publish_request, reexec_in_private_mount_ns, remove_mounts, unpublish_request,
-};
 use support::plot::{self, AGENT, AGENT_LIGHT, BRIDGE, BRIDGE_LIGHT, Bar, BarPanel, Series};
 use svid_bridge::proto::csi::NodeGetCapabilitiesRequest;
 use svid_bridge::proto::csi::node_client::NodeClient;
+use svid_bridge::testing::csi::{add_mounts, publish_request, remove_mounts, unpublish_request};
 use tonic::transport::Channel;
 
 const BLOCK: usize = 100;
 
 fn main() -> ExitCode {
-    if !csi_support::in_private_mount_ns() {
-        return reexec_in_private_mount_ns();
+    if !mount_ns::in_private_mount_ns() {
+        return mount_ns::reexec_in_private_mount_ns();
     }
     // One thread for the client: its own cross-thread wake-ups would otherwise add to
     // either plugin's latency (both plugins see the same client).
@@ -138,7 +135,7 @@ fn start_bridge(layout: &Layout) -> Server {
 }
 
 fn start_driver(layout: &Layout) -> Server {
-    let binary = support::manifest_dir().join("target/peers/bin/spiffe-csi-driver");
+    let binary = svid_bridge::testing::manifest_dir().join("target/peers/bin/spiffe-csi-driver");
     assert!(
         binary.exists(),
         "{} is missing: run benches/peers/install.sh (make bench does)",
@@ -243,7 +240,7 @@ async fn run() {
     let started = Instant::now();
     let root = tempfile::Builder::new()
         .prefix("sb-csi-")
-        .tempdir_in(support::manifest_dir().join("target"))
+        .tempdir_in(svid_bridge::testing::manifest_dir().join("target"))
         .unwrap();
     let kubelet = root.path().join("kubelet");
     let sockets = root.path().join("sockets");

@@ -7,25 +7,22 @@
 //! `unshare -m --propagation private`, so its mounts never reach the host.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
-#[path = "../tests/csi_support/mod.rs"]
-mod csi_support;
-
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
+use svid_bridge::testing::mount_ns;
 
-use csi_support::{
-    Plugin, add_mounts, publish_request, reexec_in_private_mount_ns, remove_mounts, total_mounts,
-    unpublish_request,
-};
 use rustix::fs::{AtFlags, CWD, StatxAttributes, StatxFlags};
+use svid_bridge::testing::csi::{
+    Plugin, add_mounts, publish_request, remove_mounts, total_mounts, unpublish_request,
+};
 
 const CALLS: usize = 1000;
 const EXTRA_MOUNTS: usize = 10_000;
 
 fn main() -> ExitCode {
-    if !csi_support::in_private_mount_ns() {
-        return reexec_in_private_mount_ns();
+    if !mount_ns::in_private_mount_ns() {
+        return mount_ns::reexec_in_private_mount_ns();
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -1,5 +1,5 @@
 //! svid-bridge against the SPIRE agent's own SDS server, side by side, on one node made of
-//! real processes: a SPIRE server and agent (tests/common), svid-bridge, and N "sidecars".
+//! real processes: a SPIRE server and agent (src/testing), svid-bridge, and N "sidecars".
 //!
 //! A sidecar is this very binary re-executed in child mode (`SB_FANOUT_CHILD_SOCKET`), hard
 //! linked under N different paths and registered as N entries (`unix:path:<link>`), so the
@@ -54,9 +54,9 @@
     clippy::too_many_lines
 )]
 
-#[path = "../tests/common/mod.rs"]
-mod common;
 mod support;
+
+use svid_bridge::testing as common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -358,6 +358,29 @@ mod orchestrator {
     }
 
     pub type Children = Arc<Mutex<Vec<ChildState>>>;
+
+    /// When each child's `stream` (0 `default`, 1 `ROOTCA`) first answered with content other
+    /// than its `baseline` after `since`; how many did; how many children are still live.
+    pub fn changes_since(
+        children: &[ChildState],
+        baseline: &[Option<String>],
+        stream: usize,
+        since: u64,
+    ) -> (Vec<Option<u64>>, usize, usize) {
+        let at: Vec<Option<u64>> = children
+            .iter()
+            .zip(baseline)
+            .map(|(c, base)| {
+                c.updates[stream]
+                    .iter()
+                    .find(|u| u.0 > since && Some(&u.1) != base.as_ref())
+                    .map(|u| u.0)
+            })
+            .collect();
+        let done = at.iter().flatten().count();
+        let live = children.iter().filter(|s| s.error.is_none()).count();
+        (at, done, live)
+    }
 
     /// Everything one run measured. Times in ms unless named otherwise.
     #[derive(Default, Debug)]
@@ -1068,18 +1091,7 @@ mod orchestrator {
             loop {
                 std::thread::sleep(Duration::from_millis(100));
                 let c = children.lock().unwrap();
-                let at: Vec<Option<u64>> = c
-                    .iter()
-                    .zip(&baseline)
-                    .map(|(c, base)| {
-                        c.updates[0]
-                            .iter()
-                            .find(|u| u.0 > t_cmd && Some(&u.1) != base.as_ref())
-                            .map(|u| u.0)
-                    })
-                    .collect();
-                let done = at.iter().flatten().count();
-                let live = c.iter().filter(|s| s.error.is_none()).count();
+                let (at, done, live) = changes_since(&c, &baseline, 0, t_cmd);
                 if done >= live && done > 0 {
                     let first = at.iter().flatten().min().copied()?;
                     let last = at.iter().flatten().max().copied()?;
@@ -1123,18 +1135,7 @@ mod orchestrator {
             loop {
                 std::thread::sleep(Duration::from_millis(50));
                 let c = children.lock().unwrap();
-                let at: Vec<Option<u64>> = c
-                    .iter()
-                    .zip(&baseline)
-                    .map(|(c, base)| {
-                        c.updates[1]
-                            .iter()
-                            .find(|u| u.0 > t_cmd && Some(&u.1) != base.as_ref())
-                            .map(|u| u.0)
-                    })
-                    .collect();
-                let done = at.iter().flatten().count();
-                let live = c.iter().filter(|s| s.error.is_none()).count();
+                let (at, done, live) = changes_since(&c, &baseline, 1, t_cmd);
                 let reference = self
                     .reference
                     .lock()

@@ -14,6 +14,8 @@ pub mod k8s;
 pub mod proto;
 pub mod sds;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod uds;
 
 /// The crate version, reported by `svid-bridge version` and CSI `GetPluginInfo`.

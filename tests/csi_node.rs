@@ -3,7 +3,8 @@
 //! docs/behaviours.md.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod csi_support;
+use svid_bridge::mount_ns_test;
+use svid_bridge::testing::csi as csi_support;
 
 use std::io::{Read, Write};
 use std::os::unix::fs::symlink;

@@ -3,7 +3,7 @@
 //! permissions and clean-up.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod csi_support;
+use svid_bridge::testing::csi as csi_support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

@@ -7,7 +7,8 @@
 //! stray mount could not reach the host.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod csi_support;
+use svid_bridge::mount_ns_test;
+use svid_bridge::testing::csi as csi_support;
 
 use std::process::Command;
 

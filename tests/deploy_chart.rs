@@ -4,7 +4,7 @@
 //! SPIRE, with its container paths mapped into a temp directory, so chart and CLI never drift.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use svid_bridge::testing as common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -652,8 +652,6 @@ fn chart_command_line_registers_with_the_kubelet_and_passes_its_probes() {
     use svid_bridge::proto::csi::identity_client::IdentityClient;
     use svid_bridge::proto::csi::node_client::NodeClient;
     use svid_bridge::proto::csi::{GetPluginInfoRequest, NodeGetInfoRequest};
-    use svid_bridge::proto::pluginregistration::registration_client::RegistrationClient;
-    use svid_bridge::proto::pluginregistration::{InfoRequest, RegistrationStatus};
 
     let node = ChartNode::start();
     let driver = node.rendered.one("CSIDriver")["metadata"]["name"]
@@ -674,8 +672,7 @@ fn chart_command_line_registers_with_the_kubelet_and_passes_its_probes() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let mut kubelet = RegistrationClient::new(connect_uds(&reg_socket).await.unwrap());
-        let info = kubelet.get_info(InfoRequest {}).await.unwrap().into_inner();
+        let info = common::csi::register_as_kubelet(&reg_socket).await;
         assert_eq!(info.r#type, "CSIPlugin");
         assert_eq!(info.name, driver);
         assert_eq!(
@@ -702,13 +699,6 @@ fn chart_command_line_registers_with_the_kubelet_and_passes_its_probes() {
             node_info.node_id, "node-a",
             "node ID from MY_NODE_NAME (spec.nodeName)"
         );
-        kubelet
-            .notify_registration_status(RegistrationStatus {
-                plugin_registered: true,
-                error: String::new(),
-            })
-            .await
-            .unwrap();
     });
     for kind in ["livenessProbe", "readinessProbe"] {
         let probe = strings(&node.rendered.container()[kind]["exec"]["command"]);

@@ -3,7 +3,7 @@
 //! not a rubber stamp: a misspelt field in the same file is refused.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use svid_bridge::testing as common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

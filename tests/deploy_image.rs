@@ -4,7 +4,7 @@
 //! `make release-build` runs the build command itself.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use svid_bridge::testing as common;
 
 use std::path::Path;
 use std::process::Command;
@@ -66,7 +66,7 @@ fn dockerignore_reads_directories_exceptions_and_order_as_the_builder_does() {
         .map(str::to_owned)
         .to_vec();
     assert!(dockerignore_excludes(&ignored, "tests"));
-    assert!(dockerignore_excludes(&ignored, "tests/common/mod.rs"));
+    assert!(dockerignore_excludes(&ignored, "tests/sds_envoy.rs"));
     assert!(!dockerignore_excludes(&ignored, "tests/k8s_node.rs"));
     assert!(dockerignore_excludes(&ignored, "README.md"));
     assert!(!dockerignore_excludes(&ignored, "src/README.md"));

@@ -7,13 +7,14 @@
 //! certificate) are played by a Python TLS client with a client certificate.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use common::http;
+use svid_bridge::testing as common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::bridge::{Bridge, http_get, spire_options_for_bridge};
+use common::bridge::{Bridge, spire_options_for_bridge};
 use common::{
     EntrySpec, Envoy, EnvoyOptions, LogSource, Spire, SpireOptions, manifest_dir, wait_until_with,
     workload_binary,
@@ -257,7 +258,11 @@ fn istio_style_sidecars_do_mtls_with_istio_format_ids() {
         TIMEOUT,
         "client → server over Istio-style mTLS answers 200",
         &[&bridge, &server, &client],
-        || http_get(client.outbound()).ok().filter(|r| r.status == 200),
+        || {
+            http::get(client.outbound(), "/")
+                .ok()
+                .filter(|r| r.status == 200)
+        },
     );
     assert_eq!(
         response.headers["x-peer-spiffe-id"],
@@ -276,7 +281,7 @@ fn istio_style_sidecars_do_mtls_with_istio_format_ids() {
     intruder_spec.upstream_port = server.port("inbound");
     intruder_spec.upstream_spiffe_id = server.spiffe_id.clone();
     let intruder = intruder_spec.start(&spire);
-    let refused = http_get(intruder.outbound()).unwrap();
+    let refused = http::get(intruder.outbound(), "/").unwrap();
     assert_ne!(
         refused.status, 200,
         "the server must refuse ns/shop/sa/intruder: {refused:?}"

@@ -3,7 +3,7 @@
 //! that its serials and expiry read as Envoy's `/certs` and `openssl x509` show them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use svid_bridge::testing as common;
 
 use std::path::Path;
 use std::process::{Command, Output};

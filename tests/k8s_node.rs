@@ -1,5 +1,5 @@
 //! End to end on a real single-node Kubernetes (issue #19, docs/testing.md): etcd,
-//! kube-apiserver, containerd and the kubelet (tests/common/cluster.rs), the chart installed
+//! kube-apiserver, containerd and the kubelet (src/testing/cluster.rs), the chart installed
 //! as users install it, SPIRE server and agent as pods, Envoy sidecars in workload pods.
 //!
 //! One node per run: the crate has one `#[test]`, `k8s_node_scenarios`, which starts the node
@@ -18,7 +18,7 @@
 //! installed and uninstalled with Helm's action package (`chart-check install|uninstall`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
-mod common;
+use svid_bridge::testing as common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -28,9 +28,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::bridge::http_get;
 use common::cluster::{BUSYBOX_IMAGE, Cluster, NODE_NAME, events_for, pod_json};
-use common::envoy::http_request;
+use common::http;
 use common::{free_port, manifest_dir, peer, wait_until_with};
 
 const TD: &str = "example.org";
@@ -686,7 +685,10 @@ fn envoy_pod(env: &Env, w: &Workload, upstream: &Workload, allowed: &str, read_o
 
 /// The serial numbers of the certificates an Envoy holds (admin /certs).
 fn envoy_cert_serials(w: &Workload) -> Vec<String> {
-    let Ok((200, body)) = http_request(w.admin_addr(), "GET", "/certs") else {
+    let Ok(http::HttpResponse {
+        status: 200, body, ..
+    }) = http::get(w.admin_addr(), "/certs")
+    else {
         return Vec::new();
     };
     let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
@@ -706,7 +708,7 @@ fn envoy_cert_serials(w: &Workload) -> Vec<String> {
 /// GET through `w`'s outbound listener: (status, what the server saw as caller, what `w`
 /// verified as server).
 fn call_through(w: &Workload) -> Option<(u16, String, String)> {
-    let r = http_get(w.outbound_addr()).ok()?;
+    let r = http::get(w.outbound_addr(), "/").ok()?;
     Some((
         r.status,
         r.headers
@@ -790,7 +792,12 @@ fn plugin_registered(env: &Env) {
 /// port): (probe type, result) → count.
 fn probe_counts(env: &Env, pod: &str) -> BTreeMap<(String, String), f64> {
     let addr = SocketAddr::from(([127, 0, 0, 1], env.cluster.kubelet_read_only_port()));
-    let Ok((200, text)) = http_request(addr, "GET", "/metrics/probes") else {
+    let Ok(http::HttpResponse {
+        status: 200,
+        body: text,
+        ..
+    }) = http::get(addr, "/metrics/probes")
+    else {
         return BTreeMap::new();
     };
     let mut counts = BTreeMap::new();
@@ -915,7 +922,10 @@ fn third_service_account_refused(env: &Env) {
 
 /// The URI SANs of the certificates an Envoy holds (admin /certs).
 fn envoy_cert_uris(w: &Workload) -> Vec<String> {
-    let Ok((200, body)) = http_request(w.admin_addr(), "GET", "/certs") else {
+    let Ok(http::HttpResponse {
+        status: 200, body, ..
+    }) = http::get(w.admin_addr(), "/certs")
+    else {
         return Vec::new();
     };
     let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
@@ -934,7 +944,10 @@ fn envoy_cert_uris(w: &Workload) -> Vec<String> {
 
 /// The sum of an Envoy's counters whose name ends with `suffix` (admin /stats).
 fn envoy_counter(w: &Workload, suffix: &str) -> u64 {
-    let Ok((200, body)) = http_request(w.admin_addr(), "GET", "/stats") else {
+    let Ok(http::HttpResponse {
+        status: 200, body, ..
+    }) = http::get(w.admin_addr(), "/stats")
+    else {
         return 0;
     };
     body.lines()

@@ -1,8 +1,8 @@
-//! Smoke tests of the real-peer test bed (tests/common): SPIRE issues SVIDs to workloads
+//! Smoke tests of the real-peer test bed (src/testing): SPIRE issues SVIDs to workloads
 //! told apart by binary path, two SPIRE deployments federate, and Envoy 1.40 runs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use svid_bridge::testing as common;
 
 use std::time::Duration;
 

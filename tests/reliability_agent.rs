@@ -4,16 +4,19 @@
 //! RELIABILITY.md.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use common::http;
+use svid_bridge::testing as common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::bridge::{Bridge, Sidecar, SidecarSpec, http_get, spire_options_for_bridge};
+use common::bridge::{Bridge, Sidecar, SidecarSpec, spire_options_for_bridge, start_mtls_pair};
+use common::http::KeepAlive;
 use common::load::{
-    ChildEvent, ChildSpec, KeepAlive, LogDir, cert_parts, child_binary, child_events,
-    create_entries, percentile, responses, sample, scrape, spawn_child, unix_ms, wait_for_all,
+    ChildEvent, ChildSpec, LogDir, cert_parts, child_binary, child_events, create_entries,
+    percentile, responses, spawn_child, unix_ms, wait_for_all,
 };
+use common::metrics::{sample, scrape};
 use common::{LogSource, Proc, Spire, free_port, wait_until_with};
 
 /// The processes whose logs a timeout shows (a macro: `spire` is borrowed mutably between
@@ -42,19 +45,11 @@ const WORKLOADS: usize = 50;
 const BACKOFF_CAP_MS: u64 = 1500;
 
 fn server_and_client(spire: &Spire, bridge: &Bridge) -> (Sidecar, Sidecar) {
-    let socket = bridge.sds_socket();
-    let mut server_spec = SidecarSpec::new("server", &socket);
-    server_spec.inbound_allowed = spire.id("client");
-    let server = Sidecar::start(spire, &server_spec);
-    let mut client_spec = SidecarSpec::new("client", &socket);
-    client_spec.upstream_port = server.inbound().port();
-    client_spec.upstream_spiffe_id = server.spiffe_id.clone();
-    let client = Sidecar::start(spire, &client_spec);
-    (server, client)
+    start_mtls_pair(spire, &bridge.sds_socket(), "GRPC")
 }
 
 fn mtls_ok(client: &Sidecar, server: &Sidecar) -> bool {
-    http_get(client.outbound()).is_ok_and(|r| {
+    http::get(client.outbound(), "/").is_ok_and(|r| {
         r.status == 200 && r.headers.get("x-upstream-verified-spiffe-id") == Some(&server.spiffe_id)
     })
 }

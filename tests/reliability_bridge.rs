@@ -4,21 +4,23 @@
 //! (`--nocapture`) and into RELIABILITY.md.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use common::http;
+use svid_bridge::testing as common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::bridge::{
-    Bridge, SdsStream, Sidecar, SidecarSpec, http_get, request, sds_client, secrets_of,
-    spire_options_for_bridge,
+    Bridge, SdsStream, Sidecar, request, sds_client, secrets_of, spire_options_for_bridge,
+    start_mtls_pair,
 };
+use common::http::KeepAlive;
 use common::load::{
-    ChildEvent, ChildSpec, KeepAlive, LogDir, cert_parts, child_binary, child_events,
-    create_entries, percentile, proc_stats, responses, sample, scrape, spawn_child, unix_ms,
-    wait_for_all,
+    ChildEvent, ChildSpec, LogDir, cert_parts, child_binary, child_events, create_entries,
+    percentile, proc_stats, responses, spawn_child, unix_ms, wait_for_all,
 };
+use common::metrics::{sample, scrape};
 use common::{Proc, Spire, free_port, wait_until_with};
 
 /// The workload child (see `common::load`); returns at once in a normal run.
@@ -31,7 +33,7 @@ const WAIT: Duration = Duration::from_secs(90);
 const WORKLOADS: usize = 50;
 
 fn mtls_ok(client: &Sidecar, server: &Sidecar) -> bool {
-    http_get(client.outbound()).is_ok_and(|r| {
+    http::get(client.outbound(), "/").is_ok_and(|r| {
         r.status == 200 && r.headers.get("x-upstream-verified-spiffe-id") == Some(&server.spiffe_id)
     })
 }
@@ -45,13 +47,7 @@ fn bridge_sigkill_and_restart_under_load() {
     let spire = Spire::start(spire_options_for_bridge("example.org"));
     let mut bridge = Bridge::start(&spire);
     let socket = bridge.sds_socket();
-    let mut server_spec = SidecarSpec::new("server", &socket);
-    server_spec.inbound_allowed = spire.id("client");
-    let server = Sidecar::start(&spire, &server_spec);
-    let mut client_spec = SidecarSpec::new("client", &socket);
-    client_spec.upstream_port = server.inbound().port();
-    client_spec.upstream_spiffe_id = server.spiffe_id.clone();
-    let client = Sidecar::start(&spire, &client_spec);
+    let (server, client) = start_mtls_pair(&spire, &socket, "GRPC");
 
     let workloads: Vec<(String, std::path::PathBuf)> = (0..WORKLOADS)
         .map(|i| (spire.id(&format!("w{i}")), child_binary(&format!("w{i}"))))

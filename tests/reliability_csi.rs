@@ -4,8 +4,9 @@
 //! underneath running pods. Figures go to stderr (`--nocapture`) and into RELIABILITY.md.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod csi_support;
+use svid_bridge::mount_ns_test;
+use svid_bridge::testing as common;
+use svid_bridge::testing::csi as csi_support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -94,7 +95,7 @@ fn block<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 
-figures_mount_ns_test! {
+mount_ns_test! {
     /// K-5: the bridge SIGKILLed and restarted under a published volume: the pod's mount
     /// stays (one mount, same target), the socket re-appears inside it at the same path, and
     /// a client connecting THROUGH the pod's mount gets its secret again, with the same
@@ -175,7 +176,7 @@ fn bridge_without_agent(node: &NodeDirs, log_dir: &Path) -> Proc {
     proc
 }
 
-figures_mount_ns_test! {
+mount_ns_test! {
     /// K-3 / P-11: a kubelet restart storm. 20 published volumes, each republished 100
     /// times concurrently (2,000 NodePublishVolume calls in flight together): exactly one
     /// mount per target afterwards, and unpublish leaves nothing.
@@ -217,7 +218,7 @@ figures_mount_ns_test! {
     }
 }
 
-figures_mount_ns_test! {
+mount_ns_test! {
     /// Decided behaviour (the lead's): the socket directory deleted underneath the running
     /// bridge. The bridge notices and re-creates the directory (0755) and its socket; a
     /// volume published afterwards shows it. A pod mounted before keeps its bind mount of the old, deleted directory:

@@ -2,11 +2,12 @@
 //! agent through the Delegated Identity API.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use common::http;
+use svid_bridge::testing as common;
 
 use std::time::Duration;
 
-use common::bridge::{Bridge, Sidecar, SidecarSpec, http_get, spire_options_for_bridge};
+use common::bridge::{Bridge, Sidecar, SidecarSpec, spire_options_for_bridge, start_mtls_pair};
 use common::{Spire, wait_until_with};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -19,21 +20,17 @@ fn two_envoys_do_mtls_with_each_others_spiffe_ids() {
     let spire = Spire::start(spire_options_for_bridge("example.org"));
     let bridge = Bridge::start(&spire);
     let socket = bridge.sds_socket();
-
-    let mut server_spec = SidecarSpec::new("server", &socket);
-    server_spec.inbound_allowed = spire.id("client");
-    let server = Sidecar::start(&spire, &server_spec);
-
-    let mut client_spec = SidecarSpec::new("client", &socket);
-    client_spec.upstream_port = server.inbound().port();
-    client_spec.upstream_spiffe_id = server.spiffe_id.clone();
-    let client = Sidecar::start(&spire, &client_spec);
+    let (server, client) = start_mtls_pair(&spire, &socket, "GRPC");
 
     let response = wait_until_with(
         TIMEOUT,
         "a request crosses client → server over mTLS",
         &[&bridge, &server.envoy, &client.envoy],
-        || http_get(client.outbound()).ok().filter(|r| r.status == 200),
+        || {
+            http::get(client.outbound(), "/")
+                .ok()
+                .filter(|r| r.status == 200)
+        },
     );
     assert_eq!(response.body.trim(), "hello from server");
     assert_eq!(
@@ -54,7 +51,7 @@ fn two_envoys_do_mtls_with_each_others_spiffe_ids() {
     intruder_spec.upstream_port = server.inbound().port();
     intruder_spec.upstream_spiffe_id = server.spiffe_id.clone();
     let intruder = Sidecar::start(&spire, &intruder_spec);
-    let refused = http_get(intruder.outbound()).unwrap();
+    let refused = http::get(intruder.outbound(), "/").unwrap();
     assert_eq!(
         refused.status, 503,
         "the server must refuse spiffe://example.org/intruder: {refused:?}"
@@ -77,17 +74,7 @@ fn two_envoys_do_mtls_with_each_others_spiffe_ids() {
 }
 
 fn server_and_client(spire: &Spire, bridge: &Bridge, api_type: &'static str) -> (Sidecar, Sidecar) {
-    let socket = bridge.sds_socket();
-    let mut server_spec = SidecarSpec::new("server", &socket);
-    server_spec.inbound_allowed = spire.id("client");
-    server_spec.api_type = api_type;
-    let server = Sidecar::start(spire, &server_spec);
-    let mut client_spec = SidecarSpec::new("client", &socket);
-    client_spec.upstream_port = server.inbound().port();
-    client_spec.upstream_spiffe_id = server.spiffe_id.clone();
-    client_spec.api_type = api_type;
-    let client = Sidecar::start(spire, &client_spec);
-    (server, client)
+    start_mtls_pair(spire, &bridge.sds_socket(), api_type)
 }
 
 fn assert_traffic_flows(client: &Sidecar, server: &Sidecar, sources: &[&dyn common::LogSource]) {
@@ -95,7 +82,11 @@ fn assert_traffic_flows(client: &Sidecar, server: &Sidecar, sources: &[&dyn comm
         TIMEOUT,
         "client → server over mTLS answers 200",
         sources,
-        || http_get(client.outbound()).ok().filter(|r| r.status == 200),
+        || {
+            http::get(client.outbound(), "/")
+                .ok()
+                .filter(|r| r.status == 200)
+        },
     );
     assert_eq!(
         response.headers["x-upstream-verified-spiffe-id"],

@@ -2,7 +2,7 @@
 //! workload (selector `unix:path:<this test binary>`), against a real SPIRE agent.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use svid_bridge::testing as common;
 
 use common::this_test_binary;
 

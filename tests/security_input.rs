@@ -4,7 +4,8 @@
 //! and directory the bridge creates.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use svid_bridge::mount_ns_test;
+use svid_bridge::testing as common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -599,7 +600,7 @@ fn mode(path: &Path) -> u32 {
         & 0o7777
 }
 
-figures_mount_ns_test! {
+mount_ns_test! {
     /// The modes of what `svid-bridge run` creates, whatever its umask: SDS socket 0666,
     /// CSI socket 0600, registration socket 0600, the plugins_registry directory 0750 and
     /// pod target directories 0750 (spiffe-csi-driver's, P-10).

@@ -9,7 +9,7 @@
 //!   An identity subscribed for a PID is never served to a later process on that PID.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use svid_bridge::testing as common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;

@@ -3,7 +3,8 @@
 //! outage, JSON logs, and no key material in any log line.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use common::metrics::sample;
+use svid_bridge::testing as common;
 
 use common::this_test_binary;
 
@@ -23,18 +24,12 @@ use svid_bridge::proto::csi::node_client::NodeClient;
 use svid_bridge::proto::csi::{
     GetPluginInfoRequest, NodeGetCapabilitiesRequest, NodePublishVolumeRequest,
 };
-use svid_bridge::proto::pluginregistration::registration_client::RegistrationClient;
-use svid_bridge::proto::pluginregistration::{InfoRequest, RegistrationStatus};
 
 const WAIT: Duration = Duration::from_secs(60);
 
 fn http_get(port: u16, path: &str) -> (u16, String) {
-    common::envoy::http_request(
-        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        "GET",
-        path,
-    )
-    .unwrap()
+    let response = common::http::get_local(port, path);
+    (response.status, response.body)
 }
 
 /// `svid-bridge healthcheck`: (exit success, stdout + stderr).
@@ -51,18 +46,6 @@ fn healthcheck(port: u16) -> (bool, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
-}
-
-/// The value of one sample line (`name{labels} value`), if present.
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        line.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .split(' ')
-            .next()?
-            .parse()
-            .ok()
-    })
 }
 
 fn promtool(exposition: &str, lint: &str) -> (bool, String) {
@@ -113,19 +96,8 @@ fn promtool_accepts(exposition: &str) {
 }
 
 async fn play_kubelet(registration_socket: &Path) {
-    let channel = svid_bridge::csi::connect_uds(registration_socket)
-        .await
-        .unwrap();
-    let mut kubelet = RegistrationClient::new(channel);
-    let info = kubelet.get_info(InfoRequest {}).await.unwrap().into_inner();
+    let info = common::csi::register_as_kubelet(registration_socket).await;
     assert_eq!(info.name, "csi.spiffe.io");
-    kubelet
-        .notify_registration_status(RegistrationStatus {
-            plugin_registered: true,
-            error: String::new(),
-        })
-        .await
-        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

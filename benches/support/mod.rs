@@ -28,15 +28,12 @@ pub fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
 }
 
-/// The crate root.
-pub fn manifest_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// Where the benchmarks write their PNGs and tables (committed, read by BENCHMARKS.md).
 pub fn results_dir() -> PathBuf {
-    let dir = std::env::var_os("SB_BENCH_RESULTS")
-        .map_or_else(|| manifest_dir().join("benches/results"), PathBuf::from);
+    let dir = std::env::var_os("SB_BENCH_RESULTS").map_or_else(
+        || svid_bridge::testing::manifest_dir().join("benches/results"),
+        PathBuf::from,
+    );
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }

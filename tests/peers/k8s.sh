@@ -1,5 +1,5 @@
 # The real single-node Kubernetes of the end-to-end tests (tests/k8s_node.rs,
-# tests/common/cluster.rs, docs/testing.md). Sourced by tests/peers/install.sh, whose helpers
+# src/testing/cluster.rs, docs/testing.md). Sourced by tests/peers/install.sh, whose helpers
 # (say, die, stamp_key, up_to_date, mark_done, go_build) and settings (GOFLAGS=-mod=readonly,
 # GOSUMDB=off, GOTOOLCHAIN=local) it uses.
 #

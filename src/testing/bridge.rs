@@ -2,9 +2,7 @@
 //! rendered for a test, an in-process SDS client that asks like Envoy, and a tiny HTTP
 //! client that returns headers.
 
-use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -186,6 +184,21 @@ pub struct SidecarSpec {
     pub api_type: &'static str,
 }
 
+/// Two sidecars on one SDS socket: `server` admits only `client`, `client` dials `server`
+/// and accepts only `server`'s SPIFFE ID. `api_type` as in [`SidecarSpec::api_type`].
+pub fn start_mtls_pair(spire: &Spire, socket: &Path, api_type: &'static str) -> (Sidecar, Sidecar) {
+    let mut server_spec = SidecarSpec::new("server", socket);
+    server_spec.inbound_allowed = spire.id("client");
+    server_spec.api_type = api_type;
+    let server = Sidecar::start(spire, &server_spec);
+    let mut client_spec = SidecarSpec::new("client", socket);
+    client_spec.upstream_port = server.inbound().port();
+    client_spec.upstream_spiffe_id = server.spiffe_id.clone();
+    client_spec.api_type = api_type;
+    let client = Sidecar::start(spire, &client_spec);
+    (server, client)
+}
+
 impl SidecarSpec {
     pub fn new(name: &str, sds_socket: &Path) -> SidecarSpec {
         SidecarSpec {
@@ -299,48 +312,9 @@ impl LogSource for Sidecar {
     }
 }
 
-#[derive(Debug)]
-pub struct HttpResponse {
-    pub status: u16,
-    pub headers: BTreeMap<String, String>,
-    pub body: String,
-}
-
-/// `GET /` with `Connection: close`; the body is read to the end (Envoy sends
-/// Content-Length for direct responses).
-pub fn http_get(addr: SocketAddr) -> std::io::Result<HttpResponse> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    Ok(HttpResponse {
-        status,
-        headers,
-        body: body.to_owned(),
-    })
-}
-
 /// A tonic SDS client on the bridge's socket, from this (test) process.
 pub fn sds_client(socket: &Path) -> SecretDiscoveryServiceClient<tonic::transport::Channel> {
-    SecretDiscoveryServiceClient::new(svid_bridge::identity::source::unix_channel(
-        socket.to_path_buf(),
-    ))
+    SecretDiscoveryServiceClient::new(crate::identity::source::unix_channel(socket.to_path_buf()))
 }
 
 pub fn request(names: &[&str]) -> DiscoveryRequest {

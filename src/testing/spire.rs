@@ -143,7 +143,8 @@ pub struct Spire {
     // before the server.
     agent: Option<Proc>,
     server: Option<Proc>,
-    sockets: SocketDir,
+    // Held for its lifetime: the directory the sockets live in is removed on drop.
+    _sockets: SocketDir,
     dir: tempfile::TempDir,
 }
 
@@ -173,7 +174,7 @@ impl Spire {
             opts,
             server: None,
             agent: None,
-            sockets,
+            _sockets: sockets,
             dir,
         };
         spire.start_server_on_free_port();

@@ -14,13 +14,21 @@
 //!   an async test that must keep its runtime going while it waits, use
 //!   [`wait_until_async`].
 //!
-//! Test crates use it with `mod common;`; items unused by one crate are fine (dead_code).
-#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
+//!
+//! Compiled once, into the library, behind the `testing` feature: the crate's own
+//! dev-dependency on itself turns the feature on for `tests/` and `benches/`, which use it as
+//! `use crate::testing as common;`. A release build never contains it.
+// A test kit fails loudly: a panic with the reason is the report.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 pub mod bridge;
 pub mod cluster;
+pub mod csi;
 pub mod envoy;
+pub mod http;
 pub mod load;
+pub mod metrics;
+pub mod mount_ns;
 pub mod proc;
 pub mod spire;
 
@@ -59,14 +67,31 @@ pub fn peer(name: &str) -> PathBuf {
     path
 }
 
-/// The svid-bridge binary built for this test run.
 /// The running test binary, by its real path (what the unix attestor sees).
 pub fn this_test_binary() -> PathBuf {
     std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap()
 }
 
+/// The svid-bridge binary Cargo built beside this test or bench binary:
+/// `target/<profile>/deps/<test>-<hash>` runs, `target/<profile>/svid-bridge` is the binary
+/// (Cargo builds a package's binaries before its integration tests and benches).
+/// `$SVID_BRIDGE_BIN` overrides it.
 pub fn bridge_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_svid-bridge"))
+    if let Some(path) = std::env::var_os("SVID_BRIDGE_BIN").filter(|p| !p.is_empty()) {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("a test binary lives in target/<profile>/deps");
+    let path = profile_dir.join("svid-bridge");
+    assert!(
+        path.exists(),
+        "svid-bridge is missing at {}: run the tests with `cargo test`",
+        path.display()
+    );
+    path
 }
 
 /// `<CARGO_MANIFEST_DIR>/target/test-tmp`, created on first use.

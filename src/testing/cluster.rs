@@ -354,9 +354,9 @@ impl Cluster {
         self.etcd = Some(Proc::spawn("etcd", cmd, &logs));
         let etcd_addr = std::net::SocketAddr::from(([127, 0, 0, 1], etcd_port));
         self.wait("etcd answers /health", || {
-            super::envoy::http_request(etcd_addr, "GET", "/health")
+            super::http::get(etcd_addr, "/health")
                 .ok()
-                .filter(|(s, body)| *s == 200 && body.contains("true"))
+                .filter(|r| r.status == 200 && r.body.contains("true"))
         });
 
         let mut cmd = Command::new(peer("kube-apiserver"));

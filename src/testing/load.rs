@@ -21,8 +21,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -419,28 +418,6 @@ pub fn proc_stats(pid: u32) -> ProcStats {
     }
 }
 
-// ------------------------------------------------------------------------- metrics ----
-
-/// `GET /metrics` on 127.0.0.1:`port`.
-pub fn scrape(port: u16) -> String {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    super::envoy::http_request(addr, "GET", "/metrics")
-        .map(|(_, body)| body)
-        .unwrap_or_default()
-}
-
-/// The value of one sample (`name{labels} value`).
-pub fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        line.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .split(' ')
-            .next()?
-            .parse()
-            .ok()
-    })
-}
-
 // ------------------------------------------------------------------------- entries ----
 
 /// Creates many `unix:path` entries with one `spire-server entry create -data` call.
@@ -476,56 +453,6 @@ pub fn create_entries(spire: &Spire, entries: &[(String, PathBuf, Option<u32>)])
             Some(0),
             "entry create failed: {r}"
         );
-    }
-}
-
-// ------------------------------------------------------------------- keep-alive HTTP ----
-
-/// One HTTP/1.1 connection kept open across requests (to prove established connections
-/// keep working).
-pub struct KeepAlive {
-    stream: TcpStream,
-}
-
-impl KeepAlive {
-    pub fn connect(addr: SocketAddr) -> std::io::Result<KeepAlive> {
-        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        Ok(KeepAlive { stream })
-    }
-
-    /// `GET /`; the status and the response headers (lower-case names).
-    pub fn get(&mut self) -> std::io::Result<(u16, BTreeMap<String, String>)> {
-        write!(self.stream, "GET / HTTP/1.1\r\nHost: test\r\n\r\n")?;
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            if self.stream.read(&mut byte)? == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "connection closed",
-                ));
-            }
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8_lossy(&head).into_owned();
-        let mut lines = head.lines();
-        let status = lines
-            .next()
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let headers: BTreeMap<String, String> = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-            .collect();
-        let len: usize = headers
-            .get("content-length")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let mut body = vec![0u8; len];
-        self.stream.read_exact(&mut body)?;
-        Ok((status, headers))
     }
 }
 
@@ -602,62 +529,4 @@ pub fn wait_for_all<T>(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// Set for the re-executed test binary running inside `unshare -m` (same variable as
-/// `tests/csi_support`).
-pub const MOUNT_NS_ENV: &str = "SVID_BRIDGE_TEST_IN_PRIVATE_MOUNT_NS";
-
-/// Re-runs this test binary's test `name` under `unshare -m --propagation private` and
-/// asserts it passed; its `FIGURES` lines are echoed to stderr.
-pub fn run_in_private_mount_ns(name: &str) {
-    let exe = std::env::current_exe().expect("test binary path");
-    let output = Command::new("unshare")
-        .args(["--mount", "--propagation", "private"])
-        .arg(exe)
-        .args(["--exact", name, "--nocapture", "--test-threads=1"])
-        .env(MOUNT_NS_ENV, "1")
-        .output()
-        .expect("util-linux unshare must be installed");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    for line in stdout
-        .lines()
-        .chain(stderr.lines())
-        .filter(|l| l.contains("FIGURES"))
-    {
-        eprintln!("{}", &line[line.find("FIGURES").unwrap_or(0)..]);
-    }
-    assert!(
-        output.status.success()
-            && stdout.contains(&format!("test {name} ... ok"))
-            && stdout.contains("1 passed"),
-        "{name} in a private mount namespace: {}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        output.status
-    );
-}
-
-/// `csi_support::mount_ns_test!`, echoing the inner test's `FIGURES` lines.
-#[macro_export]
-macro_rules! figures_mount_ns_test {
-    ($(#[doc = $doc:expr])* async fn $name:ident() $body:block) => {
-        $(#[doc = $doc])*
-        mod $name {
-            #[allow(unused_imports)]
-            use super::*;
-
-            #[test]
-            fn in_private_mount_namespace() {
-                $crate::common::load::run_in_private_mount_ns(concat!(stringify!($name), "::inner"));
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn inner() {
-                if std::env::var_os($crate::common::load::MOUNT_NS_ENV).is_none() {
-                    return; // only meaningful when run by in_private_mount_namespace
-                }
-                $body
-            }
-        }
-    };
 }

@@ -1,104 +1,28 @@
-//! Shared by the `tests/csi_*.rs` suites: an in-process CSI plugin on temporary sockets,
-//! kubelet-shaped requests, mount counting, and running a test in a private mount namespace.
-#![allow(dead_code)] // each suite uses a different part
+//! For the CSI suites and benchmarks: an in-process CSI plugin on temporary sockets,
+//! kubelet-shaped requests and mount counting (private mount namespaces: [`super::mount_ns`]).
 
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use svid_bridge::config::CsiConfig;
-use svid_bridge::csi::{self, CsiError, RegistrationStatus};
-use svid_bridge::proto::csi::identity_client::IdentityClient;
-use svid_bridge::proto::csi::node_client::NodeClient;
-use svid_bridge::proto::csi::volume_capability::access_mode::Mode;
-use svid_bridge::proto::csi::volume_capability::{AccessMode, AccessType, MountVolume};
-use svid_bridge::proto::csi::{
-    NodePublishVolumeRequest, NodeUnpublishVolumeRequest, VolumeCapability,
-};
+use crate::config::CsiConfig;
+use crate::csi::{self, CsiError, RegistrationStatus};
+use crate::proto::csi::identity_client::IdentityClient;
+use crate::proto::csi::node_client::NodeClient;
+use crate::proto::csi::volume_capability::access_mode::Mode;
+use crate::proto::csi::volume_capability::{AccessMode, AccessType, MountVolume};
+use crate::proto::csi::{NodePublishVolumeRequest, NodeUnpublishVolumeRequest, VolumeCapability};
 use tempfile::TempDir;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-/// Set for the re-executed test binary running inside `unshare -m`.
-pub const MOUNT_NS_ENV: &str = "SVID_BRIDGE_TEST_IN_PRIVATE_MOUNT_NS";
 pub const PLUGIN_NAME: &str = "csi.spiffe.io";
 pub const NODE_ID: &str = "node-a";
 /// The socket file inside the socket directory (the bridge's SDS socket in production).
 pub const SOCKET_NAME: &str = "socket";
 const STARTUP_DEADLINE: Duration = Duration::from_secs(20);
-
-pub fn in_private_mount_ns() -> bool {
-    std::env::var_os(MOUNT_NS_ENV).is_some()
-}
-
-/// Re-runs this test binary's test `name` under `unshare -m --propagation private`, so its
-/// mounts live and die in a namespace of their own, and asserts it ran and passed.
-/// (unshare(CLONE_NEWNS) is refused to a multi-threaded process such as the test harness.)
-pub fn run_in_private_mount_ns(name: &str) {
-    let exe = std::env::current_exe().expect("test binary path");
-    let output = Command::new("unshare")
-        .args(["--mount", "--propagation", "private"])
-        .arg(exe)
-        .args(["--exact", name, "--nocapture", "--test-threads=1"])
-        .env(MOUNT_NS_ENV, "1")
-        .output()
-        .expect("util-linux unshare must be installed");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success()
-            && stdout.contains(&format!("test {name} ... ok"))
-            && stdout.contains("1 passed"),
-        "{name} in a private mount namespace: {}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        output.status
-    );
-}
-
-/// For a benchmark binary: runs this very binary again, with its arguments, inside
-/// `unshare --mount --propagation private`, and returns its exit status.
-pub fn reexec_in_private_mount_ns() -> std::process::ExitCode {
-    let status = Command::new("unshare")
-        .args(["--mount", "--propagation", "private"])
-        .arg(std::env::current_exe().expect("own binary path"))
-        .args(std::env::args_os().skip(1))
-        .env(MOUNT_NS_ENV, "1")
-        .status()
-        .expect("util-linux unshare (and root) are needed");
-    if status.success() {
-        std::process::ExitCode::SUCCESS
-    } else {
-        std::process::ExitCode::FAILURE
-    }
-}
-
-/// A test whose body runs in a private mount namespace: `NAME::in_private_mount_namespace`
-/// re-executes the binary to run `NAME::inner` there; `inner` returns at once elsewhere.
-#[macro_export]
-macro_rules! mount_ns_test {
-    ($(#[doc = $doc:expr])* async fn $name:ident() $body:block) => {
-        $(#[doc = $doc])*
-        mod $name {
-            #[allow(unused_imports)]
-            use super::*;
-
-            #[test]
-            fn in_private_mount_namespace() {
-                $crate::csi_support::run_in_private_mount_ns(concat!(stringify!($name), "::inner"));
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn inner() {
-                if !$crate::csi_support::in_private_mount_ns() {
-                    return; // only meaningful when run by in_private_mount_namespace
-                }
-                $body
-            }
-        }
-    };
-}
 
 /// An in-process `csi::serve` on a temporary node layout:
 /// `<root>/kubelet/{pods,plugins_registry}`, `<root>/plugins/csi.sock`, and the socket
@@ -156,7 +80,7 @@ impl Plugin {
             sds_rx,
             shutdown.clone(),
             status_tx,
-            std::sync::Arc::new(svid_bridge::telemetry::metrics::Metrics::new()),
+            std::sync::Arc::new(crate::telemetry::metrics::Metrics::new()),
         ));
         // The registration step starts only once the CSI socket answered: no polling needed.
         tokio::time::timeout(
@@ -348,4 +272,31 @@ pub fn remove_mounts(dir: &Path, count: usize) {
         rustix::mount::unmount(dir.join(i.to_string()), rustix::mount::UnmountFlags::DETACH)
             .unwrap();
     }
+}
+
+/// Plays the kubelet's side of plugin registration on `registration_socket`: GetInfo, then
+/// NotifyRegistrationStatus(registered); the plugin's answer to GetInfo.
+pub async fn register_as_kubelet(
+    registration_socket: &Path,
+) -> crate::proto::pluginregistration::PluginInfo {
+    use crate::proto::pluginregistration::registration_client::RegistrationClient;
+    use crate::proto::pluginregistration::{InfoRequest, RegistrationStatus};
+
+    let channel = csi::connect_uds(registration_socket)
+        .await
+        .unwrap_or_else(|e| panic!("connect {}: {e}", registration_socket.display()));
+    let mut kubelet = RegistrationClient::new(channel);
+    let info = kubelet
+        .get_info(InfoRequest {})
+        .await
+        .expect("GetInfo")
+        .into_inner();
+    kubelet
+        .notify_registration_status(RegistrationStatus {
+            plugin_registered: true,
+            error: String::new(),
+        })
+        .await
+        .expect("NotifyRegistrationStatus");
+    info
 }
