@@ -42,6 +42,7 @@ pub async fn run(config: Config) -> Result<(), BridgeError> {
     );
     let metrics = Arc::new(Metrics::new());
     let proc_root = ProcRoot::default();
+    let pods = crate::k8s::watch::start(&config.kubernetes, proc_root.path(), &shutdown);
     let cache_options = CacheOptions {
         proc_root: proc_root.clone(),
         metrics: Arc::clone(&metrics),
@@ -57,7 +58,10 @@ pub async fn run(config: Config) -> Result<(), BridgeError> {
         caller_identity,
         proc_root,
         shutdown.clone(),
-    );
+    )
+    .with_pods(pods);
+    let workloads: Arc<dyn health::DebugReport> = Arc::new(sds.workloads_reporter());
+    let workloads = Some(workloads);
     let sds_task = tokio::spawn(sds.serve(serving_tx, shutdown.clone()));
 
     let (registration_tx, registration_rx) = watch::channel(RegistrationStatus::NotStarted);
@@ -88,7 +92,9 @@ pub async fn run(config: Config) -> Result<(), BridgeError> {
     if !endpoints.is_empty() {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            if let Err(err) = health::serve(endpoints, metrics, readiness, shutdown.clone()).await {
+            if let Err(err) =
+                health::serve(endpoints, metrics, readiness, workloads, shutdown.clone()).await
+            {
                 tracing::error!(%err, "metrics and health endpoints failed; stopping");
                 shutdown.cancel();
             }

@@ -77,6 +77,7 @@ pub enum IdentitySourceKind {
 }
 
 pub use crate::csi::CsiConfig;
+pub use crate::k8s::{KubernetesMode, PodViewConfig};
 pub use crate::sds::{SdsConfig, SdsLimits};
 pub use crate::telemetry::LogFormat;
 
@@ -224,7 +225,14 @@ pub struct RunArgs {
     #[arg(long, default_value = "0.0.0.0:9988", env = "SVID_BRIDGE_METRICS_ADDR")]
     pub metrics_addr: String,
 
-    /// Health endpoints (/healthz, /readyz) listen address; empty turns it off.
+    /// Kubernetes API access, to name pods in logs and inspection: `auto` uses the in-cluster
+    /// service account when the bridge runs in a pod (watching this node's pods only),
+    /// `off` never does.
+    #[arg(long, value_enum, default_value_t, env = "SVID_BRIDGE_KUBERNETES")]
+    pub kubernetes: KubernetesMode,
+
+    /// Health endpoints (/healthz, /readyz, /debug/workloads) listen address; empty turns it
+    /// off.
     #[arg(
         long,
         default_value = "127.0.0.1:9989",
@@ -268,6 +276,7 @@ pub struct Config {
     pub csi: Option<CsiConfig>,
     pub metrics_addr: Option<SocketAddr>,
     pub health_addr: Option<SocketAddr>,
+    pub kubernetes: PodViewConfig,
 }
 
 /// What validation needs from the process environment, so tests can supply their own.
@@ -310,6 +319,13 @@ impl RunArgs {
             limits,
         };
         let csi = self.validate_csi(&sds.socket, env)?;
+        let kubernetes = PodViewConfig {
+            mode: self.kubernetes,
+            node_name: match &csi {
+                Some(csi) => Some(csi.node_id.clone()),
+                None => self.node_name(env),
+            },
+        };
         Ok(Config {
             identity_source: self.identity_source,
             admin_socket,
@@ -318,7 +334,16 @@ impl RunArgs {
             csi,
             metrics_addr: optional_addr("--metrics-addr", &self.metrics_addr)?,
             health_addr: optional_addr("--health-addr", &self.health_addr)?,
+            kubernetes,
         })
+    }
+
+    /// `--node-id`, else the variable `--node-id-env` names; `None` when both are empty.
+    fn node_name(&self, env: &dyn Env) -> Option<String> {
+        self.node_id
+            .clone()
+            .filter(|id| !id.is_empty())
+            .or_else(|| env.var(&self.node_id_env).filter(|id| !id.is_empty()))
     }
 
     fn limits(&self) -> Result<SdsLimits, ConfigError> {
@@ -390,10 +415,7 @@ impl RunArgs {
             &absolute("--kubelet-root", &self.kubelet_root)?,
         )?;
         let node_id = self
-            .node_id
-            .clone()
-            .filter(|id| !id.is_empty())
-            .or_else(|| env.var(&self.node_id_env).filter(|id| !id.is_empty()))
+            .node_name(env)
             .ok_or_else(|| ConfigError::MissingNodeId {
                 env_var: self.node_id_env.clone(),
             })?;
@@ -704,6 +726,32 @@ mod tests {
             }
         );
         assert!(err.to_string().contains("MY_NODE_NAME"));
+    }
+
+    #[test]
+    fn kubernetes_is_auto_by_default_and_knows_the_node_with_or_without_csi() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = MapEnv(HashMap::from([("MY_NODE_NAME", "node-a")]));
+        let config = args(dir.path(), &[]).validate(&env).unwrap();
+        assert_eq!(
+            config.kubernetes,
+            PodViewConfig {
+                mode: KubernetesMode::Auto,
+                node_name: Some("node-a".into())
+            }
+        );
+        let sds_only = args(dir.path(), &["--csi-socket=", "--kubernetes=off"])
+            .validate(&env)
+            .unwrap();
+        assert_eq!(sds_only.kubernetes.mode, KubernetesMode::Off);
+        assert_eq!(sds_only.kubernetes.node_name.as_deref(), Some("node-a"));
+        let nowhere = args(dir.path(), &["--csi-socket="])
+            .validate(&no_env())
+            .unwrap();
+        assert_eq!(
+            nowhere.kubernetes.node_name, None,
+            "no node name is no error"
+        );
     }
 
     #[test]
