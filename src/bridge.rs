@@ -59,7 +59,18 @@ pub async fn run(config: Config) -> Result<(), BridgeError> {
         proc_root,
         shutdown.clone(),
     )
-    .with_pods(pods);
+    .with_pods(pods.clone());
+    if let (Some(after), Some(events)) = (
+        config.kubernetes.wait_event_after,
+        crate::k8s::events::WaitEvents::new(&pods),
+    ) {
+        tokio::spawn(post_wait_events(
+            sds.workloads_reporter(),
+            events,
+            after,
+            shutdown.clone(),
+        ));
+    }
     let workloads: Arc<dyn health::DebugReport> = Arc::new(sds.workloads_reporter());
     let workloads = Some(workloads);
     let sds_task = tokio::spawn(sds.serve(serving_tx, shutdown.clone()));
@@ -115,6 +126,23 @@ fn identity_source(config: &Config) -> (Arc<dyn Source>, CallerIdentity) {
             Arc::new(WorkloadApiSource::new(config.agent_socket.clone())),
             CallerIdentity::Bridge,
         ),
+    }
+}
+
+/// Looks for streams that have waited longer than `after` every few seconds, and posts an
+/// Event on their pods (the limits are `WaitEvents`'s).
+async fn post_wait_events(
+    reporter: crate::sds::workloads::WorkloadsReporter,
+    mut events: crate::k8s::events::WaitEvents,
+    after: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = every.tick() => events.publish(reporter.waits_over(after)).await,
+            () = shutdown.cancelled() => return,
+        }
     }
 }
 

@@ -231,6 +231,15 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t, env = "SVID_BRIDGE_KUBERNETES")]
     pub kubernetes: KubernetesMode,
 
+    /// With the pod view: post a Kubernetes Event (WaitingForIdentity) on a pod whose
+    /// Envoy has waited this many seconds for a secret; 0: never.
+    #[arg(
+        long,
+        default_value_t = crate::k8s::events::DEFAULT_WAIT_EVENT_AFTER.as_secs(),
+        env = "SVID_BRIDGE_WAIT_EVENT_SECONDS"
+    )]
+    pub wait_event_seconds: u64,
+
     /// Health endpoints (/healthz, /readyz, /debug/workloads) listen address; empty turns it
     /// off.
     #[arg(
@@ -325,6 +334,8 @@ impl RunArgs {
                 Some(csi) => Some(csi.node_id.clone()),
                 None => self.node_name(env),
             },
+            wait_event_after: (self.wait_event_seconds > 0)
+                .then(|| std::time::Duration::from_secs(self.wait_event_seconds)),
         };
         Ok(Config {
             identity_source: self.identity_source,
@@ -737,14 +748,23 @@ mod tests {
             config.kubernetes,
             PodViewConfig {
                 mode: KubernetesMode::Auto,
-                node_name: Some("node-a".into())
+                node_name: Some("node-a".into()),
+                wait_event_after: Some(std::time::Duration::from_secs(30)),
             }
         );
-        let sds_only = args(dir.path(), &["--csi-socket=", "--kubernetes=off"])
-            .validate(&env)
-            .unwrap();
+        let sds_only = args(
+            dir.path(),
+            &[
+                "--csi-socket=",
+                "--kubernetes=off",
+                "--wait-event-seconds=0",
+            ],
+        )
+        .validate(&env)
+        .unwrap();
         assert_eq!(sds_only.kubernetes.mode, KubernetesMode::Off);
         assert_eq!(sds_only.kubernetes.node_name.as_deref(), Some("node-a"));
+        assert_eq!(sds_only.kubernetes.wait_event_after, None);
         let nowhere = args(dir.path(), &["--csi-socket="])
             .validate(&no_env())
             .unwrap();

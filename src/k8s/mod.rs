@@ -4,6 +4,7 @@
 //! identity: identities come from the SPIRE agent.
 
 pub mod cgroup;
+pub mod events;
 pub mod pods;
 pub mod watch;
 

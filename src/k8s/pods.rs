@@ -38,6 +38,8 @@ pub struct Pods {
 struct View {
     store: Store<Pod>,
     proc_root: PathBuf,
+    /// The client the view watches with, and this node's name: for Events.
+    client: Option<(kube::Client, String)>,
 }
 
 impl fmt::Debug for Pods {
@@ -61,8 +63,30 @@ impl Pods {
             view: Some(Arc::new(View {
                 store,
                 proc_root: proc_root.into(),
+                client: None,
             })),
         }
+    }
+
+    /// As [`Pods::from_store`], for a view `client` keeps for `node`.
+    pub fn watched(
+        store: Store<Pod>,
+        proc_root: impl Into<PathBuf>,
+        client: kube::Client,
+        node: String,
+    ) -> Self {
+        Self {
+            view: Some(Arc::new(View {
+                store,
+                proc_root: proc_root.into(),
+                client: Some((client, node)),
+            })),
+        }
+    }
+
+    /// The API client and node name, when the view is watched through the API.
+    pub fn client(&self) -> Option<(kube::Client, String)> {
+        self.view.as_ref()?.client.clone()
     }
 
     pub fn is_on(&self) -> bool {

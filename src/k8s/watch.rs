@@ -27,6 +27,8 @@ pub struct PodViewConfig {
     pub mode: KubernetesMode,
     /// This node's name (`--node-id`, or the variable `--node-id-env` names).
     pub node_name: Option<String>,
+    /// After how long a waiting stream's pod gets an Event; `None`: never.
+    pub wait_event_after: Option<std::time::Duration>,
 }
 
 /// Whether this process runs in a pod with API access: the variables the kubelet sets in
@@ -79,6 +81,7 @@ pub fn spawn(
     shutdown: CancellationToken,
 ) -> Pods {
     let (store, writer) = reflector::store::<Pod>();
+    let pods = Pods::watched(store, proc_root, client.clone(), node.clone());
     let api: Api<Pod> = Api::all(client);
     let selector = format!("spec.nodeName={node}");
     let config = watcher::Config::default().fields(&selector);
@@ -94,7 +97,7 @@ pub fn spawn(
             () = shutdown.cancelled() => {}
         }
     });
-    Pods::from_store(store, proc_root)
+    pods
 }
 
 /// Drives the watch and logs its state changes once each: synced, failing, recovered.
@@ -155,6 +158,7 @@ mod tests {
             &PodViewConfig {
                 mode: KubernetesMode::Off,
                 node_name: Some("n".into()),
+                wait_event_after: None,
             },
             Path::new("/proc"),
             &CancellationToken::new(),

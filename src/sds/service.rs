@@ -79,11 +79,13 @@ impl Caller {
         if let Some(pid) = self.pid() {
             span.record("pid", pid);
         }
+        // Display, not the quoted Debug form of a string: `pod=envoy-a` reads (and greps)
+        // like `pid=42` beside it.
         if let Some(pod) = pod {
-            span.record("namespace", pod.namespace.as_str());
-            span.record("pod", pod.name.as_str());
+            span.record("namespace", tracing::field::display(&pod.namespace));
+            span.record("pod", tracing::field::display(&pod.name));
             if let Some(container) = &pod.container {
-                span.record("container", container.as_str());
+                span.record("container", tracing::field::display(container));
             }
         }
         span
@@ -116,7 +118,7 @@ impl SdsService {
         WorkloadsReporter {
             registry: Arc::clone(&self.registry),
             cache: Arc::clone(&self.cache),
-            pod_view: self.pods.is_on(),
+            pods: self.pods.clone(),
         }
     }
 

@@ -14,7 +14,8 @@ use super::secrets::Waiting;
 use crate::clock::unix_now;
 use crate::identity::describe::{CertFacts, human_duration, remaining, rfc3339};
 use crate::identity::{Cache, SvidState, Workload, WorkloadSvids};
-use crate::k8s::PodRef;
+use crate::k8s::events::PodWait;
+use crate::k8s::{PodRef, Pods};
 use crate::telemetry::health::DebugReport;
 
 /// Every open SDS stream, by workload. A stream enters when it opens and leaves when it
@@ -132,6 +133,8 @@ impl Drop for StreamEntry {
 pub struct WorkloadsReport {
     /// Whether pod names come from the Kubernetes API (`--kubernetes`).
     pub pod_view: bool,
+    /// How many pods of this node the pod view holds (absent without one).
+    pub pods_on_node: Option<usize>,
     pub workloads: Vec<WorkloadReport>,
 }
 
@@ -192,7 +195,7 @@ pub struct WaitReport {
 pub struct WorkloadsReporter {
     pub registry: Arc<StreamRegistry>,
     pub cache: Arc<Cache>,
-    pub pod_view: bool,
+    pub pods: Pods,
 }
 
 impl WorkloadsReporter {
@@ -208,7 +211,11 @@ impl WorkloadsReporter {
         }
         let mut workloads: Vec<WorkloadReport> = by_workload
             .into_values()
-            .map(|(workload, streams)| workload_report(self.cache.svids_of(workload), streams, now))
+            .map(|(workload, streams)| {
+                let mut report = workload_report(self.cache.svids_of(workload), streams, now);
+                self.complete_pod(&mut report);
+                report
+            })
             .collect();
         workloads.sort_by_key(|w| {
             (
@@ -219,8 +226,73 @@ impl WorkloadsReporter {
             )
         });
         WorkloadsReport {
-            pod_view: self.pod_view,
+            pod_view: self.pods.is_on(),
+            pods_on_node: self.pods.is_on().then(|| self.pods.len()),
             workloads,
+        }
+    }
+
+    /// The pods whose streams have waited for a secret for at least `after`, one entry
+    /// per pod with every name its streams wait for (for Events on the pod).
+    pub fn waits_over(&self, after: std::time::Duration) -> Vec<PodWait> {
+        let now = unix_now();
+        let after = i64::try_from(after.as_secs()).unwrap_or(i64::MAX);
+        let mut by_pod: BTreeMap<(String, String), PodWait> = BTreeMap::new();
+        for record in self.registry.records() {
+            let long: Vec<(&String, &(&'static str, i64))> = record
+                .waiting
+                .iter()
+                .filter(|(_, (_, since))| now - since >= after)
+                .collect();
+            if long.is_empty() {
+                continue;
+            }
+            let pod = match (&record.pod, record.pid) {
+                (Some(pod), _) if pod.container.is_some() => Some(pod.clone()),
+                (pod, Some(pid)) => self.pods.of_pid(pid).or_else(|| pod.clone()),
+                (pod, None) => pod.clone(),
+            };
+            let Some(pod) = pod else { continue };
+            let entry = by_pod
+                .entry((pod.namespace.clone(), pod.name.clone()))
+                .or_insert_with(|| PodWait {
+                    pod,
+                    pid: record.pid,
+                    names: Vec::new(),
+                    waited: std::time::Duration::ZERO,
+                });
+            for (name, (reason, since)) in long {
+                if !entry.names.iter().any(|(n, _)| n == name) {
+                    entry.names.push((name.clone(), (*reason).to_owned()));
+                }
+                let waited =
+                    std::time::Duration::from_secs(u64::try_from(now - since).unwrap_or(0));
+                entry.waited = entry.waited.max(waited);
+            }
+        }
+        by_pod
+            .into_values()
+            .map(|mut w| {
+                w.names.sort();
+                w
+            })
+            .collect()
+    }
+
+    /// A stream notes its pod when it opens; the pod view may not have had it then (a
+    /// stream opened before the first list), nor the container (the kubelet reports a
+    /// container's ID a moment after it starts). Ask again for what is missing.
+    fn complete_pod(&self, report: &mut WorkloadReport) {
+        let complete = report.pod.as_ref().is_some_and(|p| p.container.is_some());
+        if complete {
+            return;
+        }
+        if let Some(pod) = report.pid.and_then(|pid| self.pods.of_pid(pid)) {
+            report.pod = Some(PodReport {
+                namespace: pod.namespace,
+                name: pod.name,
+                container: pod.container,
+            });
         }
     }
 }
@@ -398,6 +470,50 @@ mod tests {
         s.set_waiting(&waiting);
         let report = workload_report(None, registry.records(), unix_now());
         assert_eq!(report.streams[0].waiting[0].waited, "1m 30s");
+    }
+
+    #[tokio::test]
+    async fn long_waits_are_grouped_by_pod_for_events() {
+        let registry = Arc::new(StreamRegistry::default());
+        let pod = PodRef {
+            namespace: "apps".into(),
+            name: "w".into(),
+            container: Some("envoy".into()),
+        };
+        let a = record(&registry, 7, Some(pod.clone()));
+        let b = record(&registry, 7, Some(pod));
+        let _no_pod = record(&registry, 8, None);
+        for (entry, name) in [(&a, "default"), (&b, "ROOTCA")] {
+            entry.set_waiting(&BTreeMap::from([(name.to_owned(), Waiting("no SVID"))]));
+            entry.update(|r| {
+                if let Some(w) = r.waiting.get_mut(name) {
+                    w.1 -= 40;
+                }
+            });
+        }
+        let reporter = WorkloadsReporter {
+            registry: Arc::clone(&registry),
+            cache: Cache::new(
+                Arc::new(crate::identity::WorkloadApiSource::new(
+                    "/nonexistent".into(),
+                )),
+                crate::identity::CacheOptions::default(),
+                tokio_util::sync::CancellationToken::new(),
+            ),
+            pods: Pods::off(),
+        };
+        assert!(
+            reporter
+                .waits_over(std::time::Duration::from_secs(60))
+                .is_empty()
+        );
+        let waits = reporter.waits_over(std::time::Duration::from_secs(30));
+        assert_eq!(waits.len(), 1, "{waits:?}");
+        assert_eq!(waits[0].pod.name, "w");
+        assert_eq!(waits[0].pid, Some(7));
+        let names: Vec<&str> = waits[0].names.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["ROOTCA", "default"]);
+        assert!(waits[0].waited >= std::time::Duration::from_secs(40));
     }
 
     #[test]
