@@ -201,10 +201,12 @@ pub struct WorkloadsReporter {
 impl WorkloadsReporter {
     pub fn report(&self) -> WorkloadsReport {
         let now = unix_now();
+        // By workload and PID: in Workload API mode every caller shares the bridge's
+        // identity, but each process is still its own line for an operator.
         let mut by_workload: BTreeMap<String, (Workload, Vec<StreamRecord>)> = BTreeMap::new();
         for record in self.registry.records() {
             by_workload
-                .entry(format!("{:?}", record.workload))
+                .entry(format!("{:?} {:?}", record.workload, record.pid))
                 .or_insert_with(|| (record.workload, Vec::new()))
                 .1
                 .push(record);
