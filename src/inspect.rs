@@ -410,6 +410,7 @@ mod tests {
         use crate::sds::workloads::{PodReport, StreamReport, SvidReport, WaitReport};
         WorkloadsReport {
             pod_view: true,
+            pods_on_node: Some(3),
             workloads: vec![WorkloadReport {
                 pid: Some(42),
                 pod: Some(PodReport {
