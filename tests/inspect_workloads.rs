@@ -117,6 +117,18 @@ async fn the_report_shows_each_workloads_svids_streams_waits_and_nacks_and_never
     });
     let text = report.to_string();
 
+    // Outside Kubernetes (`--kubernetes auto`, the default): said once, at INFO, and
+    // everything else works in PIDs.
+    assert_eq!(report["pod_view"], false);
+    assert_eq!(report["pods_on_node"], Value::Null);
+    let logs = bridge.logs();
+    let said: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("no in-cluster Kubernetes configuration"))
+        .collect();
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(said[0].contains("INFO"), "{}", said[0]);
+
     // Never a key: neither the PEM label nor any part of the key's encoding.
     assert!(!text.contains("PRIVATE KEY"), "{text}");
     let key_body: String = key_pem
