@@ -42,6 +42,7 @@ pub async fn run(config: Config) -> Result<(), BridgeError> {
     );
     let metrics = Arc::new(Metrics::new());
     let proc_root = ProcRoot::default();
+    let pods = crate::k8s::watch::start(&config.kubernetes, proc_root.path(), &shutdown);
     let cache_options = CacheOptions {
         proc_root: proc_root.clone(),
         metrics: Arc::clone(&metrics),
@@ -57,7 +58,21 @@ pub async fn run(config: Config) -> Result<(), BridgeError> {
         caller_identity,
         proc_root,
         shutdown.clone(),
-    );
+    )
+    .with_pods(pods.clone());
+    if let (Some(after), Some(events)) = (
+        config.kubernetes.wait_event_after,
+        crate::k8s::events::WaitEvents::new(&pods),
+    ) {
+        tokio::spawn(post_wait_events(
+            sds.workloads_reporter(),
+            events,
+            after,
+            shutdown.clone(),
+        ));
+    }
+    let workloads: Arc<dyn health::DebugReport> = Arc::new(sds.workloads_reporter());
+    let workloads = Some(workloads);
     let sds_task = tokio::spawn(sds.serve(serving_tx, shutdown.clone()));
 
     let (registration_tx, registration_rx) = watch::channel(RegistrationStatus::NotStarted);
@@ -88,7 +103,9 @@ pub async fn run(config: Config) -> Result<(), BridgeError> {
     if !endpoints.is_empty() {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            if let Err(err) = health::serve(endpoints, metrics, readiness, shutdown.clone()).await {
+            if let Err(err) =
+                health::serve(endpoints, metrics, readiness, workloads, shutdown.clone()).await
+            {
                 tracing::error!(%err, "metrics and health endpoints failed; stopping");
                 shutdown.cancel();
             }
@@ -109,6 +126,23 @@ fn identity_source(config: &Config) -> (Arc<dyn Source>, CallerIdentity) {
             Arc::new(WorkloadApiSource::new(config.agent_socket.clone())),
             CallerIdentity::Bridge,
         ),
+    }
+}
+
+/// Looks for streams that have waited longer than `after` every few seconds, and posts an
+/// Event on their pods (the limits are `WaitEvents`'s).
+async fn post_wait_events(
+    reporter: crate::sds::workloads::WorkloadsReporter,
+    mut events: crate::k8s::events::WaitEvents,
+    after: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = every.tick() => events.publish(reporter.waits_over(after)).await,
+            () = shutdown.cancelled() => return,
+        }
     }
 }
 

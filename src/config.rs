@@ -77,6 +77,7 @@ pub enum IdentitySourceKind {
 }
 
 pub use crate::csi::CsiConfig;
+pub use crate::k8s::{KubernetesMode, PodViewConfig};
 pub use crate::sds::{SdsConfig, SdsLimits};
 pub use crate::telemetry::LogFormat;
 
@@ -224,7 +225,23 @@ pub struct RunArgs {
     #[arg(long, default_value = "0.0.0.0:9988", env = "SVID_BRIDGE_METRICS_ADDR")]
     pub metrics_addr: String,
 
-    /// Health endpoints (/healthz, /readyz) listen address; empty turns it off.
+    /// Kubernetes API access, to name pods in logs and inspection: `auto` uses the in-cluster
+    /// service account when the bridge runs in a pod (watching this node's pods only),
+    /// `off` never does.
+    #[arg(long, value_enum, default_value_t, env = "SVID_BRIDGE_KUBERNETES")]
+    pub kubernetes: KubernetesMode,
+
+    /// With the pod view: post a Kubernetes Event (WaitingForIdentity) on a pod whose
+    /// Envoy has waited this many seconds for a secret; 0: never.
+    #[arg(
+        long,
+        default_value_t = crate::k8s::events::DEFAULT_WAIT_EVENT_AFTER.as_secs(),
+        env = "SVID_BRIDGE_WAIT_EVENT_SECONDS"
+    )]
+    pub wait_event_seconds: u64,
+
+    /// Health endpoints (/healthz, /readyz, /debug/workloads) listen address; empty turns it
+    /// off.
     #[arg(
         long,
         default_value = "127.0.0.1:9989",
@@ -268,6 +285,7 @@ pub struct Config {
     pub csi: Option<CsiConfig>,
     pub metrics_addr: Option<SocketAddr>,
     pub health_addr: Option<SocketAddr>,
+    pub kubernetes: PodViewConfig,
 }
 
 /// What validation needs from the process environment, so tests can supply their own.
@@ -310,6 +328,15 @@ impl RunArgs {
             limits,
         };
         let csi = self.validate_csi(&sds.socket, env)?;
+        let kubernetes = PodViewConfig {
+            mode: self.kubernetes,
+            node_name: match &csi {
+                Some(csi) => Some(csi.node_id.clone()),
+                None => self.node_name(env),
+            },
+            wait_event_after: (self.wait_event_seconds > 0)
+                .then(|| std::time::Duration::from_secs(self.wait_event_seconds)),
+        };
         Ok(Config {
             identity_source: self.identity_source,
             admin_socket,
@@ -318,7 +345,16 @@ impl RunArgs {
             csi,
             metrics_addr: optional_addr("--metrics-addr", &self.metrics_addr)?,
             health_addr: optional_addr("--health-addr", &self.health_addr)?,
+            kubernetes,
         })
+    }
+
+    /// `--node-id`, else the variable `--node-id-env` names; `None` when both are empty.
+    fn node_name(&self, env: &dyn Env) -> Option<String> {
+        self.node_id
+            .clone()
+            .filter(|id| !id.is_empty())
+            .or_else(|| env.var(&self.node_id_env).filter(|id| !id.is_empty()))
     }
 
     fn limits(&self) -> Result<SdsLimits, ConfigError> {
@@ -390,10 +426,7 @@ impl RunArgs {
             &absolute("--kubelet-root", &self.kubelet_root)?,
         )?;
         let node_id = self
-            .node_id
-            .clone()
-            .filter(|id| !id.is_empty())
-            .or_else(|| env.var(&self.node_id_env).filter(|id| !id.is_empty()))
+            .node_name(env)
             .ok_or_else(|| ConfigError::MissingNodeId {
                 env_var: self.node_id_env.clone(),
             })?;
@@ -704,6 +737,41 @@ mod tests {
             }
         );
         assert!(err.to_string().contains("MY_NODE_NAME"));
+    }
+
+    #[test]
+    fn kubernetes_is_auto_by_default_and_knows_the_node_with_or_without_csi() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = MapEnv(HashMap::from([("MY_NODE_NAME", "node-a")]));
+        let config = args(dir.path(), &[]).validate(&env).unwrap();
+        assert_eq!(
+            config.kubernetes,
+            PodViewConfig {
+                mode: KubernetesMode::Auto,
+                node_name: Some("node-a".into()),
+                wait_event_after: Some(std::time::Duration::from_secs(30)),
+            }
+        );
+        let sds_only = args(
+            dir.path(),
+            &[
+                "--csi-socket=",
+                "--kubernetes=off",
+                "--wait-event-seconds=0",
+            ],
+        )
+        .validate(&env)
+        .unwrap();
+        assert_eq!(sds_only.kubernetes.mode, KubernetesMode::Off);
+        assert_eq!(sds_only.kubernetes.node_name.as_deref(), Some("node-a"));
+        assert_eq!(sds_only.kubernetes.wait_event_after, None);
+        let nowhere = args(dir.path(), &["--csi-socket="])
+            .validate(&no_env())
+            .unwrap();
+        assert_eq!(
+            nowhere.kubernetes.node_name, None,
+            "no node name is no error"
+        );
     }
 
     #[test]

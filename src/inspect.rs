@@ -1,11 +1,20 @@
 //! `svid-bridge inspect`: ask an SDS server for secrets exactly as Envoy would (one
 //! `StreamSecrets` stream per name, node on the first request, ACK) and describe what came
 //! back — SPIFFE IDs, trust domains, serials, expiry. Never the key.
+//!
+//! `inspect --pod NAMESPACE/NAME` and `--pid PID` instead read the running bridge's
+//! per-workload report (`/debug/workloads` on its health address) and print what it serves
+//! that workload: SVIDs, trust domains, open streams by name, waits, the last NACK.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::identity::describe::{CertFacts, remaining, rfc3339};
+use crate::identity::source::unix_channel;
+use crate::sds::secrets::SECRET_TYPE_URL;
+use crate::sds::workloads::{WorkloadReport, WorkloadsReport};
+use crate::telemetry::health::{self, WORKLOADS_PATH};
 use envoy_types::pb::envoy::config::core::v3::{DataSource, Node, data_source};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, Secret, SpiffeCertValidatorConfig, secret,
@@ -13,11 +22,6 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use prost::Message;
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
-use x509_parser::time::ASN1Time;
-
-use crate::identity::source::unix_channel;
-use crate::sds::secrets::SECRET_TYPE_URL;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -28,6 +32,19 @@ pub enum InspectError {
     Unreachable { socket: String, reason: String },
     #[error("undecodable secret in the response: {0}")]
     Decode(#[from] prost::DecodeError),
+    #[error(
+        "cannot read the bridge's workload report at {addr}{path}: {reason} (is this the \
+         bridge's --health-addr?)"
+    )]
+    NoReport {
+        addr: String,
+        path: &'static str,
+        reason: String,
+    },
+    #[error("--pod takes NAMESPACE/NAME, got {0:?}")]
+    BadPod(String),
+    #[error("{0}")]
+    NoSuchWorkload(String),
 }
 
 /// What `inspect` found: the description of every name that was served, a line for every
@@ -225,80 +242,163 @@ fn certificates(pem_bytes: &[u8]) -> Vec<Vec<u8>> {
 }
 
 fn describe_cert(der: &[u8]) -> String {
-    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+    let Some(facts) = CertFacts::of_der(der) else {
         return "(unparseable certificate)".into();
     };
-    let uris: Vec<String> = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .filter_map(|n| {
-                    if let GeneralName::URI(u) = n {
-                        Some((*u).to_owned())
-                    } else {
-                        None
-                    }
+    format!(
+        "{}  serial {}  expires {} ({})",
+        facts.id,
+        facts.serial,
+        rfc3339(facts.not_after),
+        remaining(facts.not_after, crate::clock::unix_now())
+    )
+}
+
+/// Which workload `inspect --pod/--pid` asks about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WorkloadFilter {
+    Pod { namespace: String, name: String },
+    Pid(i32),
+}
+
+impl WorkloadFilter {
+    /// `NAMESPACE/NAME`, as `kubectl` prints it.
+    pub fn pod(value: &str) -> Result<Self, InspectError> {
+        match value.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(Self::Pod {
+                    namespace: ns.to_owned(),
+                    name: name.to_owned(),
                 })
-                .collect()
-        })
-        .unwrap_or_default();
-    let id = if uris.is_empty() {
-        cert.subject().to_string()
-    } else {
-        uris.join(",")
-    };
-    let not_after = cert.validity().not_after;
-    let left = not_after.timestamp() - ASN1Time::now().timestamp();
-    let remaining = if left < 0 {
-        format!("expired {} ago", human_duration(-left))
-    } else {
-        format!("in {}", human_duration(left))
-    };
-    format!(
-        "{id}  serial {}  expires {} ({remaining})",
-        serial_hex(cert.raw_serial()),
-        rfc3339(not_after)
-    )
+            }
+            _ => Err(InspectError::BadPod(value.to_owned())),
+        }
+    }
+
+    fn matches(&self, workload: &WorkloadReport) -> bool {
+        match self {
+            Self::Pid(pid) => workload.pid == Some(*pid),
+            Self::Pod { namespace, name } => workload
+                .pod
+                .as_ref()
+                .is_some_and(|p| &p.namespace == namespace && &p.name == name),
+        }
+    }
 }
 
-/// Lowercase hex without separators or leading zero bytes: the form Envoy's `/certs` and
-/// `openssl x509 -serial` show, so the two compare. DER pads a serial whose top bit is set
-/// with a 0x00 byte (a positive INTEGER); that byte is encoding, not part of the number.
-fn serial_hex(raw: &[u8]) -> String {
-    let first = raw
+/// `inspect --pod/--pid`: reads the report from the bridge's health address (blocking; a
+/// local HTTP call) and describes the matching workloads.
+pub fn inspect_workload(
+    health_addr: &str,
+    filter: &WorkloadFilter,
+) -> Result<String, InspectError> {
+    let no_report = |reason: String| InspectError::NoReport {
+        addr: health_addr.to_owned(),
+        path: WORKLOADS_PATH,
+        reason,
+    };
+    let body =
+        health::get_body(health_addr, WORKLOADS_PATH).map_err(|e| no_report(e.to_string()))?;
+    let report: WorkloadsReport = serde_json::from_str(&body)
+        .map_err(|e| no_report(format!("not a workload report: {e}")))?;
+    describe_matching(&report, filter)
+}
+
+fn describe_matching(
+    report: &WorkloadsReport,
+    filter: &WorkloadFilter,
+) -> Result<String, InspectError> {
+    let matching: Vec<&WorkloadReport> = report
+        .workloads
         .iter()
-        .position(|b| *b != 0)
-        .unwrap_or(raw.len().saturating_sub(1));
-    raw[first..].iter().map(|b| format!("{b:02x}")).collect()
+        .filter(|w| filter.matches(w))
+        .collect();
+    if matching.is_empty() {
+        return Err(InspectError::NoSuchWorkload(not_found(report, filter)));
+    }
+    let mut out = String::new();
+    for workload in matching {
+        describe_workload(workload, &mut out);
+    }
+    Ok(out)
 }
 
-/// Certificate times are UTC (RFC 5280 §4.1.2.5), so no offset conversion is needed.
-fn rfc3339(t: ASN1Time) -> String {
-    let t = t.to_datetime();
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
+fn not_found(report: &WorkloadsReport, filter: &WorkloadFilter) -> String {
+    let who = match filter {
+        WorkloadFilter::Pid(pid) => format!("PID {pid}"),
+        WorkloadFilter::Pod { namespace, name } => format!("pod {namespace}/{name}"),
+    };
+    let mut text = format!(
+        "no SDS stream of {who} is open to the bridge (it serves {} workload(s)); is its \
+         Envoy configured with this bridge's socket, and running?",
+        report.workloads.len()
+    );
+    if matches!(filter, WorkloadFilter::Pod { .. }) && !report.pod_view {
+        text.push_str(
+            " The bridge has no pod view (no Kubernetes API access: see --kubernetes), so \
+             it knows workloads by PID only: use --pid.",
+        );
+    }
+    text
 }
 
-/// `1d 3h`, `59m 50s`, `42s`: the two largest units, as an operator reads an expiry.
-fn human_duration(seconds: i64) -> String {
-    let s = seconds.max(0);
-    let (d, h, m, sec) = (s / 86_400, s / 3_600 % 24, s / 60 % 60, s % 60);
-    match (d, h, m) {
-        (0, 0, 0) => format!("{sec}s"),
-        (0, 0, _) => format!("{m}m {sec}s"),
-        (0, _, _) => format!("{h}h {m}m"),
-        _ => format!("{d}d {h}h"),
+fn describe_workload(w: &WorkloadReport, out: &mut String) {
+    let pid = w.pid.map_or_else(|| "-".to_owned(), |p| p.to_string());
+    match &w.pod {
+        Some(pod) => {
+            let container = pod.container.as_deref().unwrap_or("?");
+            let _ = writeln!(
+                out,
+                "pod {}/{}  container {container}  pid {pid}",
+                pod.namespace, pod.name
+            );
+        }
+        None => {
+            let _ = writeln!(out, "pid {pid}  (pod unknown)");
+        }
+    }
+    match w.state.as_str() {
+        "ready" if w.svids.is_empty() => {
+            let _ = writeln!(
+                out,
+                "  no SVID: the agent issues none to this workload (no entry matches it)"
+            );
+        }
+        "ready" => {}
+        "gone" => {
+            let _ = writeln!(out, "  the process has exited");
+        }
+        _ => {
+            let _ = writeln!(out, "  no answer from the SPIRE agent yet");
+        }
+    }
+    for svid in &w.svids {
+        let _ = writeln!(
+            out,
+            "  svid {}  serial {}  expires {} ({})",
+            svid.spiffe_id, svid.serial, svid.expires, svid.expires_in
+        );
+    }
+    if !w.trust_domains.is_empty() {
+        let _ = writeln!(out, "  trust domains: {}", w.trust_domains.join(", "));
+    }
+    for stream in &w.streams {
+        let names = if stream.names.is_empty() {
+            "(all)".to_owned()
+        } else {
+            stream.names.join(", ")
+        };
+        let _ = writeln!(out, "  stream {}: {names}", stream.api);
+        for wait in &stream.waiting {
+            let _ = writeln!(
+                out,
+                "    waiting for {} for {} (since {}): {}",
+                wait.name, wait.waited, wait.since, wait.reason
+            );
+        }
+        if let Some(nack) = &stream.last_nack {
+            let _ = writeln!(out, "    last NACK: {nack}");
+        }
     }
 }
 
@@ -306,26 +406,78 @@ fn human_duration(seconds: i64) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_serial_with_its_top_bit_set_prints_without_the_der_padding_byte() {
-        // DER content of the INTEGER 0xc644bce8: a 0x00 byte keeps it positive.
-        assert_eq!(serial_hex(&[0x00, 0xc6, 0x44, 0xbc, 0xe8]), "c644bce8");
-        assert_eq!(serial_hex(&[0x7f, 0x01]), "7f01");
-        assert_eq!(serial_hex(&[0x00]), "00");
+    fn report() -> WorkloadsReport {
+        use crate::sds::workloads::{PodReport, StreamReport, SvidReport, WaitReport};
+        WorkloadsReport {
+            pod_view: true,
+            pods_on_node: Some(3),
+            workloads: vec![WorkloadReport {
+                pid: Some(42),
+                pod: Some(PodReport {
+                    namespace: "apps".into(),
+                    name: "envoy-a".into(),
+                    container: Some("envoy".into()),
+                }),
+                state: "ready".into(),
+                svids: vec![SvidReport {
+                    spiffe_id: "spiffe://example.org/a".into(),
+                    trust_domain: "example.org".into(),
+                    serial: "c644bce8".into(),
+                    expires: "2026-12-06T16:07:09Z".into(),
+                    expires_in: "in 23h 59m".into(),
+                }],
+                trust_domains: vec!["example.org".into()],
+                streams: vec![StreamReport {
+                    api: "sotw".into(),
+                    names: vec!["default".into(), "spiffe://example.org/b".into()],
+                    waiting: vec![WaitReport {
+                        name: "spiffe://example.org/b".into(),
+                        reason: "the workload holds no SVID with this SPIFFE ID".into(),
+                        since: "2026-12-05T16:07:09Z".into(),
+                        waited: "12s".into(),
+                    }],
+                    last_nack: Some("bad".into()),
+                }],
+            }],
+        }
     }
 
     #[test]
-    fn durations_read_as_an_operator_would() {
-        assert_eq!(human_duration(42), "42s");
-        assert_eq!(human_duration(3_590), "59m 50s");
-        assert_eq!(human_duration(86_399), "23h 59m");
-        assert_eq!(human_duration(2 * 86_400 + 3 * 3_600 + 5), "2d 3h");
+    fn a_workload_is_found_by_pod_or_pid_and_described() {
+        let by_pod = WorkloadFilter::pod("apps/envoy-a").unwrap_or_else(|e| panic!("{e}"));
+        let text = describe_matching(&report(), &by_pod).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            text.starts_with("pod apps/envoy-a  container envoy  pid 42\n"),
+            "{text}"
+        );
+        assert!(text.contains("  svid spiffe://example.org/a  serial c644bce8  expires 2026-12-06T16:07:09Z (in 23h 59m)"), "{text}");
+        assert!(
+            text.contains("  stream sotw: default, spiffe://example.org/b"),
+            "{text}"
+        );
+        assert!(
+            text.contains("    waiting for spiffe://example.org/b for 12s"),
+            "{text}"
+        );
+        assert!(text.contains("    last NACK: bad"), "{text}");
+        let by_pid = describe_matching(&report(), &WorkloadFilter::Pid(42));
+        assert_eq!(by_pid.ok(), Some(text));
     }
 
     #[test]
-    fn dates_are_rfc3339_in_utc() {
-        let t = ASN1Time::from_timestamp(1_796_573_229).unwrap_or_else(|_| ASN1Time::now());
-        assert_eq!(rfc3339(t), "2026-12-06T16:07:09Z");
+    fn an_unknown_workload_says_why_it_may_be_missing() {
+        let mut r = report();
+        let err = describe_matching(&r, &WorkloadFilter::Pid(1)).unwrap_err();
+        assert!(err.to_string().contains("no SDS stream of PID 1"), "{err}");
+        r.pod_view = false;
+        let pod = WorkloadFilter::pod("apps/x").unwrap_or_else(|e| panic!("{e}"));
+        let err = describe_matching(&r, &pod).unwrap_err().to_string();
+        assert!(
+            err.contains("no pod view") && err.contains("--pid"),
+            "{err}"
+        );
+        assert!(WorkloadFilter::pod("nonamespace").is_err());
+        assert!(WorkloadFilter::pod("a/b/c").is_err());
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use svid_bridge::config::{self, LogArgs, ProcessEnv, RunArgs};
+use svid_bridge::inspect::WorkloadFilter;
 
 #[derive(Debug, Parser)]
 #[command(name = "svid-bridge", version = svid_bridge::VERSION, about = "Envoy SDS server and \
@@ -46,7 +47,8 @@ enum Command {
         #[arg(long)]
         live: bool,
     },
-    /// Ask for secrets as Envoy would and print SPIFFE IDs, trust domains, serials, expiry.
+    /// Ask for secrets as Envoy would and print SPIFFE IDs, trust domains, serials, expiry;
+    /// or, with --pod or --pid, what the running bridge serves that workload.
     Inspect {
         /// The SDS socket to ask.
         #[arg(long, default_value = config::DEFAULT_SDS_SOCKET, env = "SVID_BRIDGE_SDS_SOCKET")]
@@ -56,7 +58,22 @@ enum Command {
         timeout: Duration,
         /// Secret names (default, ROOTCA, ALL, a SPIFFE ID, spiffe://<td>); none asks for
         /// everything.
+        #[arg(conflicts_with_all = ["pod", "pid"])]
         names: Vec<String>,
+        /// Instead: what the running bridge serves the pod NAMESPACE/NAME (SVIDs, streams,
+        /// waits, last NACK), read from its health address.
+        #[arg(long, value_name = "NAMESPACE/NAME", conflicts_with = "pid")]
+        pod: Option<String>,
+        /// Instead: what the running bridge serves the process PID.
+        #[arg(long)]
+        pid: Option<i32>,
+        /// The bridge's health endpoint, where --pod and --pid read its workload report.
+        #[arg(
+            long,
+            default_value = "127.0.0.1:9989",
+            env = "SVID_BRIDGE_HEALTH_ADDR"
+        )]
+        health_addr: String,
         #[command(flatten)]
         log: LogArgs,
     },
@@ -90,10 +107,21 @@ fn main() -> ExitCode {
         }
         Command::Run(args) => report(run(args)),
         Command::Inspect {
+            pod: Some(pod),
+            health_addr,
+            ..
+        } => report(inspect_workload(&health_addr, WorkloadFilter::pod(&pod))),
+        Command::Inspect {
+            pid: Some(pid),
+            health_addr,
+            ..
+        } => report(inspect_workload(&health_addr, Ok(WorkloadFilter::Pid(pid)))),
+        Command::Inspect {
             sds_socket,
             timeout,
             names,
             log,
+            ..
         } => report(inspect(sds_socket, timeout, names, log)),
         Command::Healthcheck { health_addr, live } => {
             match svid_bridge::telemetry::health::healthcheck(&health_addr, live) {
@@ -133,6 +161,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .validate(&ProcessEnv)
         .context("invalid configuration")?;
     runtime()?.block_on(svid_bridge::bridge::run(config))?;
+    Ok(())
+}
+
+fn inspect_workload(
+    health_addr: &str,
+    filter: Result<WorkloadFilter, svid_bridge::inspect::InspectError>,
+) -> anyhow::Result<()> {
+    print!(
+        "{}",
+        svid_bridge::inspect::inspect_workload(health_addr, &filter?)?
+    );
     Ok(())
 }
 

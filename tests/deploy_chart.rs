@@ -132,7 +132,35 @@ fn has_arg(args: &[String], arg: &str) -> bool {
 #[test]
 fn chart_renders_with_defaults_and_every_object_decodes_strictly() {
     let r = render_ok(&[]);
-    assert_eq!(r.kinds(), ["CSIDriver", "DaemonSet", "ServiceAccount"]);
+    assert_eq!(
+        r.kinds(),
+        [
+            "CSIDriver",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "DaemonSet",
+            "ServiceAccount"
+        ]
+    );
+
+    // The pod view's least RBAC: read pods, create and patch Events; bound to the bridge's
+    // service account, whose token the pod mounts for it.
+    let role = r.one("ClusterRole");
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+        ])
+    );
+    let binding = r.one("ClusterRoleBinding");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(
+        binding["subjects"],
+        serde_json::json!([{"kind": "ServiceAccount", "name": "svid-bridge", "namespace": "spire-system"}])
+    );
+    assert_eq!(r.pod_spec()["automountServiceAccountToken"], true);
+    assert!(has_arg(&r.args(), "--kubernetes=auto"));
 
     let csi = &r.one("CSIDriver");
     assert_eq!(csi["metadata"]["name"], "csi.spiffe.io");
@@ -292,6 +320,9 @@ fn chart_renders_with_every_toggle_on_and_moved_paths() {
         ]
     );
     let id = "spiffe://prod.example.com/ns/spire-nodes/sa/bridge";
+    // The pod view off: no token, and the bridge told so.
+    assert_eq!(r.pod_spec()["automountServiceAccountToken"], false);
+    assert!(has_arg(&r.args(), "--kubernetes=off"));
 
     // OpenShift: a dedicated SCC, the right to use it, and the CSIDriver profile label.
     let scc = r.one("SecurityContextConstraints");
@@ -401,7 +432,15 @@ fn chart_with_csi_off_serves_sds_only() {
         "--set",
         "metrics.enabled=false",
     ]);
-    assert_eq!(r.kinds(), ["DaemonSet", "ServiceAccount"]);
+    assert_eq!(
+        r.kinds(),
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "DaemonSet",
+            "ServiceAccount"
+        ]
+    );
     let args = r.args();
     assert!(has_arg(&args, "--csi-socket="), "{args:?}");
     assert!(has_arg(&args, "--metrics-addr="), "{args:?}");

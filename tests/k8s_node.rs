@@ -88,6 +88,8 @@ struct Env {
     a: Workload,
     b: Workload,
     c: Workload,
+    /// The bridge's health port (host network): `/debug/workloads`, `inspect --pod`.
+    health_port: u16,
 }
 
 type Scenario = fn(&Env);
@@ -114,6 +116,10 @@ fn k8s_node_scenarios() {
         (
             "third_service_account_is_refused",
             third_service_account_refused,
+        ),
+        (
+            "pod_view_sees_this_node_and_names_envoy_pods",
+            pod_view_names_pods,
         ),
         (
             "volume_without_read_only_gets_the_p1_event",
@@ -269,6 +275,7 @@ fn setup() -> Env {
         a: Workload::new("envoy-a", "a"),
         b: Workload::new("envoy-b", "b"),
         c: Workload::new("envoy-c", "c"),
+        health_port: free_port(),
         cluster,
     };
     wait(&env, "spire-server is healthy", || {
@@ -553,7 +560,18 @@ fn install_chart(env: &mut Env) {
         .args(["--set", "logLevel=debug"])
         // Host network (see start_bridge_pod): ports no other test uses.
         .args(["--set", &format!("metrics.port={}", free_port())])
-        .args(["--set", &format!("health.port={}", free_port())])
+        .args(["--set", &format!("health.port={}", env.health_port)])
+        // The pod view: the chart's in-cluster access, with the API server's loopback address
+        // instead of the `kubernetes` Service's, which nothing routes here (no kube-proxy).
+        .args(["--set-string", "extraEnv[0].name=KUBERNETES_SERVICE_HOST"])
+        .args(["--set-string", "extraEnv[0].value=127.0.0.1"])
+        .args(["--set-string", "extraEnv[1].name=KUBERNETES_SERVICE_PORT"])
+        .args([
+            "--set-string",
+            &format!("extraEnv[1].value={}", env.cluster.api_port()),
+        ])
+        // Events on a waiting pod after 5 s instead of 30 s (pod_view_names_pods).
+        .args(["--set-string", "extraArgs[0]=--wait-event-seconds=5"])
         .arg(manifest_dir().join("charts/svid-bridge"))
         .output()
         .expect("run chart-check");
@@ -918,6 +936,194 @@ fn third_service_account_refused(env: &Env) {
     });
     // ... while b still gets through.
     assert_eq!(call_through(&env.b).map(|r| r.0), Some(200));
+}
+
+/// The bridge's per-workload report, read as `inspect --pod` reads it (host network: the
+/// bridge's loopback is the host's).
+fn workloads_report(env: &Env) -> Option<serde_json::Value> {
+    let addr = format!("127.0.0.1:{}", env.health_port);
+    let body = svid_bridge::telemetry::health::get_body(&addr, "/debug/workloads").ok()?;
+    serde_json::from_str(&body).ok()
+}
+
+/// `svid-bridge inspect ARGS` against the bridge pod's health address, as
+/// `kubectl exec <bridge pod> -- /svid-bridge inspect ARGS` runs it (exec does not work on
+/// the test node, docs/testing.md).
+fn inspect_bridge(env: &Env, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(common::bridge_binary())
+        .arg("inspect")
+        .arg(format!("--health-addr=127.0.0.1:{}", env.health_port))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Names of the pods the API server has, optionally only those bound to `node`.
+fn pod_names(env: &Env, node: Option<&str>) -> Vec<String> {
+    let mut args = vec!["get", "pods", "-A", "-o", "json"];
+    let selector = node.map(|n| format!("spec.nodeName={n}"));
+    if let Some(selector) = &selector {
+        args.extend(["--field-selector", selector.as_str()]);
+    }
+    let v: serde_json::Value = serde_json::from_str(&env.cluster.kubectl(&args)).unwrap();
+    v["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            format!(
+                "{}/{}",
+                p["metadata"]["namespace"].as_str().unwrap_or_default(),
+                p["metadata"]["name"].as_str().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+/// The host PID of the process named `comm` in pod `uid`, found by its cgroup.
+fn host_pid_in_pod(uid: &str, comm: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cgroup = std::fs::read_to_string(e.path().join("cgroup")).ok()?;
+        let name = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        (cgroup.contains(uid) && name.trim() == comm).then_some(pid)
+    })
+}
+
+/// Everything the current bridge pod's container logged (the kubelet's pod log files).
+fn bridge_pod_logs(env: &Env) -> String {
+    let prefix = format!("{BRIDGE_NS}_{}_", current_bridge_pod(env));
+    let mut text = String::new();
+    let Ok(dirs) = std::fs::read_dir(env.cluster.root().join("pod-logs")) else {
+        return text;
+    };
+    for dir in dirs.flatten() {
+        if !dir.file_name().to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        for container in std::fs::read_dir(dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for file in std::fs::read_dir(container.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                text.push_str(&std::fs::read_to_string(file.path()).unwrap_or_default());
+            }
+        }
+    }
+    text
+}
+
+/// The bridge, with the chart's RBAC and nothing else, watches exactly this node's pods and
+/// names the pod and container of a real Envoy's PID: in `inspect --pod` (with the SVID
+/// Envoy holds) and on the log line of a stream that waits for an identity.
+fn pod_view_names_pods(env: &Env) {
+    // A pod bound to another node (no kubelet runs it): the API has it, the view must not.
+    let elsewhere = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "elsewhere", "namespace": APPS_NS},
+        "spec": {"nodeName": "sb-elsewhere", "automountServiceAccountToken": false,
+                 "containers": [{"name": "c", "image": BUSYBOX_IMAGE, "imagePullPolicy": "Never"}]},
+    });
+    env.cluster.apply(&elsewhere.to_string());
+    let held = wait(env, "the pod view holds exactly this node's pods", || {
+        let report = workloads_report(env)?;
+        let held = report["pods_on_node"].as_u64()?;
+        (held == pod_names(env, Some(NODE_NAME)).len() as u64).then_some(held)
+    });
+    let all = pod_names(env, None);
+    assert!(
+        all.contains(&format!("{APPS_NS}/elsewhere")) && (held as usize) < all.len(),
+        "the view holds {held} of {all:?}"
+    );
+    assert!(
+        bridge_pod_logs(env).contains("watching this node's pods"),
+        "the bridge says it watches"
+    );
+
+    // Envoy a: its PID on the host maps to its pod and container.
+    let uid = pod_uid(env, APPS_NS, &env.a.name);
+    let pid = wait(env, "Envoy a's host PID", || host_pid_in_pod(&uid, "envoy"));
+    let pod = format!("{APPS_NS}/{}", env.a.name);
+    let stdout = wait(env, "inspect --pod names Envoy a's container", || {
+        let out = inspect_bridge(env, &["--pod", &pod]);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        stdout
+            .starts_with(&format!("pod {pod}  container envoy  pid {pid}\n"))
+            .then_some(stdout)
+    });
+    let serial = stdout
+        .split(&format!("svid {}  serial ", id(APPS_NS, "a")))
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("a's SVID: {stdout}"));
+    assert!(
+        envoy_cert_serials(&env.a).iter().any(|s| s == serial),
+        "inspect {serial} vs Envoy /certs {:?}",
+        envoy_cert_serials(&env.a)
+    );
+    assert!(stdout.contains("  stream sotw: default\n"), "{stdout}");
+
+    // An Envoy whose service account has no entry waits; the wait's log line names its pod.
+    let w = Workload::new("envoy-waits", "no-entry");
+    envoy_pod(env, &w, &env.a, &id(APPS_NS, "a"), true);
+    let line = wait(env, "the bridge logs the wait with the pod", || {
+        bridge_pod_logs(env)
+            .lines()
+            .find(|l| {
+                l.contains("waiting for a secret that cannot be served yet")
+                    && l.contains(&format!("namespace={APPS_NS}"))
+                    && l.contains(&format!("pod={}", w.name))
+            })
+            .map(str::to_string)
+    });
+    assert!(line.contains("pid="), "{line}");
+    let waits = format!("{APPS_NS}/{}", w.name);
+    wait(env, "inspect --pod lists what it waits for", || {
+        let out = inspect_bridge(env, &["--pod", &waits]);
+        String::from_utf8_lossy(&out.stdout)
+            .contains("    waiting for default for ")
+            .then_some(())
+    });
+    // ... and so does `kubectl describe pod`: one Event series, with the bridge's RBAC.
+    let message = wait(env, "a WaitingForIdentity Event on the pod", || {
+        events_for(&env.cluster, APPS_NS, &w.name)
+            .into_iter()
+            .find(|(reason, _)| reason == "WaitingForIdentity")
+            .map(|(_, message)| message)
+    });
+    assert!(
+        message.contains("the SDS secrets ")
+            && message.contains("default")
+            && message.contains("container envoy (PID "),
+        "{message}"
+    );
+    assert!(
+        message.contains("no SPIRE registration entry matches this pod"),
+        "{message}"
+    );
+    std::thread::sleep(Duration::from_secs(6));
+    let series = events_for(&env.cluster, APPS_NS, &w.name)
+        .into_iter()
+        .filter(|(reason, _)| reason == "WaitingForIdentity")
+        .count();
+    assert_eq!(series, 1, "one Event series per pod");
+
+    env.cluster.kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        APPS_NS,
+        "elsewhere",
+        "--grace-period=0",
+        "--force",
+    ]);
+    env.cluster
+        .kubectl(&["delete", "pod", "-n", APPS_NS, &w.name, "--wait=true"]);
 }
 
 /// The URI SANs of the certificates an Envoy holds (admin /certs).

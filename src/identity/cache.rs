@@ -261,6 +261,13 @@ impl Cache {
         Ok(Subscription { workload, svids })
     }
 
+    /// What `workload`'s streams currently see; `None` when it has no subscription.
+    pub fn svids_of(&self, workload: Workload) -> Option<SvidState> {
+        self.lock()
+            .get(&workload)
+            .map(|entry| entry.state.borrow().clone())
+    }
+
     /// Number of workloads with a live upstream subscription (for metrics and tests).
     pub fn workload_count(&self) -> usize {
         self.lock().len()

@@ -3,6 +3,7 @@
 //! workload among all of that workload's SDS streams.
 
 pub mod cache;
+pub mod describe;
 pub mod metrics;
 pub mod process;
 pub mod source;

@@ -9,6 +9,7 @@ pub mod secrets;
 pub mod service;
 pub mod socket;
 pub mod stream;
+pub mod workloads;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -132,6 +133,17 @@ impl SdsServer {
             proc_root,
             metrics,
         }
+    }
+
+    /// Names callers' pods in stream logs (see [`crate::k8s::Pods`]).
+    pub fn with_pods(mut self, pods: crate::k8s::Pods) -> Self {
+        self.service.set_pods(pods);
+        self
+    }
+
+    /// What `/debug/workloads` reports: this server's streams and the cache's SVIDs.
+    pub fn workloads_reporter(&self) -> workloads::WorkloadsReporter {
+        self.service.workloads_reporter()
     }
 
     /// The server `config` describes.

@@ -19,8 +19,10 @@ use super::response::{DeltaResponse, SotwResponse};
 use super::secrets::{BundleMemo, MemoRef, View, Waiting};
 use super::socket::PeerInfo;
 use super::stream::{DeltaStream, Protocol, Reaction, SotwStream, StreamSettings};
+use super::workloads::{StreamEntry, StreamOwner, StreamRegistry, WorkloadsReporter};
 use crate::identity::types::{SharedBundles, SharedSvids};
 use crate::identity::{Cache, PinnedProcess, Subscription, SvidState, Workload};
+use crate::k8s::{PodRef, Pods};
 
 /// How a caller is mapped to a workload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +41,10 @@ pub struct SdsService {
     shutdown: CancellationToken,
     fetch_timeout: Duration,
     bundle_memo: Arc<BundleMemo>,
+    /// Names callers' pods in logs; off outside Kubernetes.
+    pods: Pods,
+    /// Open streams, for the per-workload report.
+    registry: Arc<StreamRegistry>,
 }
 
 /// Whom a request is answered for.
@@ -59,11 +65,28 @@ impl Caller {
         }
     }
 
-    /// A span for the caller's stream, with `pid` only when it is known.
-    fn stream_span(&self, api: &'static str) -> tracing::Span {
-        let span = tracing::info_span!("sds_stream", pid = tracing::field::Empty, api);
+    /// A span for the caller's stream, with `pid` only when it is known, and its pod
+    /// (namespace, pod, container) when the pod view knows it.
+    fn stream_span(&self, api: &'static str, pod: Option<&PodRef>) -> tracing::Span {
+        let span = tracing::info_span!(
+            "sds_stream",
+            pid = tracing::field::Empty,
+            namespace = tracing::field::Empty,
+            pod = tracing::field::Empty,
+            container = tracing::field::Empty,
+            api
+        );
         if let Some(pid) = self.pid() {
             span.record("pid", pid);
+        }
+        // Display, not the quoted Debug form of a string: `pod=envoy-a` reads (and greps)
+        // like `pid=42` beside it.
+        if let Some(pod) = pod {
+            span.record("namespace", tracing::field::display(&pod.namespace));
+            span.record("pod", tracing::field::display(&pod.name));
+            if let Some(container) = &pod.container {
+                span.record("container", tracing::field::display(container));
+            }
         }
         span
     }
@@ -85,7 +108,29 @@ impl SdsService {
             shutdown,
             fetch_timeout: Duration::from_secs(5),
             bundle_memo: Arc::default(),
+            pods: Pods::off(),
+            registry: Arc::default(),
         }
+    }
+
+    /// The per-workload report over this service's streams.
+    pub fn workloads_reporter(&self) -> WorkloadsReporter {
+        WorkloadsReporter {
+            registry: Arc::clone(&self.registry),
+            cache: Arc::clone(&self.cache),
+            pods: self.pods.clone(),
+        }
+    }
+
+    /// Names callers' pods (from their cgroup and the pod view) in stream logs.
+    pub fn set_pods(&mut self, pods: Pods) {
+        self.pods = pods;
+    }
+
+    /// The caller's pod, looked up once per stream (a cgroup read and a scan of the node's
+    /// pods), never per response.
+    fn pod_of(&self, caller: &Caller) -> Option<PodRef> {
+        self.pods.of_pid(caller.pid()?)
     }
 
     /// The workload behind a request: the process that opened the connection, pinned
@@ -116,14 +161,19 @@ impl SdsService {
         Ok(Caller::Process(Arc::clone(process)))
     }
 
-    fn context(&self, caller: &Caller, api: &'static str) -> Result<StreamContext, Status> {
+    fn context(
+        &self,
+        caller: &Caller,
+        api: &'static str,
+        pod: Option<&PodRef>,
+    ) -> Result<StreamContext, Status> {
         let subscription = match caller {
             Caller::Process(process) => self.cache.subscribe_process(process),
             Caller::Bridge { .. } => self.cache.subscribe(Workload::Bridge),
         };
         let subscription = subscription.map_err(|limit| {
             self.metrics.streams_refused.inc();
-            caller.stream_span(api).in_scope(|| {
+            caller.stream_span(api, pod).in_scope(|| {
                 tracing::warn!(%limit, "refused an SDS stream");
             });
             Status::resource_exhausted(limit.to_string())
@@ -164,9 +214,17 @@ impl SdsService {
         request: Request<Streaming<P::Request>>,
     ) -> Result<Response<ResponseStream<P::Response>>, Status> {
         let caller = self.caller_of(&request)?;
-        let context = self.context(&caller, P::API)?;
-        let span = caller.stream_span(P::API);
+        let pod = self.pod_of(&caller);
+        let context = self.context(&caller, P::API, pod.as_ref())?;
+        let span = caller.stream_span(P::API, pod.as_ref());
+        let record = self.registry.open(StreamOwner {
+            workload: context.subscription.workload(),
+            pid: caller.pid(),
+            pod,
+            api: P::API,
+        });
         let state = StreamState {
+            record,
             context,
             inbound: request.into_inner(),
             protocol: P::new(Arc::clone(&self.settings)),
@@ -188,7 +246,8 @@ impl SdsService {
         request: Request<DiscoveryRequest>,
     ) -> Result<Response<SotwResponse>, Status> {
         let caller = self.caller_of(&request)?;
-        let mut context = self.context(&caller, "fetch")?;
+        let pod = self.pod_of(&caller);
+        let mut context = self.context(&caller, "fetch", pod.as_ref())?;
         let mut stream = SotwStream::new(Arc::clone(&self.settings));
         if let Err(status) = stream.on_request(request.get_ref()) {
             self.metrics.refused.inc();
@@ -336,6 +395,8 @@ async fn next_event<R>(
 
 /// Everything one stream owns; dropped when the client goes away (hyper drops the body).
 struct StreamState<P: Protocol> {
+    /// This stream in the per-workload report.
+    record: StreamEntry,
     context: StreamContext,
     inbound: Streaming<P::Request>,
     protocol: P,
@@ -394,6 +455,9 @@ impl<P: Protocol> StreamState<P> {
             };
             let (response, waiting) = self.protocol.respond(&self.context.view(&snapshot));
             self.context.gauges.set_waiting(!waiting.is_empty());
+            if waiting != self.waits.waiting {
+                self.record.set_waiting(&waiting);
+            }
             self.waits.update(waiting);
             if let Some(response) = response {
                 P::log_push(&response);
@@ -408,8 +472,12 @@ impl<P: Protocol> StreamState<P> {
         match self.protocol.on_request(request) {
             Ok(reaction) => {
                 count_reaction(metrics, &reaction, P::requested_in(request));
+                if let Reaction::Nacked(message) = &reaction {
+                    self.record.set_nack(message);
+                }
                 if let Some(names) = self.protocol.names() {
                     self.context.gauges.set_names(names.values());
+                    self.record.set_names(names.keys());
                 }
                 Ok(())
             }

@@ -1,5 +1,5 @@
-//! `/healthz`, `/readyz` and `/metrics` over HTTP, and the client `svid-bridge healthcheck`
-//! uses.
+//! `/healthz`, `/readyz` and `/metrics` over HTTP, `/debug/workloads` on loopback
+//! addresses only, and the client `svid-bridge healthcheck` and `inspect --pod` use.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -49,11 +49,22 @@ impl Readiness {
     }
 }
 
+/// A JSON document about what the bridge serves, for operators on the node (`inspect
+/// --pod`): served on loopback addresses only, never on the metrics address a cluster
+/// scrapes.
+pub trait DebugReport: Send + Sync + 'static {
+    fn json(&self) -> String;
+}
+
 #[derive(Clone)]
 struct AppState {
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
+    workloads: Option<Arc<dyn DebugReport>>,
 }
+
+/// The path of the per-workload report.
+pub const WORKLOADS_PATH: &str = "/debug/workloads";
 
 async fn healthz() -> &'static str {
     "ok\n"
@@ -79,23 +90,40 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on each address until `shutdown`.
+async fn workloads(State(state): State<AppState>) -> impl IntoResponse {
+    match &state.workloads {
+        Some(report) => (
+            StatusCode::OK,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            report.json(),
+        ),
+        None => (
+            StatusCode::NOT_FOUND,
+            [(axum::http::header::CONTENT_TYPE, "text/plain")],
+            "no workload report\n".to_owned(),
+        ),
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on each address until `shutdown`, and
+/// `workloads` at [`WORKLOADS_PATH`] on the loopback ones.
 pub async fn serve(
     addresses: Vec<SocketAddr>,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
+    workloads: Option<Arc<dyn DebugReport>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(self::metrics))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .with_state(AppState { metrics, readiness });
+    let state = AppState {
+        metrics,
+        readiness,
+        workloads,
+    };
     let mut servers = tokio::task::JoinSet::new();
     for address in addresses {
         let listener = tokio::net::TcpListener::bind(address).await?;
         tracing::info!(%address, "metrics and health endpoints listening");
-        let app = app.clone();
+        let app = router(state.clone(), address.ip().is_loopback());
         let shutdown = shutdown.clone();
         servers.spawn(async move {
             axum::serve(listener, app)
@@ -107,6 +135,21 @@ pub async fn serve(
         result.map_err(std::io::Error::other)??;
     }
     Ok(())
+}
+
+fn router(state: AppState, local: bool) -> Router {
+    let app = Router::new()
+        .route("/metrics", get(self::metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz));
+    // Which pods run where and with which SPIFFE IDs is for operators on the node, not for
+    // whoever can reach the metrics port.
+    let app = if local {
+        app.route(WORKLOADS_PATH, get(self::workloads))
+    } else {
+        app
+    };
+    app.with_state(state)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,11 +166,16 @@ pub enum HealthcheckError {
 
 /// `svid-bridge healthcheck`: asks `/readyz` (or `/healthz` with `live_only`) on `addr`.
 pub fn healthcheck(addr: &str, live_only: bool) -> Result<String, HealthcheckError> {
+    let path = if live_only { "/healthz" } else { "/readyz" };
+    get_body(addr, path)
+}
+
+/// `GET path` on `addr`: the body when the status is 200, else the body as the error.
+pub fn get_body(addr: &str, path: &str) -> Result<String, HealthcheckError> {
     let unreachable = |source| HealthcheckError::Unreachable {
         addr: addr.to_owned(),
         source,
     };
-    let path = if live_only { "/healthz" } else { "/readyz" };
     let socket: SocketAddr = addr.parse().map_err(|_| {
         unreachable(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -153,5 +201,44 @@ pub fn healthcheck(addr: &str, live_only: bool) -> Result<String, HealthcheckErr
         Ok(body)
     } else {
         Err(HealthcheckError::NotReady(body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt as _;
+
+    struct Fixed;
+    impl DebugReport for Fixed {
+        fn json(&self) -> String {
+            "{\"workloads\":[]}".into()
+        }
+    }
+
+    async fn status_of(local: bool, path: &str) -> StatusCode {
+        let state = AppState {
+            metrics: Arc::new(Metrics::new()),
+            readiness: Arc::new(Readiness::new()),
+            workloads: Some(Arc::new(Fixed)),
+        };
+        let request = axum::http::Request::get(path)
+            .body(axum::body::Body::empty())
+            .unwrap_or_else(|e| panic!("{e}"));
+        router(state, local)
+            .oneshot(request)
+            .await
+            .unwrap_or_else(|e| match e {})
+            .status()
+    }
+
+    #[tokio::test]
+    async fn the_workload_report_is_served_on_loopback_addresses_only() {
+        assert_eq!(status_of(true, WORKLOADS_PATH).await, StatusCode::OK);
+        assert_eq!(
+            status_of(false, WORKLOADS_PATH).await,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(status_of(false, "/readyz").await, StatusCode::OK);
     }
 }
