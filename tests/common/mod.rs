@@ -20,6 +20,7 @@
 pub mod bridge;
 pub mod cluster;
 pub mod envoy;
+pub mod k8s_deploy;
 pub mod load;
 pub mod proc;
 pub mod spire;
