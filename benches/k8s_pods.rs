@@ -286,7 +286,7 @@ impl Node {
         let warm = &self.workloads[0];
         let t = self.start_and_wait(&[warm]);
         run.warmup_ms = t[0];
-        self.delete_pods(&[warm.name.clone()]);
+        self.delete_pods(std::slice::from_ref(&warm.name));
 
         let mut running = 0;
         let mut targets: Vec<usize> = rss_at.to_vec();
