@@ -7,9 +7,14 @@
 #                     benches/results/ (BENCHMARKS.md shows them)
 #   make bench-sds    only the SDS comparison   (knobs: BENCH_N, BENCH_REPS, BENCH_SVID_TTL)
 #   make bench-csi    only the CSI comparison   (knobs: BENCH_CSI_CYCLES, BENCH_CSI_MOUNTS)
+#   make bench-k8s    pods on the real test node (tests/common/cluster.rs): pod start → Envoy
+#                     holds its SVID, and the node's memory, svid-bridge vs. spiffe-csi-driver
+#                     + the agent's SDS (knobs: BENCH_K8S_SETUPS, BENCH_K8S_LATENCY_PODS,
+#                     BENCH_K8S_RSS_AT); waits for the node lock like `make test`
 #
-# Needs root (the CSI benchmark bind-mounts inside `unshare -m --propagation private`) and
-# a few GiB of free memory: 1,000 sidecar processes run at the largest N.
+# Needs root (the CSI benchmark bind-mounts inside `unshare -m --propagation private`; the
+# Kubernetes one runs a kubelet) and a few GiB of free memory: 1,000 sidecar processes run at
+# the largest N, 110 Envoy pods in the Kubernetes benchmark.
 
 CARGO ?= cargo
 BENCH_N ?= 100,500,1000
@@ -17,17 +22,22 @@ BENCH_REPS ?= 2
 BENCH_SVID_TTL ?= 3600
 BENCH_CSI_CYCLES ?= 1000
 BENCH_CSI_MOUNTS ?= 10000
+BENCH_K8S_SETUPS ?= bridge,csi
+BENCH_K8S_LATENCY_PODS ?= 50
+BENCH_K8S_RSS_AT ?= 10,50,110
 
 BENCH_SDS_CMD = SB_BENCH_N=$(BENCH_N) SB_BENCH_REPS=$(BENCH_REPS) SB_BENCH_SVID_TTL=$(BENCH_SVID_TTL) \
 	$(CARGO) bench --bench sds_fanout
 BENCH_CSI_CMD = SB_CSI_CYCLES=$(BENCH_CSI_CYCLES) SB_CSI_EXTRA_MOUNTS=$(BENCH_CSI_MOUNTS) \
 	$(CARGO) bench --bench csi_compare
+BENCH_K8S_CMD = SB_K8S_SETUPS=$(BENCH_K8S_SETUPS) SB_K8S_LATENCY_PODS=$(BENCH_K8S_LATENCY_PODS) \
+	SB_K8S_RSS_AT=$(BENCH_K8S_RSS_AT) $(CARGO) bench --bench k8s_pods
 
-.PHONY: bench bench-peers bench-build bench-sds bench-csi
+.PHONY: bench bench-peers bench-build bench-sds bench-csi bench-k8s
 
 bench: bench-peers bench-build
 	@start=$$(date +%s); \
-	$(BENCH_SDS_CMD) && $(BENCH_CSI_CMD); \
+	$(BENCH_SDS_CMD) && $(BENCH_CSI_CMD) && $(BENCH_K8S_CMD); \
 	rc=$$?; echo "bench: measurements took $$(( $$(date +%s) - start )) s; results in benches/results/"; exit $$rc
 
 bench-peers:
@@ -37,10 +47,13 @@ bench-peers:
 # The bench profile is the release profile: `cargo bench` runs target/release/svid-bridge.
 bench-build:
 	$(CARGO) build --release --bin svid-bridge
-	$(CARGO) bench --no-run --bench sds_fanout --bench csi_compare
+	$(CARGO) bench --no-run --bench sds_fanout --bench csi_compare --bench k8s_pods
 
 bench-sds: bench-build
 	$(BENCH_SDS_CMD)
 
 bench-csi: bench-build
 	$(BENCH_CSI_CMD)
+
+bench-k8s: bench-build
+	$(BENCH_K8S_CMD)

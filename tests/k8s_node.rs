@@ -23,30 +23,20 @@ use svid_bridge::testing as common;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::cluster::{BUSYBOX_IMAGE, Cluster, NODE_NAME, events_for, pod_json};
 use common::http;
-use common::{free_port, manifest_dir, peer, wait_until_with};
+use common::k8s_deploy::{
+    self, APPS_NS, BRIDGE_IMAGE, BRIDGE_NS, DRIVER, ENVOY_IMAGE, SPIRE_AGENT_IMAGE, SPIRE_NS,
+    TIMEOUT, config_map, id,
+};
+use common::{free_port, wait_until_with};
 
-const TD: &str = "example.org";
-const APPS_NS: &str = "apps";
-const BRIDGE_NS: &str = "svid-bridge";
-const SPIRE_NS: &str = "spire";
-const BRIDGE_IMAGE: &str = "local.test/svid-bridge:dev";
-const SPIRE_SERVER_IMAGE: &str = "local.test/spire-server:1.13.3";
-const SPIRE_AGENT_IMAGE: &str = "local.test/spire-agent:1.13.3";
-const ENVOY_IMAGE: &str = "local.test/envoy:1.40";
-const DRIVER: &str = "csi.spiffe.io";
 const P1_MESSAGE: &str = "pod.spec.volumes[].csi.readOnly must be set to 'true'";
-const TIMEOUT: Duration = Duration::from_secs(90);
-
-fn id(ns: &str, sa: &str) -> String {
-    format!("spiffe://{TD}/ns/{ns}/sa/{sa}")
-}
 
 /// One Envoy sidecar pod: its ports on the host network.
 #[derive(Clone, Debug)]
@@ -243,7 +233,7 @@ fn wait<T>(env: &Env, what: &str, f: impl FnMut() -> Option<T>) -> T {
 fn setup() -> Env {
     let cluster = Cluster::start();
     let t = Instant::now();
-    import_images(&cluster);
+    k8s_deploy::import_images(&cluster, &common::bridge_binary());
     eprintln!(
         "images built and imported in {:.1}s",
         t.elapsed().as_secs_f64()
@@ -251,25 +241,14 @@ fn setup() -> Env {
     for ns in [SPIRE_NS, BRIDGE_NS, APPS_NS] {
         cluster.ensure_namespace(ns);
     }
-    let spire_dir = cluster.root().join("spire");
-    let agent_sockets = spire_dir.join("agent-sockets");
-    for d in [
-        "server-socket",
-        "server-data",
-        "agent-data",
-        "agent-sockets",
-        "admin-sockets",
-    ] {
-        std::fs::create_dir_all(spire_dir.join(d)).unwrap();
-    }
-    let spire_server_socket = spire_dir.join("server-socket/api.sock");
+    let spire = k8s_deploy::SpireDirs::create(&cluster);
 
     let t = Instant::now();
     let server_port = free_port();
-    start_spire_server(&cluster, &spire_dir, server_port);
+    k8s_deploy::start_spire_server(&cluster, &spire.dir, server_port);
     let mut env = Env {
-        spire_server_socket,
-        agent_sockets,
+        spire_server_socket: spire.server_socket.clone(),
+        agent_sockets: spire.agent_sockets.clone(),
         bridge_pod_template: serde_json::Value::Null,
         bridge_pod_seq: AtomicU64::new(0),
         a: Workload::new("envoy-a", "a"),
@@ -281,16 +260,9 @@ fn setup() -> Env {
     wait(&env, "spire-server is healthy", || {
         spire_server_ok(&env, &["healthcheck"]).then_some(())
     });
-    let token = join_token(&env);
-    start_spire_agent(&env, &spire_dir, server_port, &token);
-    wait(&env, "spire-agent is healthy", || {
-        std::process::Command::new(peer("spire-agent"))
-            .args(["healthcheck", "-socketPath"])
-            .arg(env.agent_sockets.join("spire-agent.sock"))
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-    });
+    let token = k8s_deploy::join_token(&env.spire_server_socket);
+    k8s_deploy::start_spire_agent(&env.cluster, &spire.dir, server_port, &token);
+    k8s_deploy::wait_agent_healthy(&env.cluster, &env.agent_sockets);
     eprintln!(
         "SPIRE server and agent pods healthy in {:.1}s",
         t.elapsed().as_secs_f64()
@@ -298,14 +270,15 @@ fn setup() -> Env {
 
     // Entries: the bridge (an authorized delegate) and three workloads, by namespace and
     // service account, as users write them.
-    create_entry(
-        &env,
+    let server = &env.spire_server_socket;
+    k8s_deploy::create_entry(
+        server,
         &id(BRIDGE_NS, "svid-bridge"),
         BRIDGE_NS,
         "svid-bridge",
     );
     for sa in ["a", "b", "c"] {
-        create_entry(&env, &id(APPS_NS, sa), APPS_NS, sa);
+        k8s_deploy::create_entry(server, &id(APPS_NS, sa), APPS_NS, sa);
     }
 
     let t = Instant::now();
@@ -318,286 +291,19 @@ fn setup() -> Env {
     env
 }
 
-fn import_images(cluster: &Cluster) {
-    cluster.import_image(
-        BRIDGE_IMAGE,
-        &[(common::bridge_binary(), "/svid-bridge")],
-        &["--entrypoint", "/svid-bridge", "--cmd", "run"],
-    );
-    cluster.import_image(
-        SPIRE_SERVER_IMAGE,
-        &[(peer("spire-server"), "/spire-server")],
-        &["--entrypoint", "/spire-server", "--dir", "/tmp"],
-    );
-    cluster.import_image(
-        SPIRE_AGENT_IMAGE,
-        &[(peer("spire-agent"), "/spire-agent")],
-        &["--entrypoint", "/spire-agent", "--dir", "/tmp"],
-    );
-    let envoy = std::fs::canonicalize(peer("envoy")).unwrap();
-    cluster.import_image(
-        ENVOY_IMAGE,
-        &[(envoy, "/usr/local/bin/envoy")],
-        &["--entrypoint", "/usr/local/bin/envoy", "--dir", "/tmp"],
-    );
-}
-
-fn config_map(ns: &str, name: &str, key: &str, value: &str) -> serde_json::Value {
-    serde_json::json!({
-        "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": name, "namespace": ns},
-        "data": {key: value},
-    })
-}
-
-fn host_dir(name: &str, path: &Path) -> serde_json::Value {
-    serde_json::json!({"name": name, "hostPath": {"path": path, "type": "Directory"}})
-}
-
-fn start_spire_server(cluster: &Cluster, dir: &Path, port: u16) {
-    let conf = format!(
-        r#"server {{
-    bind_address = "127.0.0.1"
-    bind_port = "{port}"
-    socket_path = "/run/spire/server-socket/api.sock"
-    trust_domain = "{TD}"
-    data_dir = "/run/spire/data"
-    log_level = "DEBUG"
-    ca_key_type = "ec-p256"
-    experimental {{
-        cache_reload_interval = "1s"
-    }}
-}}
-plugins {{
-    DataStore "sql" {{
-        plugin_data {{
-            database_type = "sqlite3"
-            connection_string = "/run/spire/data/datastore.sqlite3"
-        }}
-    }}
-    NodeAttestor "join_token" {{
-        plugin_data {{}}
-    }}
-    KeyManager "memory" {{
-        plugin_data {{}}
-    }}
-}}
-"#
-    );
-    let pod = serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "spire-server", "namespace": SPIRE_NS, "labels": {"app": "spire-server"}},
-        "spec": {
-            "nodeName": NODE_NAME, "hostNetwork": true, "automountServiceAccountToken": false,
-            "containers": [{
-                "name": "spire-server", "image": SPIRE_SERVER_IMAGE, "imagePullPolicy": "Never",
-                "args": ["run", "-config", "/run/spire/config/server.conf"],
-                "volumeMounts": [
-                    {"name": "config", "mountPath": "/run/spire/config", "readOnly": true},
-                    {"name": "socket", "mountPath": "/run/spire/server-socket"},
-                    {"name": "data", "mountPath": "/run/spire/data"},
-                ],
-            }],
-            "volumes": [
-                {"name": "config", "configMap": {"name": "spire-server"}},
-                host_dir("socket", &dir.join("server-socket")),
-                host_dir("data", &dir.join("server-data")),
-            ],
-        },
-    });
-    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
-        config_map(SPIRE_NS, "spire-server", "server.conf", &conf), pod,
-    ]});
-    cluster.apply(&list.to_string());
-}
-
-fn start_spire_agent(env: &Env, dir: &Path, port: u16, token: &str) {
-    let bridge = id(BRIDGE_NS, "svid-bridge");
-    let conf = format!(
-        r#"agent {{
-    data_dir = "/run/spire/data"
-    log_level = "DEBUG"
-    server_address = "127.0.0.1"
-    server_port = "{port}"
-    socket_path = "/run/spire/agent-sockets/spire-agent.sock"
-    admin_socket_path = "/run/spire/admin-sockets/admin.sock"
-    trust_domain = "{TD}"
-    insecure_bootstrap = true
-    join_token = "{token}"
-    authorized_delegates = ["{bridge}"]
-    experimental {{
-        sync_interval = "1s"
-    }}
-}}
-plugins {{
-    NodeAttestor "join_token" {{
-        plugin_data {{}}
-    }}
-    KeyManager "memory" {{
-        plugin_data {{}}
-    }}
-    WorkloadAttestor "k8s" {{
-        plugin_data {{
-            kubelet_read_only_port = {ro}
-            node_name = "{NODE_NAME}"
-        }}
-    }}
-}}
-"#,
-        ro = env.cluster.kubelet_read_only_port(),
-    );
-    let pod = serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "spire-agent", "namespace": SPIRE_NS, "labels": {"app": "spire-agent"}},
-        "spec": {
-            "nodeName": NODE_NAME, "hostNetwork": true, "hostPID": true,
-            "automountServiceAccountToken": false,
-            "containers": [{
-                "name": "spire-agent", "image": SPIRE_AGENT_IMAGE, "imagePullPolicy": "Never",
-                "args": ["run", "-config", "/run/spire/config/agent.conf"],
-                "volumeMounts": [
-                    {"name": "config", "mountPath": "/run/spire/config", "readOnly": true},
-                    {"name": "data", "mountPath": "/run/spire/data"},
-                    {"name": "agent-sockets", "mountPath": "/run/spire/agent-sockets"},
-                    {"name": "admin-sockets", "mountPath": "/run/spire/admin-sockets"},
-                ],
-            }],
-            "volumes": [
-                {"name": "config", "configMap": {"name": "spire-agent"}},
-                host_dir("data", &dir.join("agent-data")),
-                host_dir("agent-sockets", &dir.join("agent-sockets")),
-                host_dir("admin-sockets", &dir.join("admin-sockets")),
-            ],
-        },
-    });
-    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
-        config_map(SPIRE_NS, "spire-agent", "agent.conf", &conf), pod,
-    ]});
-    env.cluster.apply(&list.to_string());
-}
-
-/// `spire-server ARGS -socketPath <the server pod's socket, on the host>`.
-fn spire_server(env: &Env, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(peer("spire-server"))
-        .args(args)
-        .arg("-socketPath")
-        .arg(&env.spire_server_socket)
-        .output()
-        .expect("run spire-server")
-}
-
 fn spire_server_ok(env: &Env, args: &[&str]) -> bool {
-    spire_server(env, args).status.success()
-}
-
-fn join_token(env: &Env) -> String {
-    let out = spire_server(
-        env,
-        &[
-            "token",
-            "generate",
-            "-spiffeID",
-            &format!("spiffe://{TD}/node"),
-            "-output",
-            "json",
-        ],
-    );
-    assert!(out.status.success(), "token generate: {out:?}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["value"].as_str().unwrap().to_string()
-}
-
-fn create_entry(env: &Env, spiffe_id: &str, ns: &str, sa: &str) {
-    let out = spire_server(
-        env,
-        &[
-            "entry",
-            "create",
-            "-parentID",
-            &format!("spiffe://{TD}/node"),
-            "-spiffeID",
-            spiffe_id,
-            "-selector",
-            &format!("k8s:ns:{ns}"),
-            "-selector",
-            &format!("k8s:sa:{sa}"),
-        ],
-    );
-    assert!(out.status.success(), "entry create {spiffe_id}: {out:?}");
+    k8s_deploy::spire_server(&env.spire_server_socket, args)
+        .status
+        .success()
 }
 
 fn install_chart(env: &mut Env) {
-    let root = env.cluster.root().to_path_buf();
-    let kubelet = env.cluster.kubelet_root();
-    // `helm install`, through Helm's action package (chart-check install).
-    let kubeconfig = env.cluster.kubeconfig().display().to_string();
-    let out = std::process::Command::new(peer("chart-check"))
-        .arg("install")
-        .args(["--kubeconfig", &kubeconfig])
-        .args(["--namespace", BRIDGE_NS, "--release", "svid-bridge"])
-        .args([
-            "--set",
-            "image.registry=local.test",
-            "--set",
-            "image.repository=svid-bridge",
-        ])
-        .args(["--set", "image.tag=dev", "--set", "image.pullPolicy=Never"])
-        .args(["--set", &format!("kubeletPath={}", kubelet.display())])
-        .args([
-            "--set",
-            &format!(
-                "agentSockets.hostPath={}",
-                root.join("spire/agent-sockets").display()
-            ),
-        ])
-        .args([
-            "--set",
-            &format!(
-                "adminSocket.hostDir={}",
-                root.join("spire/admin-sockets").display()
-            ),
-        ])
-        .args(["--set", "logLevel=debug"])
-        // Host network (see start_bridge_pod): ports no other test uses.
-        .args(["--set", &format!("metrics.port={}", free_port())])
-        .args(["--set", &format!("health.port={}", env.health_port)])
-        // The pod view: the chart's in-cluster access, with the API server's loopback address
-        // instead of the `kubernetes` Service's, which nothing routes here (no kube-proxy).
-        .args(["--set-string", "extraEnv[0].name=KUBERNETES_SERVICE_HOST"])
-        .args(["--set-string", "extraEnv[0].value=127.0.0.1"])
-        .args(["--set-string", "extraEnv[1].name=KUBERNETES_SERVICE_PORT"])
-        .args([
-            "--set-string",
-            &format!("extraEnv[1].value={}", env.cluster.api_port()),
-        ])
-        // Events on a waiting pod after 5 s instead of 30 s (pod_view_names_pods).
-        .args(["--set-string", "extraArgs[0]=--wait-event-seconds=5"])
-        .arg(manifest_dir().join("charts/svid-bridge"))
-        .output()
-        .expect("run chart-check");
-    assert!(
-        out.status.success(),
-        "chart-check install: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    // Events on a waiting pod after 5 s instead of 30 s (pod_view_names_pods).
+    env.bridge_pod_template = k8s_deploy::install_chart(
+        &env.cluster,
+        env.health_port,
+        &["--set-string", "extraArgs[0]=--wait-event-seconds=5"],
     );
-    let ds: serde_json::Value = serde_json::from_str(&env.cluster.kubectl(&[
-        "get",
-        "daemonset",
-        "-n",
-        BRIDGE_NS,
-        "svid-bridge",
-        "-o",
-        "json",
-    ]))
-    .unwrap();
-    env.bridge_pod_template = ds["spec"]["template"].clone();
-    env.cluster.kubectl(&[
-        "get",
-        "-n",
-        BRIDGE_NS,
-        "secret/sh.helm.release.v1.svid-bridge.v1",
-    ]);
 }
 
 /// What the DaemonSet controller would create on this node: a pod from the DaemonSet's
@@ -605,30 +311,12 @@ fn install_chart(env: &mut Env) {
 fn start_bridge_pod(env: &Env) -> String {
     let n = env.bridge_pod_seq.fetch_add(1, Ordering::SeqCst);
     let name = format!("svid-bridge-{n}");
-    let mut template = env.bridge_pod_template.clone();
-    let mut spec = template["spec"].take();
-    spec["nodeName"] = serde_json::json!(NODE_NAME);
-    // The test node has no CNI: only host-network pods start (docs/testing.md).
-    spec["hostNetwork"] = serde_json::json!(true);
-    let pod = serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": BRIDGE_NS, "labels": template["metadata"]["labels"].clone()},
-        "spec": spec,
-    });
-    env.cluster.apply(&pod.to_string());
-    wait(env, &format!("bridge pod {name} is Ready"), || {
-        pod_ready(env, BRIDGE_NS, &name).then_some(())
-    });
+    k8s_deploy::start_bridge_pod(&env.cluster, &env.bridge_pod_template, &name);
     name
 }
 
 fn pod_ready(env: &Env, ns: &str, name: &str) -> bool {
-    pod_json(&env.cluster, ns, name).is_some_and(|p| {
-        p["status"]["conditions"].as_array().is_some_and(|c| {
-            c.iter()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True")
-        })
-    })
+    k8s_deploy::pod_ready(&env.cluster, ns, name)
 }
 
 fn current_bridge_pod(env: &Env) -> String {
@@ -641,7 +329,6 @@ fn current_bridge_pod(env: &Env) -> String {
 /// An Envoy pod from envoy/sidecar.yaml: outbound to `upstream` (expecting its SPIFFE ID),
 /// inbound accepting `allowed`.
 fn envoy_pod(env: &Env, w: &Workload, upstream: &Workload, allowed: &str, read_only: bool) {
-    let template = std::fs::read_to_string(manifest_dir().join("envoy/sidecar.yaml")).unwrap();
     let vars: BTreeMap<&str, String> = [
         ("NODE_ID", w.name.clone()),
         ("ADMIN_PORT", w.admin.to_string()),
@@ -655,18 +342,7 @@ fn envoy_pod(env: &Env, w: &Workload, upstream: &Workload, allowed: &str, read_o
     ]
     .into_iter()
     .collect();
-    let mut config = template;
-    for (k, v) in &vars {
-        config = config.replace(&format!("${{{k}}}"), v);
-    }
-    let unreplaced: Vec<&str> = config
-        .lines()
-        .filter(|l| !l.trim_start().starts_with('#') && l.contains("${"))
-        .collect();
-    assert!(
-        unreplaced.is_empty(),
-        "unreplaced variables: {unreplaced:?}"
-    );
+    let config = k8s_deploy::envoy_sidecar_config(&vars);
     let mut csi = serde_json::json!({"driver": DRIVER});
     if read_only {
         csi["readOnly"] = serde_json::json!(true);
@@ -763,18 +439,7 @@ fn csi_target(env: &Env, uid: &str) -> PathBuf {
 // --------------------------------------------------------------------- scenarios ----
 
 fn csinode_drivers(env: &Env) -> Vec<String> {
-    let out = env
-        .cluster
-        .kubectl_output(&["get", "csinode", NODE_NAME, "-o", "json"]);
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
-        return Vec::new();
-    };
-    v["spec"]["drivers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|d| d["name"].as_str().map(str::to_string))
-        .collect()
+    k8s_deploy::csinode_drivers(&env.cluster)
 }
 
 /// The kubelet registered our plugin through plugins_registry: CSINode lists it, and the
@@ -1320,12 +985,7 @@ fn uninstall_leaves_nothing(env: &Env) {
     env.cluster
         .kubectl(&["delete", "pod", "-n", BRIDGE_NS, &bridge, "--wait=true"]);
     // `helm uninstall`, through Helm's action package.
-    let kubeconfig = env.cluster.kubeconfig().display().to_string();
-    let out = std::process::Command::new(peer("chart-check"))
-        .args(["uninstall", "--kubeconfig", &kubeconfig])
-        .args(["--namespace", BRIDGE_NS, "--release", "svid-bridge"])
-        .output()
-        .expect("run chart-check");
+    let out = k8s_deploy::uninstall_chart(&env.cluster);
     assert!(out.status.success(), "chart-check uninstall: {out:?}");
     wait(env, "CSINode no longer lists csi.spiffe.io", || {
         (!csinode_drivers(env).contains(&DRIVER.to_string())).then_some(())

@@ -67,6 +67,7 @@ pub struct Cluster {
     /// Fixed host paths that did not exist before the node started (removed at teardown).
     created_fixed_paths: Vec<PathBuf>,
     kubepods_existed: bool,
+    max_pods: u32,
     _lock: Flock<File>,
     keep: bool,
 }
@@ -243,6 +244,13 @@ impl Cluster {
     /// Node object exists and the `default` namespace has its service account. Takes about
     /// 5-10 s once the binaries are built (`make peers`).
     pub fn start() -> Cluster {
+        // The kubelet's own default.
+        Cluster::start_with_max_pods(110)
+    }
+
+    /// [`Cluster::start`] with the kubelet's `maxPods` set: benches/k8s_pods.rs runs 110
+    /// workload pods beside the SPIFFE components' own pods.
+    pub fn start_with_max_pods(max_pods: u32) -> Cluster {
         let started = Instant::now();
         let lock_file =
             File::create(LOCK_PATH).unwrap_or_else(|e| panic!("create {LOCK_PATH}: {e}"));
@@ -289,6 +297,7 @@ impl Cluster {
             etcd: None,
             created_fixed_paths,
             kubepods_existed,
+            max_pods,
             _lock: lock,
             keep,
         };
@@ -505,6 +514,7 @@ imageGCLowThresholdPercent: 99
 syncFrequency: 5s
 fileCheckFrequency: 5s
 nodeStatusUpdateFrequency: 5s
+maxPods: {max_pods}
 "#,
                 port = free_port(),
                 ro = self.kubelet_read_only_port,
@@ -512,6 +522,7 @@ nodeStatusUpdateFrequency: 5s
                 containerd = self.containerd_socket.display(),
                 plugins = root.join("volume-plugins").display(),
                 pod_logs = root.join("pod-logs").display(),
+                max_pods = self.max_pods,
             ),
         );
         self.start_kubelet_with(&config, &kubelet_kubeconfig);

@@ -26,6 +26,7 @@ pub mod cluster;
 pub mod csi;
 pub mod envoy;
 pub mod http;
+pub mod k8s_deploy;
 pub mod load;
 pub mod metrics;
 pub mod mount_ns;
