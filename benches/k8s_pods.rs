@@ -1,7 +1,7 @@
 //! Pods on a real Kubernetes node (issue #19, item 5): svid-bridge against what it replaces,
 //! spiffe-csi-driver + the SPIRE agent's own SDS server, on the single-node cluster of
-//! tests/common/cluster.rs (etcd, kube-apiserver, containerd, the kubelet) with SPIRE server
-//! and agent as pods, exactly as tests/k8s_node.rs deploys them (tests/common/k8s_deploy.rs).
+//! src/testing/cluster.rs (etcd, kube-apiserver, containerd, the kubelet) with SPIRE server
+//! and agent as pods, exactly as tests/k8s_node.rs deploys them (src/testing/k8s_deploy.rs).
 //!
 //! Two setups, in one run on one node (same etcd, apiserver, kubelet, containerd and SPIRE
 //! server), one after the other (`SB_K8S_SETUPS`, default `bridge,csi`):

@@ -1,4 +1,4 @@
-//! What runs on the test node (tests/common/cluster.rs) besides the workloads: the local
+//! What runs on the test node (src/testing/cluster.rs) besides the workloads: the local
 //! images, SPIRE server and agent as pods (join token, the agent's `k8s` workload attestor on
 //! the kubelet's read-only port, svid-bridge in `authorized_delegates`), registration entries
 //! by namespace and service account, charts/svid-bridge installed through Helm's action
