@@ -60,7 +60,7 @@ use std::time::{Duration, Instant};
 use common::cluster::{Cluster, NODE_NAME};
 use common::http;
 use common::k8s_deploy::{
-    self, APPS_NS, BRIDGE_NS, DRIVER, ENVOY_IMAGE, SPIRE_NS, SpireDirs, config_map, id, wait,
+    self, APPS_NS, BRIDGE_NS, DRIVER, SPIRE_NS, SpireDirs, config_map, id, wait,
 };
 use support::{Summary, env_list, env_num, percentile};
 
@@ -480,28 +480,13 @@ impl Node {
     /// POST of the pod to the apiserver with curl (its start-up is a few ms, where kubectl's
     /// is hundreds on this machine); the ServiceAccount and ConfigMap exist already.
     fn create_pod(&self, w: &Workload) {
-        let pod = serde_json::json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": w.name, "namespace": APPS_NS, "labels": {"app": "k8s-bench"}},
-            "spec": {
-                "nodeName": NODE_NAME, "hostNetwork": true, "serviceAccountName": w.name,
-                "automountServiceAccountToken": false,
-                "terminationGracePeriodSeconds": 2,
-                "containers": [{
-                    "name": "envoy", "image": ENVOY_IMAGE, "imagePullPolicy": "Never",
-                    "args": ["-c", "/etc/envoy/envoy.yaml", "--disable-hot-restart",
-                             "--concurrency", "1", "-l", "info"],
-                    "volumeMounts": [
-                        {"name": "config", "mountPath": "/etc/envoy", "readOnly": true},
-                        {"name": "spiffe", "mountPath": "/spiffe-workload-api", "readOnly": true},
-                    ],
-                }],
-                "volumes": [
-                    {"name": "config", "configMap": {"name": format!("envoy-{}", w.name)}},
-                    {"name": "spiffe", "csi": {"driver": DRIVER, "readOnly": true}},
-                ],
-            },
-        });
+        let pod = k8s_deploy::envoy_pod(
+            &w.name,
+            &w.name,
+            "k8s-bench",
+            &format!("envoy-{}", w.name),
+            serde_json::json!({"driver": DRIVER, "readOnly": true}),
+        );
         let pki = self.cluster.root().join("pki");
         let mut child = Command::new("curl")
             .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])

@@ -359,6 +359,15 @@ mod orchestrator {
 
     pub type Children = Arc<Mutex<Vec<ChildState>>>;
 
+    /// Responses on every stream of every child in (`after`, `until`].
+    pub fn pushes_between(children: &[ChildState], after: u64, until: u64) -> usize {
+        children
+            .iter()
+            .flat_map(|s| s.updates.iter().flatten())
+            .filter(|u| u.0 > after && u.0 <= until)
+            .count()
+    }
+
     /// When each child's `stream` (0 `default`, 1 `ROOTCA`) first answered with content other
     /// than its `baseline` after `since`; how many did; how many children are still live.
     pub fn changes_since(
@@ -1096,16 +1105,7 @@ mod orchestrator {
                     let first = at.iter().flatten().min().copied()?;
                     let last = at.iter().flatten().max().copied()?;
                     let lags = at.iter().flatten().map(|t| ms(t - first)).collect();
-                    let pushes = c
-                        .iter()
-                        .map(|s| {
-                            s.updates
-                                .iter()
-                                .flatten()
-                                .filter(|u| u.0 > t_cmd && u.0 <= last)
-                                .count()
-                        })
-                        .sum();
+                    let pushes = pushes_between(&c, t_cmd, last);
                     return Some(Wave {
                         t_cmd,
                         last,
@@ -1150,16 +1150,7 @@ mod orchestrator {
                     let t0 = reference?.min(first);
                     let last = at.iter().flatten().max().copied()?;
                     let lags = at.iter().flatten().map(|t| ms(t - t0)).collect();
-                    let pushes = c
-                        .iter()
-                        .map(|s| {
-                            s.updates
-                                .iter()
-                                .flatten()
-                                .filter(|u| u.0 > t_cmd && u.0 <= last + 200_000_000)
-                                .count()
-                        })
-                        .sum();
+                    let pushes = pushes_between(&c, t_cmd, last + 200_000_000);
                     return Some(BundleChange {
                         t_cmd,
                         t0,

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use svid_bridge::config::{self, LogArgs, ProcessEnv, RunArgs};
 use svid_bridge::inspect::WorkloadFilter;
 
@@ -36,13 +36,8 @@ enum Command {
     /// Exit 0 when the running bridge is ready (or, with --live, merely alive); else print
     /// why and exit 1.
     Healthcheck {
-        /// The bridge's health endpoint.
-        #[arg(
-            long,
-            default_value = "127.0.0.1:9989",
-            env = "SVID_BRIDGE_HEALTH_ADDR"
-        )]
-        health_addr: String,
+        #[command(flatten)]
+        health: HealthAddr,
         /// Check liveness (/healthz) instead of readiness (/readyz).
         #[arg(long)]
         live: bool,
@@ -67,18 +62,26 @@ enum Command {
         /// Instead: what the running bridge serves the process PID.
         #[arg(long)]
         pid: Option<i32>,
-        /// The bridge's health endpoint, where --pod and --pid read its workload report.
-        #[arg(
-            long,
-            default_value = "127.0.0.1:9989",
-            env = "SVID_BRIDGE_HEALTH_ADDR"
-        )]
-        health_addr: String,
+        #[command(flatten)]
+        health: HealthAddr,
         #[command(flatten)]
         log: LogArgs,
     },
     /// Print the version.
     Version,
+}
+
+/// Where `healthcheck` and `inspect --pod/--pid` reach the running bridge.
+#[derive(Debug, Args)]
+struct HealthAddr {
+    /// The bridge's health endpoint (/readyz, /healthz; --pod and --pid read its
+    /// /debug/workloads report).
+    #[arg(
+        long,
+        default_value = "127.0.0.1:9989",
+        env = "SVID_BRIDGE_HEALTH_ADDR"
+    )]
+    health_addr: String,
 }
 
 fn parse_duration(value: &str) -> Result<Duration, String> {
@@ -108,14 +111,20 @@ fn main() -> ExitCode {
         Command::Run(args) => report(run(args)),
         Command::Inspect {
             pod: Some(pod),
-            health_addr,
+            health,
             ..
-        } => report(inspect_workload(&health_addr, WorkloadFilter::pod(&pod))),
+        } => report(inspect_workload(
+            &health.health_addr,
+            WorkloadFilter::pod(&pod),
+        )),
         Command::Inspect {
             pid: Some(pid),
-            health_addr,
+            health,
             ..
-        } => report(inspect_workload(&health_addr, Ok(WorkloadFilter::Pid(pid)))),
+        } => report(inspect_workload(
+            &health.health_addr,
+            Ok(WorkloadFilter::Pid(pid)),
+        )),
         Command::Inspect {
             sds_socket,
             timeout,
@@ -123,8 +132,8 @@ fn main() -> ExitCode {
             log,
             ..
         } => report(inspect(sds_socket, timeout, names, log)),
-        Command::Healthcheck { health_addr, live } => {
-            match svid_bridge::telemetry::health::healthcheck(&health_addr, live) {
+        Command::Healthcheck { health, live } => {
+            match svid_bridge::telemetry::health::healthcheck(&health.health_addr, live) {
                 Ok(body) => {
                     println!("{body}");
                     ExitCode::SUCCESS

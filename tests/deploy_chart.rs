@@ -668,12 +668,7 @@ fn chart_command_line_serves_a_real_envoy_from_real_spire() {
         .envs(node.env.iter().cloned())
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "inspect: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = common::proc::success_stdout("inspect", &out);
     assert!(
         text.contains("spiffe://example.org/ns/spire-system/sa/svid-bridge"),
         "{text}"

@@ -195,12 +195,7 @@ async fn the_report_shows_each_workloads_svids_streams_waits_and_nacks_and_never
 
     // The CLI prints the same, found by PID; by pod it says why it cannot.
     let out = tokio::task::block_in_place(|| inspect(&health, &["--pid", &envoy_pid.to_string()]));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = common::proc::success_stdout("inspect --pid", &out);
     assert!(
         stdout.starts_with(&format!("pid {envoy_pid}  (pod unknown)\n")),
         "{stdout}"

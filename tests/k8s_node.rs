@@ -349,36 +349,16 @@ fn envoy_pod(env: &Env, w: &Workload, upstream: &Workload, allowed: &str, read_o
     }
     let sa = serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount",
         "metadata": {"name": w.sa, "namespace": APPS_NS}});
-    let pod = serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": w.name, "namespace": APPS_NS, "labels": {"app": w.name}},
-        "spec": {
-            "nodeName": NODE_NAME, "hostNetwork": true, "serviceAccountName": w.sa,
-            "automountServiceAccountToken": false,
-            "terminationGracePeriodSeconds": 2,
-            "containers": [{
-                "name": "envoy", "image": ENVOY_IMAGE, "imagePullPolicy": "Never",
-                "args": ["-c", "/etc/envoy/envoy.yaml", "--disable-hot-restart",
-                         "--concurrency", "1", "-l", "info"],
-                "volumeMounts": [
-                    {"name": "config", "mountPath": "/etc/envoy", "readOnly": true},
-                    {"name": "spiffe", "mountPath": "/spiffe-workload-api", "readOnly": true},
-                ],
-            }],
-            "volumes": [
-                {"name": "config", "configMap": {"name": w.name}},
-                {"name": "spiffe", "csi": csi},
-            ],
-        },
-    });
+    let pod = k8s_deploy::envoy_pod(&w.name, &w.sa, &w.name, &w.name, csi);
     let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
         sa, config_map(APPS_NS, &w.name, "envoy.yaml", &config), pod,
     ]});
     env.cluster.apply(&list.to_string());
 }
 
-/// The serial numbers of the certificates an Envoy holds (admin /certs).
-fn envoy_cert_serials(w: &Workload) -> Vec<String> {
+/// The certificates an Envoy holds, each chain entry of admin /certs (empty when the admin
+/// interface does not answer).
+fn envoy_chain_certs(w: &Workload) -> Vec<serde_json::Value> {
     let Ok(http::HttpResponse {
         status: 200, body, ..
     }) = http::get(w.admin_addr(), "/certs")
@@ -386,14 +366,20 @@ fn envoy_cert_serials(w: &Workload) -> Vec<String> {
         return Vec::new();
     };
     let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-    let mut serials = Vec::new();
-    for c in v["certificates"].as_array().into_iter().flatten() {
-        for chain in c["cert_chain"].as_array().into_iter().flatten() {
-            if let Some(s) = chain["serial_number"].as_str() {
-                serials.push(s.to_string());
-            }
-        }
-    }
+    v["certificates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["cert_chain"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+/// The serial numbers of the certificates an Envoy holds.
+fn envoy_cert_serials(w: &Workload) -> Vec<String> {
+    let mut serials: Vec<String> = envoy_chain_certs(w)
+        .iter()
+        .filter_map(|c| c["serial_number"].as_str().map(str::to_owned))
+        .collect();
     serials.sort();
     serials.dedup();
     serials
@@ -791,26 +777,18 @@ fn pod_view_names_pods(env: &Env) {
         .kubectl(&["delete", "pod", "-n", APPS_NS, &w.name, "--wait=true"]);
 }
 
-/// The URI SANs of the certificates an Envoy holds (admin /certs).
+/// The URI SANs of the certificates an Envoy holds.
 fn envoy_cert_uris(w: &Workload) -> Vec<String> {
-    let Ok(http::HttpResponse {
-        status: 200, body, ..
-    }) = http::get(w.admin_addr(), "/certs")
-    else {
-        return Vec::new();
-    };
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-    let mut uris = Vec::new();
-    for c in v["certificates"].as_array().into_iter().flatten() {
-        for chain in c["cert_chain"].as_array().into_iter().flatten() {
-            for san in chain["subject_alt_names"].as_array().into_iter().flatten() {
-                if let Some(u) = san["uri"].as_str() {
-                    uris.push(u.to_string());
-                }
-            }
-        }
-    }
-    uris
+    envoy_chain_certs(w)
+        .iter()
+        .flat_map(|c| {
+            c["subject_alt_names"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|san| san["uri"].as_str().map(str::to_owned))
+        .collect()
 }
 
 /// The sum of an Envoy's counters whose name ends with `suffix` (admin /stats).

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::bridge::{
     Bridge, SdsStream, Sidecar, request, sds_client, secrets_of, spire_options_for_bridge,
-    start_mtls_pair,
+    start_bridge_for_tester, start_mtls_pair,
 };
 use common::http::KeepAlive;
 use common::load::{
@@ -223,9 +223,7 @@ fn open_file_soft_limit_is_raised_to_the_hard_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_socket_file_is_recreated() {
-    let spire = Spire::start(spire_options_for_bridge("example.org"));
-    spire.register_test_binary("tester");
-    let bridge = Bridge::start(&spire);
+    let (_spire, bridge) = start_bridge_for_tester();
     let socket = bridge.sds_socket();
     let mut stream = SdsStream::open(&socket, request(&["default"]))
         .await

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::bridge::{
     Bridge, SdsStream, request, sds_client, secrets_of, spire_options_for_bridge,
+    start_bridge_for_tester,
 };
 use common::{EntrySpec, Spire, SpireOptions};
 use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
@@ -223,9 +224,7 @@ async fn wildcard_and_fetch_and_trusted_ca_mode() {
 /// keeps serving everyone else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_clear_error_and_breaks_nothing() {
-    let spire = Spire::start(spire_options_for_bridge("example.org"));
-    spire.register_test_binary("tester");
-    let bridge = Bridge::start(&spire);
+    let (spire, bridge) = start_bridge_for_tester();
     let socket = bridge.sds_socket();
 
     let huge = "x".repeat(64 * 1024);
@@ -311,9 +310,7 @@ async fn bad_input_gets_a_clear_error_and_breaks_nothing() {
 /// NACK is the answer to its next real request, not the rejected content again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nack_is_never_answered_with_the_same_content() {
-    let spire = Spire::start(spire_options_for_bridge("example.org"));
-    spire.register_test_binary("tester");
-    let bridge = Bridge::start(&spire);
+    let (_spire, bridge) = start_bridge_for_tester();
     let mut stream = SdsStream::open(&bridge.sds_socket(), request(&["default"]))
         .await
         .unwrap();

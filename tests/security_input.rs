@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::bridge::{
     Bridge, SdsStream, request, sds_client, secrets_of, spire_options_for_bridge,
+    start_bridge_for_tester,
 };
 use common::{Spire, wait_until_with};
 use prost::Message;
@@ -312,9 +313,7 @@ async fn methods_we_do_not_serve_are_unimplemented() {
     use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
     use tonic::codegen::http::uri::PathAndQuery;
 
-    let spire = Spire::start(spire_options_for_bridge("example.org"));
-    spire.register_test_binary("tester");
-    let bridge = Bridge::start(&spire);
+    let (_spire, bridge) = start_bridge_for_tester();
     let socket = bridge.sds_socket();
     for path in [
         "/envoy.service.secret.v3.SecretDiscoveryService/NoSuchMethod",

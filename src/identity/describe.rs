@@ -97,6 +97,24 @@ pub fn human_duration(seconds: i64) -> String {
     }
 }
 
+/// A self-signed certificate whose URI SAN is `spiffe_id` (and serial `serial`, else a random
+/// one), DER, with its PKCS#8 key: unit-test fixtures of the modules that read SVIDs.
+#[cfg(test)]
+pub(crate) fn self_signed_spiffe_cert(
+    spiffe_id: &str,
+    serial: Option<&[u8]>,
+) -> (Vec<u8>, Vec<u8>) {
+    let mut params =
+        rcgen::CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("{e}"));
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        spiffe_id.try_into().unwrap_or_else(|e| panic!("{e:?}")),
+    )];
+    params.serial_number = serial.map(rcgen::SerialNumber::from_slice);
+    let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+    let cert = params.self_signed(&key).unwrap_or_else(|e| panic!("{e}"));
+    (cert.der().to_vec(), key.serialize_der())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,17 +144,9 @@ mod tests {
 
     #[test]
     fn facts_of_a_spiffe_certificate() {
-        let mut params =
-            rcgen::CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("{e}"));
-        params.subject_alt_names = vec![rcgen::SanType::URI(
-            "spiffe://example.org/a"
-                .try_into()
-                .unwrap_or_else(|e| panic!("{e:?}")),
-        )];
-        params.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x00, 0xc6, 0x44]));
-        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
-        let cert = params.self_signed(&key).unwrap_or_else(|e| panic!("{e}"));
-        let facts = CertFacts::of_der(cert.der()).unwrap_or_else(|| panic!("parses"));
+        let (cert, _key) =
+            self_signed_spiffe_cert("spiffe://example.org/a", Some(&[0x00, 0xc6, 0x44]));
+        let facts = CertFacts::of_der(&cert).unwrap_or_else(|| panic!("parses"));
         assert_eq!(facts.id, "spiffe://example.org/a");
         assert_eq!(facts.serial, "c644");
         assert!(CertFacts::of_der(b"not DER").is_none());

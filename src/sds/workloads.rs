@@ -399,21 +399,13 @@ mod tests {
     use crate::identity::types::{PrivateKey, Svid};
 
     fn svids() -> (WorkloadSvids, Vec<u8>) {
-        let mut params =
-            rcgen::CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("{e}"));
-        params.subject_alt_names = vec![rcgen::SanType::URI(
-            "spiffe://example.org/a"
-                .try_into()
-                .unwrap_or_else(|e| panic!("{e:?}")),
-        )];
-        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
-        let cert = params.self_signed(&key).unwrap_or_else(|e| panic!("{e}"));
-        let key_der = key.serialize_der();
+        let (cert, key_der) =
+            crate::identity::describe::self_signed_spiffe_cert("spiffe://example.org/a", None);
         let svids = WorkloadSvids {
             svids: vec![Svid {
                 spiffe_id: "spiffe://example.org/a".into(),
                 trust_domain: "example.org".into(),
-                chain: vec![cert.der().to_vec()],
+                chain: vec![cert],
                 key: PrivateKey::from_pkcs8_der(key_der.clone()),
                 expires_at: unix_now() + 3600,
             }],

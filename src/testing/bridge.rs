@@ -28,6 +28,15 @@ pub fn bridge_spiffe_id(td: &str) -> String {
     format!("spiffe://{td}/svid-bridge")
 }
 
+/// SPIRE for `example.org` with the bridge as an authorized delegate, an entry for this
+/// test binary (`spiffe://example.org/tester`), and the bridge serving.
+pub fn start_bridge_for_tester() -> (Spire, Bridge) {
+    let spire = Spire::start(spire_options_for_bridge("example.org"));
+    spire.register_test_binary("tester");
+    let bridge = Bridge::start(&spire);
+    (spire, bridge)
+}
+
 /// SPIRE options with the bridge as an authorized delegate.
 pub fn spire_options_for_bridge(td: &str) -> SpireOptions {
     SpireOptions {

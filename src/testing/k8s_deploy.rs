@@ -72,6 +72,39 @@ pub fn host_dir(name: &str, path: &Path) -> serde_json::Value {
     serde_json::json!({"name": name, "hostPath": {"path": path, "type": "Directory"}})
 }
 
+/// A SPIRE server or agent pod: `run -config /run/spire/config/<config_file>` from the
+/// ConfigMap named like the pod, and each `(volume, mount path, host directory)`.
+fn spire_pod(
+    name: &str,
+    image: &str,
+    config_file: &str,
+    host_pid: bool,
+    host_dirs: &[(&str, &str, PathBuf)],
+) -> serde_json::Value {
+    let mut mounts = vec![
+        serde_json::json!({"name": "config", "mountPath": "/run/spire/config", "readOnly": true}),
+    ];
+    let mut volumes = vec![serde_json::json!({"name": "config", "configMap": {"name": name}})];
+    for (volume, mount_path, host_path) in host_dirs {
+        mounts.push(serde_json::json!({"name": volume, "mountPath": mount_path}));
+        volumes.push(host_dir(volume, host_path));
+    }
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": SPIRE_NS, "labels": {"app": name}},
+        "spec": {
+            "nodeName": NODE_NAME, "hostNetwork": true, "hostPID": host_pid,
+            "automountServiceAccountToken": false,
+            "containers": [{
+                "name": name, "image": image, "imagePullPolicy": "Never",
+                "args": ["run", "-config", format!("/run/spire/config/{config_file}")],
+                "volumeMounts": mounts,
+            }],
+            "volumes": volumes,
+        },
+    })
+}
+
 /// The host directories SPIRE's pods use, under `<node root>/spire`.
 pub struct SpireDirs {
     pub dir: PathBuf,
@@ -132,27 +165,20 @@ plugins {{
 }}
 "#
     );
-    let pod = serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "spire-server", "namespace": SPIRE_NS, "labels": {"app": "spire-server"}},
-        "spec": {
-            "nodeName": NODE_NAME, "hostNetwork": true, "automountServiceAccountToken": false,
-            "containers": [{
-                "name": "spire-server", "image": SPIRE_SERVER_IMAGE, "imagePullPolicy": "Never",
-                "args": ["run", "-config", "/run/spire/config/server.conf"],
-                "volumeMounts": [
-                    {"name": "config", "mountPath": "/run/spire/config", "readOnly": true},
-                    {"name": "socket", "mountPath": "/run/spire/server-socket"},
-                    {"name": "data", "mountPath": "/run/spire/data"},
-                ],
-            }],
-            "volumes": [
-                {"name": "config", "configMap": {"name": "spire-server"}},
-                host_dir("socket", &dir.join("server-socket")),
-                host_dir("data", &dir.join("server-data")),
-            ],
-        },
-    });
+    let pod = spire_pod(
+        "spire-server",
+        SPIRE_SERVER_IMAGE,
+        "server.conf",
+        false,
+        &[
+            (
+                "socket",
+                "/run/spire/server-socket",
+                dir.join("server-socket"),
+            ),
+            ("data", "/run/spire/data", dir.join("server-data")),
+        ],
+    );
     let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
         config_map(SPIRE_NS, "spire-server", "server.conf", &conf), pod,
     ]});
@@ -196,30 +222,25 @@ plugins {{
 "#,
         ro = cluster.kubelet_read_only_port(),
     );
-    let pod = serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "spire-agent", "namespace": SPIRE_NS, "labels": {"app": "spire-agent"}},
-        "spec": {
-            "nodeName": NODE_NAME, "hostNetwork": true, "hostPID": true,
-            "automountServiceAccountToken": false,
-            "containers": [{
-                "name": "spire-agent", "image": SPIRE_AGENT_IMAGE, "imagePullPolicy": "Never",
-                "args": ["run", "-config", "/run/spire/config/agent.conf"],
-                "volumeMounts": [
-                    {"name": "config", "mountPath": "/run/spire/config", "readOnly": true},
-                    {"name": "data", "mountPath": "/run/spire/data"},
-                    {"name": "agent-sockets", "mountPath": "/run/spire/agent-sockets"},
-                    {"name": "admin-sockets", "mountPath": "/run/spire/admin-sockets"},
-                ],
-            }],
-            "volumes": [
-                {"name": "config", "configMap": {"name": "spire-agent"}},
-                host_dir("data", &dir.join("agent-data")),
-                host_dir("agent-sockets", &dir.join("agent-sockets")),
-                host_dir("admin-sockets", &dir.join("admin-sockets")),
-            ],
-        },
-    });
+    let pod = spire_pod(
+        "spire-agent",
+        SPIRE_AGENT_IMAGE,
+        "agent.conf",
+        true,
+        &[
+            ("data", "/run/spire/data", dir.join("agent-data")),
+            (
+                "agent-sockets",
+                "/run/spire/agent-sockets",
+                dir.join("agent-sockets"),
+            ),
+            (
+                "admin-sockets",
+                "/run/spire/admin-sockets",
+                dir.join("admin-sockets"),
+            ),
+        ],
+    );
     let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
         config_map(SPIRE_NS, "spire-agent", "agent.conf", &conf), pod,
     ]});
@@ -428,4 +449,38 @@ pub fn csinode_drivers(cluster: &Cluster) -> Vec<String> {
         .flatten()
         .filter_map(|d| d["name"].as_str().map(str::to_string))
         .collect()
+}
+
+/// A workload pod: Envoy from `config_map`'s `envoy.yaml` with the SPIFFE CSI volume
+/// (`csi`, e.g. `{"driver": DRIVER, "readOnly": true}`) at `/spiffe-workload-api`, bound to
+/// the node, on the host network, as service account `sa`.
+pub fn envoy_pod(
+    name: &str,
+    sa: &str,
+    app: &str,
+    config_map: &str,
+    csi: serde_json::Value,
+) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": APPS_NS, "labels": {"app": app}},
+        "spec": {
+            "nodeName": NODE_NAME, "hostNetwork": true, "serviceAccountName": sa,
+            "automountServiceAccountToken": false,
+            "terminationGracePeriodSeconds": 2,
+            "containers": [{
+                "name": "envoy", "image": ENVOY_IMAGE, "imagePullPolicy": "Never",
+                "args": ["-c", "/etc/envoy/envoy.yaml", "--disable-hot-restart",
+                         "--concurrency", "1", "-l", "info"],
+                "volumeMounts": [
+                    {"name": "config", "mountPath": "/etc/envoy", "readOnly": true},
+                    {"name": "spiffe", "mountPath": "/spiffe-workload-api", "readOnly": true},
+                ],
+            }],
+            "volumes": [
+                {"name": "config", "configMap": {"name": config_map}},
+                {"name": "spiffe", "csi": csi},
+            ],
+        },
+    })
 }

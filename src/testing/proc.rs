@@ -284,3 +284,16 @@ pub fn fail_with_logs(message: &str, sources: &[&dyn LogSource]) -> ! {
     }
     panic!("{msg}");
 }
+
+/// The stdout of a command that must have succeeded; otherwise panics with `what`, its
+/// status, stdout and stderr.
+pub fn success_stdout(what: &str, out: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
