@@ -646,14 +646,9 @@ fn envoy_holds(admin: u16, spiffe_id: &str) -> bool {
     if !body.contains(spiffe_id) {
         return false;
     }
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-    v["certificates"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|c| c["cert_chain"].as_array().into_iter().flatten())
-        .flat_map(|c| c["subject_alt_names"].as_array().into_iter().flatten())
-        .any(|san| san["uri"].as_str() == Some(spiffe_id))
+    common::envoy::cert_uris(&body)
+        .iter()
+        .any(|uri| uri == spiffe_id)
 }
 
 // ----------------------------------------------------------------------- /proc ----

@@ -356,27 +356,19 @@ fn envoy_pod(env: &Env, w: &Workload, upstream: &Workload, allowed: &str, read_o
     env.cluster.apply(&list.to_string());
 }
 
-/// The certificates an Envoy holds, each chain entry of admin /certs (empty when the admin
-/// interface does not answer).
-fn envoy_chain_certs(w: &Workload) -> Vec<serde_json::Value> {
-    let Ok(http::HttpResponse {
-        status: 200, body, ..
-    }) = http::get(w.admin_addr(), "/certs")
-    else {
-        return Vec::new();
-    };
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-    v["certificates"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|c| c["cert_chain"].as_array().cloned().unwrap_or_default())
-        .collect()
+/// An Envoy's admin /certs body (empty when the admin interface does not answer).
+fn envoy_certs_body(w: &Workload) -> String {
+    match http::get(w.admin_addr(), "/certs") {
+        Ok(http::HttpResponse {
+            status: 200, body, ..
+        }) => body,
+        _ => String::new(),
+    }
 }
 
 /// The serial numbers of the certificates an Envoy holds.
 fn envoy_cert_serials(w: &Workload) -> Vec<String> {
-    let mut serials: Vec<String> = envoy_chain_certs(w)
+    let mut serials: Vec<String> = common::envoy::cert_chain_entries(&envoy_certs_body(w))
         .iter()
         .filter_map(|c| c["serial_number"].as_str().map(str::to_owned))
         .collect();
@@ -779,16 +771,7 @@ fn pod_view_names_pods(env: &Env) {
 
 /// The URI SANs of the certificates an Envoy holds.
 fn envoy_cert_uris(w: &Workload) -> Vec<String> {
-    envoy_chain_certs(w)
-        .iter()
-        .flat_map(|c| {
-            c["subject_alt_names"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
-        .filter_map(|san| san["uri"].as_str().map(str::to_owned))
-        .collect()
+    common::envoy::cert_uris(&envoy_certs_body(w))
 }
 
 /// The sum of an Envoy's counters whose name ends with `suffix` (admin /stats).

@@ -235,3 +235,29 @@ fn escape_regex(s: &str) -> String {
         .replace('|', "%7C")
         .replace('+', "%2B")
 }
+
+/// Every certificate of every chain in an Envoy admin `/certs` body (JSON), as Envoy
+/// describes it (`serial_number`, `subject_alt_names`, …); empty for anything else.
+pub fn cert_chain_entries(certs_json: &str) -> Vec<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_str(certs_json).unwrap_or_default();
+    v["certificates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["cert_chain"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+/// The URI SANs of those certificates.
+pub fn cert_uris(certs_json: &str) -> Vec<String> {
+    cert_chain_entries(certs_json)
+        .iter()
+        .flat_map(|c| {
+            c["subject_alt_names"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|san| san["uri"].as_str().map(str::to_owned))
+        .collect()
+}
