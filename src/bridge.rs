@@ -7,6 +7,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, IdentitySourceKind};
+use crate::csi::pod_mode::PodVolumeHandler;
 use crate::csi::{CsiMetrics, RegistrationReadiness, RegistrationStatus};
 use crate::identity::{Cache, CacheOptions, DelegatedSource, ProcRoot, Source, WorkloadApiSource};
 use crate::sds::{CallerIdentity, SdsError, SdsServer, Serving};
@@ -20,6 +21,8 @@ pub enum BridgeError {
     Sds(#[from] SdsError),
     #[error(transparent)]
     Csi(#[from] crate::csi::CsiError),
+    #[error(transparent)]
+    Pod(#[from] crate::pod::PodError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -71,6 +74,12 @@ pub async fn run(config: Config) -> Result<(), BridgeError> {
             shutdown.clone(),
         ));
     }
+    let pod_volumes = match &config.pod {
+        Some(pod_config) => Some(
+            start_pod_volumes(pod_config, &config, &sds, &pods, &metrics, &shutdown).await?,
+        ),
+        None => None,
+    };
     let workloads: Arc<dyn health::DebugReport> = Arc::new(sds.workloads_reporter());
     let workloads = Some(workloads);
     let sds_task = tokio::spawn(sds.serve(serving_tx, shutdown.clone()));
@@ -86,6 +95,7 @@ pub async fn run(config: Config) -> Result<(), BridgeError> {
             shutdown.clone(),
             registration_tx,
             csi_metrics,
+            pod_volumes,
         ))
     });
 
@@ -192,10 +202,42 @@ async fn start_csi(
     shutdown: CancellationToken,
     registration: watch::Sender<RegistrationStatus>,
     metrics: Arc<CsiMetrics>,
+    pod_volumes: Option<Arc<dyn PodVolumeHandler>>,
 ) -> Result<(), BridgeError> {
-    crate::csi::serve_with_registration(config, sds_serving, shutdown, registration, metrics)
-        .await?;
+    crate::csi::serve_with_pod_volumes(
+        config,
+        sds_serving,
+        shutdown,
+        registration,
+        metrics,
+        pod_volumes,
+    )
+    .await?;
     Ok(())
+}
+
+/// Pod-scoped identity (#15): recovers the volumes published before a restart before the
+/// CSI socket opens, so the kubelet's calls never race the recovery.
+async fn start_pod_volumes(
+    pod_config: &crate::pod::PodConfig,
+    config: &Config,
+    sds: &SdsServer,
+    pods: &crate::k8s::Pods,
+    metrics: &Arc<crate::telemetry::metrics::Metrics>,
+    shutdown: &CancellationToken,
+) -> Result<Arc<dyn PodVolumeHandler>, BridgeError> {
+    let agent = Arc::new(DelegatedSource::new(config.admin_socket.clone()));
+    let volumes = crate::pod::PodVolumes::new(
+        pod_config.clone(),
+        sds.pod_sds(),
+        agent,
+        CacheOptions::default().backoff,
+        pods.clone(),
+        metrics,
+        shutdown.clone(),
+    )?;
+    volumes.recover().await;
+    Ok(volumes)
 }
 
 /// Every SDS connection and every workload's process handle is a file descriptor, and the

@@ -240,6 +240,32 @@ pub struct RunArgs {
     )]
     pub wait_event_seconds: u64,
 
+    /// Pod-scoped identity: CSI volumes with `volumeAttributes: {mode: pod}` get their own
+    /// socket (SPIFFE Workload API + SDS) and, with `files: "true"`, SVID files
+    /// (docs/pod-identity.md). Needs the CSI plugin and the Delegated Identity API.
+    #[arg(long, value_enum, default_value_t, env = "SVID_BRIDGE_POD_MODE")]
+    pub pod_mode: PodModeSwitch,
+
+    /// Where pod-mode volumes' tmpfs mounts and records live; must be on the host
+    /// (Bidirectional in a pod) for volumes to survive a restart.
+    #[arg(long, default_value = crate::pod::DEFAULT_STATE_DIR, env = "SVID_BRIDGE_POD_STATE_DIR")]
+    pub pod_state_dir: PathBuf,
+
+    /// How a pod-mode volume's pod fields are checked: `api` against the pod view (needs
+    /// Kubernetes access), `trust-kubelet` as the kubelet passes them (only with a CSIDriver
+    /// that has podInfoOnMount: true and that nobody else may edit).
+    #[arg(long, value_enum, default_value_t, env = "SVID_BRIDGE_POD_FIELDS")]
+    pub pod_fields: crate::pod::PodFieldCheck,
+
+    /// How long a files volume's first publish waits for its first SVID before failing (the
+    /// kubelet retries).
+    #[arg(
+        long,
+        default_value_t = crate::pod::DEFAULT_PUBLISH_TIMEOUT.as_secs(),
+        env = "SVID_BRIDGE_POD_PUBLISH_TIMEOUT_SECONDS"
+    )]
+    pub pod_publish_timeout_seconds: u64,
+
     /// Health endpoints (/healthz, /readyz, /debug/workloads) listen address; empty turns it
     /// off.
     #[arg(
@@ -276,6 +302,15 @@ pub struct LogArgs {
 }
 
 /// The validated configuration `svid-bridge run` works from.
+/// `--pod-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum PodModeSwitch {
+    /// On whenever the CSI plugin runs with the Delegated Identity API.
+    #[default]
+    On,
+    Off,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub identity_source: IdentitySourceKind,
@@ -286,6 +321,8 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     pub health_addr: Option<SocketAddr>,
     pub kubernetes: PodViewConfig,
+    /// Pod-scoped identity; `None` without CSI, with the Workload API source, or when off.
+    pub pod: Option<crate::pod::PodConfig>,
 }
 
 /// What validation needs from the process environment, so tests can supply their own.
@@ -337,7 +374,21 @@ impl RunArgs {
             wait_event_after: (self.wait_event_seconds > 0)
                 .then(|| std::time::Duration::from_secs(self.wait_event_seconds)),
         };
+        let pod = match (&csi, self.identity_source, self.pod_mode) {
+            (Some(csi), IdentitySourceKind::Delegated, PodModeSwitch::On) => {
+                Some(crate::pod::PodConfig {
+                    state_dir: absolute("--pod-state-dir", &self.pod_state_dir)?,
+                    field_check: self.pod_fields,
+                    publish_timeout: std::time::Duration::from_secs(
+                        self.pod_publish_timeout_seconds.max(1),
+                    ),
+                    node: csi.node_id.clone(),
+                })
+            }
+            _ => None,
+        };
         Ok(Config {
+            pod,
             identity_source: self.identity_source,
             admin_socket,
             agent_socket,

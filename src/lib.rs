@@ -11,12 +11,14 @@ pub mod csi;
 pub mod identity;
 pub mod inspect;
 pub mod k8s;
+pub mod pod;
 pub mod proto;
 pub mod sds;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod uds;
+pub mod workload;
 
 /// The crate version, reported by `svid-bridge version` and CSI `GetPluginInfo`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

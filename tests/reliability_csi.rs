@@ -13,83 +13,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::bridge::{
-    Bridge, SdsStream, request, sds_client, secrets_of, spire_options_for_bridge,
+    Bridge, SdsStream, request, secrets_of, spire_options_for_bridge,
 };
 use common::load::describe;
 use common::{Proc, Spire, wait_until, wait_until_with};
-use csi_support::{mounts_at, mounts_under, publish_request, unpublish_request};
-use svid_bridge::proto::csi::node_client::NodeClient;
-use tonic::transport::Channel;
+use csi_support::{NodeDirs, fetch_default, mounts_at, mounts_under, node_client, publish_request, unpublish_request};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// A simulated node: a kubelet root with `pods/` under /tmp (short paths: the socket is
-/// reached as `<root>/pods/<uid>/volumes/kubernetes.io~csi/<vol>/mount/socket`).
-struct NodeDirs {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-}
-
-impl NodeDirs {
-    fn new() -> NodeDirs {
-        let tmp = tempfile::Builder::new()
-            .prefix("sbk-")
-            .tempdir_in("/tmp")
-            .unwrap();
-        let root = tmp.path().canonicalize().unwrap();
-        std::fs::create_dir_all(root.join("pods")).unwrap();
-        NodeDirs { _tmp: tmp, root }
-    }
-
-    fn csi_socket(&self) -> PathBuf {
-        self.root.join("csi.sock")
-    }
-
-    fn pods(&self) -> PathBuf {
-        self.root.join("pods")
-    }
-
-    /// The CSI flags for `svid-bridge run`.
-    fn args(&self) -> Vec<String> {
-        vec![
-            format!("--csi-socket={}", self.csi_socket().display()),
-            format!("--kubelet-root={}", self.root.display()),
-            "--node-id=node-1".to_owned(),
-        ]
-    }
-
-    /// The kubelet's target for pod `uid`'s inline volume, with the parent it creates.
-    fn target(&self, uid: &str) -> PathBuf {
-        let parent = self
-            .pods()
-            .join(uid)
-            .join("volumes/kubernetes.io~csi/spiffe");
-        std::fs::create_dir_all(&parent).unwrap();
-        parent.join("mount")
-    }
-}
-
-async fn node_client(socket: &Path) -> NodeClient<Channel> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match svid_bridge::csi::connect_uds(socket).await {
-            Ok(channel) => return NodeClient::new(channel),
-            Err(err) if Instant::now() > deadline => {
-                panic!("CSI socket {}: {err}", socket.display())
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-}
-
-/// FetchSecrets `default` through `socket`: the leaf's description (`cert@<id>@…`).
-async fn fetch_default(socket: &Path) -> Result<String, tonic::Status> {
-    let response = sds_client(socket)
-        .fetch_secrets(request(&["default"]))
-        .await?
-        .into_inner();
-    Ok(describe(&secrets_of(&response)[0]))
-}
 
 fn block<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod mount;
 pub mod mountinfo;
 pub mod node;
+pub mod pod_mode;
 pub mod registration;
 pub mod target;
 pub mod validate;
@@ -166,6 +167,18 @@ pub async fn serve_with_registration(
     registration: watch::Sender<RegistrationStatus>,
     telemetry: impl Into<CsiTelemetry>,
 ) -> Result<(), CsiError> {
+    serve_with_pod_volumes(config, sds_serving, shutdown, registration, telemetry, None).await
+}
+
+/// As [`serve_with_registration`], serving pod-mode volumes through `pod_volumes` (#15).
+pub async fn serve_with_pod_volumes(
+    config: CsiConfig,
+    sds_serving: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+    registration: watch::Sender<RegistrationStatus>,
+    telemetry: impl Into<CsiTelemetry>,
+    pod_volumes: Option<Arc<dyn pod_mode::PodVolumeHandler>>,
+) -> Result<(), CsiError> {
     let metrics = match telemetry.into() {
         CsiTelemetry::Registered(metrics) => metrics,
         CsiTelemetry::Registry(registry) => {
@@ -192,6 +205,7 @@ pub async fn serve_with_registration(
         listener,
         csi_stop.clone(),
         metrics,
+        pod_volumes,
     ));
     let result = tokio::select! {
         ended = &mut csi => Err(server_ended(&config.socket, ended)),
@@ -210,13 +224,17 @@ fn serve_csi(
     listener: UnixListener,
     stop: CancellationToken,
     metrics: Arc<CsiMetrics>,
+    pod_volumes: Option<Arc<dyn pod_mode::PodVolumeHandler>>,
 ) -> impl Future<Output = Result<(), tonic::transport::Error>> + Send + 'static {
     let identity = identity::IdentityService::new(
         config.plugin_name.clone(),
         config.mount_dir.clone(),
         sds_serving,
     );
-    let node = node::NodeService::new(config, Arc::clone(&metrics));
+    let node = match pod_volumes {
+        Some(handler) => node::NodeService::with_pod_volumes(config, Arc::clone(&metrics), handler),
+        None => node::NodeService::new(config, Arc::clone(&metrics)),
+    };
     // Undeclared methods (NodeStage/Unstage/Expand, the Controller service) are answered
     // UNIMPLEMENTED by tonic, as the spec asks (N-3).
     Server::builder()

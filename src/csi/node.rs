@@ -13,12 +13,14 @@ use super::CsiConfig;
 use super::locks::{TargetGuard, TargetLocks};
 use super::metrics::CsiMetrics;
 use super::mount::{self, MountError, Published};
+use super::pod_mode::{self, PodPublish, PodVolumeHandler};
 use super::target::{Target, shorten};
 use super::validate;
 use crate::proto::csi::node_server::Node;
 use crate::proto::csi::node_service_capability::{
     Rpc, Type as CapabilityType, rpc::Type as RpcType,
 };
+use crate::proto::csi::volume_capability::AccessType;
 use crate::proto::csi::volume_usage::Unit;
 use crate::proto::csi::{
     NodeGetCapabilitiesRequest, NodeGetCapabilitiesResponse, NodeGetInfoRequest,
@@ -71,6 +73,8 @@ struct Inner {
     pods_dir: PathBuf,
     locks: TargetLocks,
     metrics: Arc<CsiMetrics>,
+    /// Pod-mode volumes (#15); `None` when pod mode is off.
+    pod_volumes: Option<Arc<dyn PodVolumeHandler>>,
 }
 
 impl NodeService {
@@ -86,8 +90,19 @@ impl NodeService {
                 pods_dir: config.pods_dir(),
                 locks: TargetLocks::default(),
                 metrics,
+                pod_volumes: None,
             }),
         }
+    }
+
+    /// Serves pod-mode volumes through `handler` (and advertises VOLUME_MOUNT_GROUP, so the
+    /// kubelet passes the pod's fsGroup).
+    pub fn with_pod_volumes(config: &CsiConfig, metrics: Arc<CsiMetrics>, handler: Arc<dyn PodVolumeHandler>) -> Self {
+        let mut service = Self::new(config, metrics);
+        if let Some(inner) = Arc::get_mut(&mut service.inner) {
+            inner.pod_volumes = Some(handler);
+        }
+        service
     }
 
     async fn publish(
@@ -99,6 +114,9 @@ impl NodeService {
         let target = Target::confine(&req.target_path, &self.inner.pods_dir, "target path")
             .map_err(|err| Status::invalid_argument(err.to_string()))?;
         let guard = self.inner.locks.lock(target.path()).await;
+        if pod_mode::is_pod_mode(&req.volume_context) {
+            return self.publish_pod_volume(req, target, guard).await;
+        }
         let (source, pods_dir) = (&self.inner.mount_dir, &self.inner.pods_dir);
         match locked(guard, || mount::publish(source, pods_dir, &target))? {
             Published::Mounted => {
@@ -108,6 +126,53 @@ impl NodeService {
             // P-11: a kubelet restart republishes every volume; mounting again is what
             // multiplied mounts on spiffe-csi-driver < 0.2.12 (K-3).
             Published::AlreadyMounted => tracing::info!("volume already published"),
+        }
+        Ok(NodePublishVolumeResponse {})
+    }
+
+    /// A pod-mode volume: the handler prepares its own directory (socket, files), which is
+    /// bind-mounted like the shared one. A failed first mount undoes the handler's work.
+    async fn publish_pod_volume(
+        &self,
+        req: NodePublishVolumeRequest,
+        target: Target,
+        guard: TargetGuard,
+    ) -> Result<NodePublishVolumeResponse, Status> {
+        let Some(handler) = &self.inner.pod_volumes else {
+            return Err(Status::failed_precondition(
+                "this volume asks for mode: pod, but svid-bridge runs without pod-scoped \
+                 identity (--pod-mode off, or not the Delegated Identity API)",
+            ));
+        };
+        let volume_mount_group = req
+            .volume_capability
+            .as_ref()
+            .and_then(|c| match &c.access_type {
+                Some(AccessType::Mount(m)) if !m.volume_mount_group.is_empty() => {
+                    Some(m.volume_mount_group.clone())
+                }
+                _ => None,
+            });
+        let volume_id = req.volume_id.clone();
+        let source = handler
+            .publish(PodPublish {
+                volume_id: req.volume_id,
+                target_path: target.path().to_path_buf(),
+                volume_context: req.volume_context,
+                volume_mount_group,
+            })
+            .await?;
+        let pods_dir = &self.inner.pods_dir;
+        match locked(guard, || mount::publish(&source, pods_dir, &target)) {
+            Ok(Published::Mounted) => {
+                self.inner.metrics.published_volumes.inc();
+                tracing::info!(source = %source.display(), "pod-mode volume published");
+            }
+            Ok(Published::AlreadyMounted) => tracing::debug!("pod-mode volume already published"),
+            Err(status) => {
+                handler.unpublish(volume_id).await;
+                return Err(status);
+            }
         }
         Ok(NodePublishVolumeResponse {})
     }
@@ -124,6 +189,9 @@ impl NodeService {
         let done = locked(guard, || mount::unpublish(pods_dir, &target))?;
         if done.unmounted > 0 {
             self.inner.metrics.published_volumes.dec();
+        }
+        if let Some(handler) = &self.inner.pod_volumes {
+            handler.unpublish(req.volume_id.clone()).await;
         }
         match (done.unmounted, done.removed) {
             (0, false) => tracing::info!("volume already unpublished"), // U-6
@@ -144,7 +212,10 @@ impl NodeService {
         // is also what csi-sanity expects for "some/path" (R-2).
         let target = Target::confine(&req.volume_path, &self.inner.pods_dir, "volume path")
             .map_err(|err| Status::not_found(format!("not a published volume: {err}")))?;
-        let (source, pods_dir) = (&self.inner.mount_dir, &self.inner.pods_dir);
+        let pod_source = (self.inner.pod_volumes.as_ref())
+            .and_then(|handler| handler.source_of(&req.volume_id));
+        let source = pod_source.as_ref().unwrap_or(&self.inner.mount_dir);
+        let pods_dir = &self.inner.pods_dir;
         let status = in_place(|| mount::inspect(source, pods_dir, &target)).map_err(to_status)?;
         if status.abnormal {
             tracing::warn!(condition = %status.message, "volume abnormal");
@@ -287,12 +358,15 @@ impl Node for NodeService {
         &self,
         _request: Request<NodeGetCapabilitiesRequest>,
     ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
-        Ok(Response::new(NodeGetCapabilitiesResponse {
-            capabilities: vec![
-                capability(RpcType::VolumeCondition),
-                capability(RpcType::GetVolumeStats),
-            ],
-        }))
+        let mut capabilities = vec![
+            capability(RpcType::VolumeCondition),
+            capability(RpcType::GetVolumeStats),
+        ];
+        // Only with pod mode on, so the shared mode's list stays spiffe's (N-1).
+        if self.inner.pod_volumes.is_some() {
+            capabilities.push(capability(RpcType::VolumeMountGroup));
+        }
+        Ok(Response::new(NodeGetCapabilitiesResponse { capabilities }))
     }
 
     /// N-2: no volume limit, no topology.

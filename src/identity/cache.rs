@@ -127,8 +127,8 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    pub fn workload(&self) -> Workload {
-        self.workload
+    pub fn workload(&self) -> &Workload {
+        &self.workload
     }
 
     pub fn svids(&mut self) -> &mut watch::Receiver<SvidState> {
@@ -217,7 +217,8 @@ impl Cache {
     /// Joins (or starts) the upstream subscription for `workload`, pinning its process
     /// through `proc_root` if it must start one.
     pub fn subscribe(self: &Arc<Self>, workload: Workload) -> Result<Subscription, TooManyStreams> {
-        self.join(workload, || Liveness::of(&self.options.proc_root, workload))
+        let liveness = Liveness::of(&self.options.proc_root, &workload);
+        self.join(workload, || liveness)
     }
 
     /// Joins (or starts) the subscription of a process already pinned (at accept).
@@ -236,7 +237,7 @@ impl Cache {
         liveness: impl FnOnce() -> Liveness,
     ) -> Result<Subscription, TooManyStreams> {
         let mut workloads = self.lock();
-        let svids = match workloads.entry(workload) {
+        let svids = match workloads.entry(workload.clone()) {
             hash_map::Entry::Occupied(mut occupied) => {
                 let entry = occupied.get_mut();
                 let open = entry.state.receiver_count();
@@ -250,7 +251,7 @@ impl Cache {
             hash_map::Entry::Vacant(vacant) => {
                 self.upstream.workloads.inc();
                 let (state, svids) = watch::channel(SvidState::Pending);
-                self.start_supervisor(workload, liveness(), state.clone());
+                self.start_supervisor(workload.clone(), liveness(), state.clone());
                 vacant.insert(Entry {
                     state,
                     generation: 0,
@@ -262,9 +263,9 @@ impl Cache {
     }
 
     /// What `workload`'s streams currently see; `None` when it has no subscription.
-    pub fn svids_of(&self, workload: Workload) -> Option<SvidState> {
+    pub fn svids_of(&self, workload: &Workload) -> Option<SvidState> {
         self.lock()
-            .get(&workload)
+            .get(workload)
             .map(|entry| entry.state.borrow().clone())
     }
 
@@ -283,7 +284,7 @@ impl Cache {
     ) {
         let upstream = Svids {
             source: Arc::clone(&self.source),
-            workload,
+            workload: workload.clone(),
             process,
             clock: Arc::clone(&self.options.clock),
         };
@@ -301,8 +302,8 @@ impl Cache {
                 let unread = supervisor::until_unread(
                     &state,
                     linger,
-                    || generation_of(&cache, workload),
-                    |generation| forget_if_idle(&cache, workload, generation),
+                    || generation_of(&cache, &workload),
+                    |generation| forget_if_idle(&cache, &workload, generation),
                 );
                 tokio::pin!(supervised, unread);
                 tokio::select! {
@@ -324,26 +325,26 @@ impl Cache {
     }
 }
 
-fn generation_of(cache: &Weak<Cache>, workload: Workload) -> Option<u64> {
+fn generation_of(cache: &Weak<Cache>, workload: &Workload) -> Option<u64> {
     let cache = cache.upgrade()?;
     let workloads = cache.lock();
-    workloads.get(&workload).map(|entry| entry.generation)
+    workloads.get(workload).map(|entry| entry.generation)
 }
 
 /// Removes `workload` if no stream joined since `generation` was noted and none is open.
 /// True when the subscription is over (also when the cache itself is gone).
-fn forget_if_idle(cache: &Weak<Cache>, workload: Workload, generation: Option<u64>) -> bool {
+fn forget_if_idle(cache: &Weak<Cache>, workload: &Workload, generation: Option<u64>) -> bool {
     let Some(cache) = cache.upgrade() else {
         return true;
     };
     let mut workloads = cache.lock();
-    let Some(entry) = workloads.get(&workload) else {
+    let Some(entry) = workloads.get(workload) else {
         return true;
     };
     if entry.state.receiver_count() > 0 || Some(entry.generation) != generation {
         return false;
     }
-    workloads.remove(&workload);
+    workloads.remove(workload);
     cache.upstream.workloads.dec();
     tracing::debug!(?workload, "dropped idle workload subscription");
     true
@@ -405,7 +406,7 @@ impl Upstream for Svids {
     fn connect(
         &mut self,
     ) -> BoxFuture<'static, Result<UpstreamStream<WorkloadSvids>, IdentityError>> {
-        self.source.subscribe_svids(self.workload)
+        self.source.subscribe_svids(self.workload.clone())
     }
 
     fn before_connect(&mut self, state: &watch::Sender<SvidState>) -> ControlFlow<()> {
@@ -457,15 +458,16 @@ impl Upstream for Svids {
 /// Whether the workload behind a subscription still runs.
 enum Liveness {
     Process(Arc<PinnedProcess>),
-    /// The bridge's own identity (Workload API mode) lives as long as we do.
+    /// The bridge's own identity (Workload API mode) lives as long as we do; a pod's
+    /// (selectors) as long as its volume holds the subscription.
     Bridge,
 }
 
 impl Liveness {
-    fn of(proc_root: &ProcRoot, workload: Workload) -> Self {
+    fn of(proc_root: &ProcRoot, workload: &Workload) -> Self {
         match workload {
-            Workload::Process(key) => Liveness::Process(Arc::new(proc_root.pin(key))),
-            Workload::Bridge => Liveness::Bridge,
+            Workload::Process(key) => Liveness::Process(Arc::new(proc_root.pin(*key))),
+            Workload::Bridge | Workload::Selectors(_) => Liveness::Bridge,
         }
     }
 

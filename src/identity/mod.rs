@@ -4,14 +4,17 @@
 
 pub mod cache;
 pub mod describe;
+pub mod jwt;
 pub mod metrics;
 pub mod process;
+pub mod selectors;
 pub mod source;
 pub mod supervisor;
 pub mod types;
 
 pub use cache::{Cache, CacheOptions, Subscription, SvidState};
 pub use process::{PinnedProcess, ProcRoot, ProcessKey};
+pub use selectors::{Selector, SelectorSet};
 pub use source::{DelegatedSource, Source, Workload, WorkloadApiSource};
 pub use types::{BundleSet, Svid, WorkloadSvids};
 
@@ -29,7 +32,7 @@ pub enum IdentityError {
     BadDer,
     #[error("not a SPIFFE ID: {0:?}")]
     BadSpiffeId(String),
-    #[error("the Delegated Identity API subscribes by process; no process given")]
+    #[error("the Delegated Identity API subscribes by process or by selectors; neither given")]
     NotAProcess,
 }
 

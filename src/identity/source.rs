@@ -21,18 +21,22 @@ use tonic::{Request, Response, Status};
 
 use super::IdentityError;
 use super::process::ProcessKey;
+use super::selectors::SelectorSet;
 use super::types::{
     BundleSet, PrivateKey, Svid, WorkloadSvids, split_der_certificates, trust_domain_name,
     trust_domain_of,
 };
 
 /// Who an upstream subscription is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Workload {
     /// A workload process on this node, attested by the agent from its PID.
     Process(ProcessKey),
     /// The bridge itself (Workload API mode): every caller gets the bridge's identity.
     Bridge,
+    /// A pod, by the selectors of its pod-mode CSI volume (PI-4: the agent takes them as
+    /// attested; the bridge verified them, `pod::verify`).
+    Selectors(SelectorSet),
 }
 
 pub type SvidStream = BoxStream<'static, Result<WorkloadSvids, IdentityError>>;
@@ -111,12 +115,17 @@ impl Source for DelegatedSource {
     ) -> BoxFuture<'static, Result<SvidStream, IdentityError>> {
         let agent = self.agent.clone();
         Box::pin(async move {
-            let Workload::Process(process) = workload else {
-                return Err(IdentityError::NotAProcess);
-            };
-            let request = SubscribeToX509sviDsRequest {
-                selectors: Vec::new(),
-                pid: process.pid,
+            // PI-2/PI-3: selectors or a PID, never both.
+            let request = match workload {
+                Workload::Process(process) => SubscribeToX509sviDsRequest {
+                    selectors: Vec::new(),
+                    pid: process.pid,
+                },
+                Workload::Selectors(selectors) => SubscribeToX509sviDsRequest {
+                    selectors: selectors.to_proto(),
+                    pid: 0,
+                },
+                Workload::Bridge => return Err(IdentityError::NotAProcess),
             };
             let stream: Streaming<SubscribeToX509sviDsResponse> =
                 subscribe(agent, SUBSCRIBE_TO_X509_SVIDS, request)

@@ -7,7 +7,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodSpec};
 use kube::runtime::reflector::Store;
 
 use super::cgroup::{self, PodCgroup};
@@ -111,6 +111,13 @@ impl Pods {
             .and_then(|pod| pod.metadata.uid.clone())
     }
 
+    /// The pod with `uid`, if the view holds it (for verifying a pod-mode volume's fields).
+    pub fn by_uid(&self, uid: &str) -> Option<Arc<Pod>> {
+        let view = self.view.as_ref()?;
+        view.store
+            .find(|pod| pod.metadata.uid.as_deref() == Some(uid))
+    }
+
     /// How many pods the view holds (0 when off).
     pub fn len(&self) -> usize {
         self.view.as_ref().map_or(0, |view| view.store.len())
@@ -162,13 +169,18 @@ fn runtime_id(status: &ContainerStatus) -> Option<&str> {
     Some(id.split_once("://").map_or(id, |(_, id)| id))
 }
 
-/// What the pod view keeps of a pod: its names, UID, labels and owners (for later
-/// selectors) and its container statuses. The spec and the server-side apply bookkeeping
+/// What the pod view keeps of a pod: its names, UID, labels and owners (pod-mode
+/// selectors, PI-21), its service account and node (verifying a pod-mode volume's fields)
+/// and its container statuses. The rest of the spec and the server-side apply bookkeeping
 /// are most of a pod's size and are never read.
 pub fn slim(pod: &mut Pod) {
     pod.metadata.managed_fields = None;
     pod.metadata.annotations = None;
-    pod.spec = None;
+    pod.spec = pod.spec.take().map(|spec| PodSpec {
+        service_account_name: spec.service_account_name,
+        node_name: spec.node_name,
+        ..PodSpec::default()
+    });
     if let Some(status) = pod.status.as_mut() {
         status.conditions = None;
         status.pod_ips = None;
@@ -338,7 +350,9 @@ mod tests {
     fn slimming_keeps_what_lookups_read() {
         let mut p = pod("apps", "envoy-a", UID, CID);
         slim(&mut p);
-        assert!(p.spec.is_none() && p.metadata.managed_fields.is_none());
+        assert!(p.metadata.managed_fields.is_none());
+        let spec = p.spec.as_ref().unwrap();
+        assert!(spec.containers.is_empty() && spec.volumes.is_none());
         assert!(p.metadata.annotations.is_none());
         assert_eq!(
             pod_ref(&p, Some(CID)),

@@ -99,6 +99,62 @@ pub enum SdsError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// Builds the SDS half of a pod-mode volume's socket (#15): the node server's settings,
+/// with every caller on that socket being the pod.
+#[derive(Clone)]
+pub struct PodSds {
+    cache: Arc<Cache>,
+    settings: StreamSettings,
+    limits: SdsLimits,
+    metrics: Arc<SdsMetrics>,
+    proc_root: ProcRoot,
+    service: service::SharedParts,
+}
+
+impl PodSds {
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    /// The SDS gRPC service for the pod `pod` with `selectors`.
+    pub fn service_for(
+        &self,
+        selectors: crate::identity::SelectorSet,
+        pod: crate::k8s::PodRef,
+        shutdown: CancellationToken,
+    ) -> grpc::SdsGrpc {
+        let service = SdsService::new(
+            Arc::clone(&self.cache),
+            self.settings.clone(),
+            CallerIdentity::Pod { selectors, pod },
+            Arc::clone(&self.metrics),
+            shutdown,
+        )
+        .sharing(&self.service);
+        grpc::SdsGrpc::new(service, self.limits.max_request_bytes)
+    }
+
+    /// Binds `path` (re-bound if removed, as the node socket is) and yields its connections.
+    pub fn listen(
+        &self,
+        path: std::path::PathBuf,
+        shutdown: CancellationToken,
+    ) -> Result<
+        tokio_stream::wrappers::ReceiverStream<std::io::Result<socket::Connection>>,
+        UdsError,
+    > {
+        let limit = socket::ConnectionLimit {
+            max: self.limits.max_connections,
+            metrics: Arc::clone(&self.metrics),
+        };
+        socket::serve(path, self.proc_root.clone(), limit, shutdown)
+    }
+
+    pub fn max_streams_per_connection(&self) -> u32 {
+        self.limits.max_streams_per_connection
+    }
+}
+
 pub struct SdsServer {
     pub socket: PathBuf,
     pub service: SdsService,
@@ -139,6 +195,19 @@ impl SdsServer {
     pub fn with_pods(mut self, pods: crate::k8s::Pods) -> Self {
         self.service.set_pods(pods);
         self
+    }
+
+    /// What a pod-mode volume's socket needs to serve SDS as this server does: the same
+    /// cache, stream settings, limits, metrics and per-workload report.
+    pub fn pod_sds(&self) -> PodSds {
+        PodSds {
+            cache: self.service.cache(),
+            settings: self.service.settings(),
+            limits: self.limits,
+            metrics: Arc::clone(&self.metrics),
+            proc_root: self.proc_root.clone(),
+            service: self.service.shared_parts(),
+        }
     }
 
     /// What `/debug/workloads` reports: this server's streams and the cache's SVIDs.

@@ -21,16 +21,19 @@ use super::socket::PeerInfo;
 use super::stream::{DeltaStream, Protocol, Reaction, SotwStream, StreamSettings};
 use super::workloads::{StreamEntry, StreamOwner, StreamRegistry, WorkloadsReporter};
 use crate::identity::types::{SharedBundles, SharedSvids};
-use crate::identity::{Cache, PinnedProcess, Subscription, SvidState, Workload};
+use crate::identity::{Cache, PinnedProcess, SelectorSet, Subscription, SvidState, Workload};
 use crate::k8s::{PodRef, Pods};
 
 /// How a caller is mapped to a workload.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CallerIdentity {
     /// By the connecting process (Delegated Identity API).
     Process,
     /// Everyone gets the bridge's own identity (Workload API mode).
     Bridge,
+    /// Everyone on this socket is the pod whose pod-mode volume holds it: the mount is the
+    /// identity, no PID attestation (#15).
+    Pod { selectors: SelectorSet, pod: PodRef },
 }
 
 pub struct SdsService {
@@ -47,6 +50,14 @@ pub struct SdsService {
     registry: Arc<StreamRegistry>,
 }
 
+/// See [`SdsService::shared_parts`].
+#[derive(Clone)]
+pub struct SharedParts {
+    bundle_memo: Arc<BundleMemo>,
+    pods: Pods,
+    registry: Arc<StreamRegistry>,
+}
+
 /// Whom a request is answered for.
 enum Caller {
     /// The process that opened the connection, pinned at accept.
@@ -54,6 +65,12 @@ enum Caller {
     /// Served the bridge's own identity (Workload API mode); the peer's PID, when the socket
     /// gave one, is still what an operator needs to find the caller in the logs.
     Bridge { peer_pid: Option<i32> },
+    /// A pod, on its own volume's socket.
+    Pod {
+        selectors: SelectorSet,
+        pod: PodRef,
+        peer_pid: Option<i32>,
+    },
 }
 
 impl Caller {
@@ -61,7 +78,7 @@ impl Caller {
     fn pid(&self) -> Option<i32> {
         match self {
             Caller::Process(process) => Some(process.key().pid),
-            Caller::Bridge { peer_pid } => *peer_pid,
+            Caller::Bridge { peer_pid } | Caller::Pod { peer_pid, .. } => *peer_pid,
         }
     }
 
@@ -113,6 +130,31 @@ impl SdsService {
         }
     }
 
+    pub fn cache(&self) -> Arc<Cache> {
+        Arc::clone(&self.cache)
+    }
+
+    pub fn settings(&self) -> StreamSettings {
+        (*self.settings).clone()
+    }
+
+    /// What pod sockets' services share with this one: the bundle memo, the pod view and
+    /// the stream registry (so `/debug/workloads` lists pod-mode streams too).
+    pub fn shared_parts(&self) -> SharedParts {
+        SharedParts {
+            bundle_memo: Arc::clone(&self.bundle_memo),
+            pods: self.pods.clone(),
+            registry: Arc::clone(&self.registry),
+        }
+    }
+
+    pub fn sharing(mut self, parts: &SharedParts) -> Self {
+        self.bundle_memo = Arc::clone(&parts.bundle_memo);
+        self.pods = parts.pods.clone();
+        self.registry = Arc::clone(&parts.registry);
+        self
+    }
+
     /// The per-workload report over this service's streams.
     pub fn workloads_reporter(&self) -> WorkloadsReporter {
         WorkloadsReporter {
@@ -130,6 +172,9 @@ impl SdsService {
     /// The caller's pod, looked up once per stream (a cgroup read and a scan of the node's
     /// pods), never per response.
     fn pod_of(&self, caller: &Caller) -> Option<PodRef> {
+        if let Caller::Pod { pod, .. } = caller {
+            return Some(pod.clone());
+        }
         self.pods.of_pid(caller.pid()?)
     }
 
@@ -137,12 +182,25 @@ impl SdsService {
     /// when the connection was accepted (A-2, A-4, DI-4).
     fn caller_of<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         let peer = request.extensions().get::<PeerInfo>();
-        if self.caller_identity == CallerIdentity::Bridge {
-            let peer_pid = peer
-                .and_then(|p| p.uds.peer_cred)
+        let peer_pid = || {
+            peer.and_then(|p| p.uds.peer_cred)
                 .and_then(|cred| cred.pid())
-                .filter(|pid| *pid > 0);
-            return Ok(Caller::Bridge { peer_pid });
+                .filter(|pid| *pid > 0)
+        };
+        match &self.caller_identity {
+            CallerIdentity::Process => {}
+            CallerIdentity::Bridge => {
+                return Ok(Caller::Bridge {
+                    peer_pid: peer_pid(),
+                });
+            }
+            CallerIdentity::Pod { selectors, pod } => {
+                return Ok(Caller::Pod {
+                    selectors: selectors.clone(),
+                    pod: pod.clone(),
+                    peer_pid: peer_pid(),
+                });
+            }
         }
         let peer =
             peer.ok_or_else(|| Status::internal("no peer information on this connection"))?;
@@ -170,6 +228,9 @@ impl SdsService {
         let subscription = match caller {
             Caller::Process(process) => self.cache.subscribe_process(process),
             Caller::Bridge { .. } => self.cache.subscribe(Workload::Bridge),
+            Caller::Pod { selectors, .. } => {
+                self.cache.subscribe(Workload::Selectors(selectors.clone()))
+            }
         };
         let subscription = subscription.map_err(|limit| {
             self.metrics.streams_refused.inc();
@@ -218,7 +279,7 @@ impl SdsService {
         let context = self.context(&caller, P::API, pod.as_ref())?;
         let span = caller.stream_span(P::API, pod.as_ref());
         let record = self.registry.open(StreamOwner {
-            workload: context.subscription.workload(),
+            workload: context.subscription.workload().clone(),
             pid: caller.pid(),
             pod,
             api: P::API,

@@ -207,14 +207,14 @@ impl WorkloadsReporter {
         for record in self.registry.records() {
             by_workload
                 .entry(format!("{:?} {:?}", record.workload, record.pid))
-                .or_insert_with(|| (record.workload, Vec::new()))
+                .or_insert_with(|| (record.workload.clone(), Vec::new()))
                 .1
                 .push(record);
         }
         let mut workloads: Vec<WorkloadReport> = by_workload
             .into_values()
             .map(|(workload, streams)| {
-                let mut report = workload_report(self.cache.svids_of(workload), streams, now);
+                let mut report = workload_report(self.cache.svids_of(&workload), streams, now);
                 self.complete_pod(&mut report);
                 report
             })

@@ -3,7 +3,7 @@
 
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::CsiConfig;
 use crate::csi::{self, CsiError, RegistrationStatus};
@@ -300,3 +300,73 @@ pub async fn register_as_kubelet(
         .expect("NotifyRegistrationStatus");
     info
 }
+/// A simulated node: a kubelet root with `pods/` under /tmp (short paths: the socket is
+/// reached as `<root>/pods/<uid>/volumes/kubernetes.io~csi/<vol>/mount/socket`).
+pub struct NodeDirs {
+    _tmp: tempfile::TempDir,
+    pub root: PathBuf,
+}
+
+impl NodeDirs {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> NodeDirs {
+        let tmp = tempfile::Builder::new()
+            .prefix("sbk-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        std::fs::create_dir_all(root.join("pods")).unwrap();
+        NodeDirs { _tmp: tmp, root }
+    }
+
+    pub fn csi_socket(&self) -> PathBuf {
+        self.root.join("csi.sock")
+    }
+
+    pub fn pods(&self) -> PathBuf {
+        self.root.join("pods")
+    }
+
+    /// The CSI flags for `svid-bridge run`.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            format!("--csi-socket={}", self.csi_socket().display()),
+            format!("--kubelet-root={}", self.root.display()),
+            "--node-id=node-1".to_owned(),
+        ]
+    }
+
+    /// The kubelet's target for pod `uid`'s inline volume, with the parent it creates.
+    pub fn target(&self, uid: &str) -> PathBuf {
+        let parent = self
+            .pods()
+            .join(uid)
+            .join("volumes/kubernetes.io~csi/spiffe");
+        std::fs::create_dir_all(&parent).unwrap();
+        parent.join("mount")
+    }
+}
+
+pub async fn node_client(socket: &Path) -> NodeClient<Channel> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match crate::csi::connect_uds(socket).await {
+            Ok(channel) => return NodeClient::new(channel),
+            Err(err) if Instant::now() > deadline => {
+                panic!("CSI socket {}: {err}", socket.display())
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// FetchSecrets `default` through `socket`: the leaf's description (`cert@<id>@…`).
+pub async fn fetch_default(socket: &Path) -> Result<String, tonic::Status> {
+    use crate::testing::bridge::{request, sds_client, secrets_of};
+    let response = sds_client(socket)
+        .fetch_secrets(request(&["default"]))
+        .await?
+        .into_inner();
+    Ok(crate::testing::load::describe(&secrets_of(&response)[0]))
+}
+

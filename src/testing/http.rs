@@ -19,11 +19,26 @@ pub struct HttpResponse {
 /// `METHOD path` with `Connection: close`; the body is read to the end and de-chunked
 /// (Envoy's admin answers chunked, its direct responses with Content-Length).
 pub fn request(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<HttpResponse> {
+    request_to_host(addr, method, path, &addr.to_string())
+}
+
+/// `GET path` with `Host: host` (a server that checks its domain name, e.g. SPIRE's OIDC
+/// Discovery Provider).
+pub fn get_with_host(addr: SocketAddr, path: &str, host: &str) -> std::io::Result<HttpResponse> {
+    request_to_host(addr, "GET", path, host)
+}
+
+fn request_to_host(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    host: &str,
+) -> std::io::Result<HttpResponse> {
     let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
     )?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;

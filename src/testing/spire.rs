@@ -649,6 +649,12 @@ plugins {{
     /// a copy of spire-agent, see [`Spire::workload_binary`]). `Err` with the output when
     /// the agent gave no SVID (e.g. the entry has not synced yet).
     pub fn fetch_x509(&self, binary: &Path) -> Result<X509Fetch, String> {
+        self.fetch_x509_from(binary, &self.agent_socket)
+    }
+
+    /// As [`Spire::fetch_x509`], from the Workload API at `socket` (e.g. a pod-mode
+    /// volume's socket served by the bridge).
+    pub fn fetch_x509_from(&self, binary: &Path, socket: &Path) -> Result<X509Fetch, String> {
         let out_dir = tempfile::Builder::new()
             .prefix("fetch-")
             .tempdir_in(self.dir.path())
@@ -656,7 +662,7 @@ plugins {{
             .keep();
         let out = quiet(binary)
             .args(["api", "fetch", "x509", "-timeout", "5s", "-socketPath"])
-            .arg(&self.agent_socket)
+            .arg(socket)
             .arg("-write")
             .arg(&out_dir)
             .stdout(Stdio::piped())

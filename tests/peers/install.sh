@@ -2,6 +2,8 @@
 # Installs the real peers that the integration tests run (docs/behaviours.md, "Real peers in tests"):
 #
 #   target/peers/bin/spire-server, spire-agent   SPIRE v1.13.3, built from tests/peers/spire/
+#   target/peers/bin/oidc-discovery-provider    SPIRE's OIDC Discovery Provider (same module):
+#                                               JWKS for verifying pod-mode JWT-SVID files
 #   target/peers/bin/csi-sanity                  csi-test v5, built from tests/peers/csi-sanity/
 #   target/peers/bin/promtool                    Prometheus' promtool, built from tests/peers/promtool/
 #   target/peers/bin/chart-check                 Helm v4 + k8s.io/api chart checker, built from tests/chart/
@@ -102,14 +104,15 @@ go_build() {
 CURRENT="spire-server/spire-agent (tests/peers/spire)"
 SPIRE_VERSION="$(cd "$PEERS_SRC/spire" && go list -m -f '{{.Version}}' github.com/spiffe/spire)"
 key="$(echo "$GO_VERSION" | stamp_key - "$PEERS_SRC/spire/go.mod" "$PEERS_SRC/spire/go.sum")"
-if up_to_date spire "$key" "$BIN/spire-server" "$BIN/spire-agent"; then
+if up_to_date spire "$key" "$BIN/spire-server" "$BIN/spire-agent" "$BIN/oidc-discovery-provider"; then
     say "SPIRE $SPIRE_VERSION is up to date"
 else
-    say "building SPIRE $SPIRE_VERSION (spire-server, spire-agent) with $GO_VERSION; a cold build takes several minutes"
+    say "building SPIRE $SPIRE_VERSION (spire-server, spire-agent, oidc-discovery-provider) with $GO_VERSION; a cold build takes several minutes"
     start=$SECONDS
     go_build spire "$PEERS_SRC/spire" \
         "-X github.com/spiffe/spire/pkg/common/version.gittag=${SPIRE_VERSION#v}" \
-        github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent
+        github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent \
+        github.com/spiffe/spire/support/oidc-discovery-provider
     mark_done spire "$key"
     say "built SPIRE in $((SECONDS - start))s"
 fi
