@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod describe;
+pub mod jwt;
 pub mod metrics;
 pub mod process;
 pub mod source;

@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod mount_ns;
 pub mod proc;
 pub mod spire;
+pub mod workload;
 
 pub use envoy::{Envoy, EnvoyOptions};
 pub use proc::{LogSource, Proc, wait_until, wait_until_async, wait_until_with};
