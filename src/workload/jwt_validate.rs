@@ -140,3 +140,68 @@ fn json_to_value(value: Value) -> prost_types::Value {
     };
     prost_types::Value { kind: Some(kind) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::workload::{JwtSigner, unix_now};
+
+    fn bundles(signer: &JwtSigner) -> BTreeMap<String, Vec<u8>> {
+        BTreeMap::from([("example.org".to_owned(), signer.jwks())])
+    }
+
+    #[test]
+    fn a_good_token_yields_its_subject_and_every_claim() {
+        let signer = JwtSigner::new("k1");
+        let token = signer.sign_claims(serde_json::json!({
+            "sub": "spiffe://example.org/db",
+            "aud": "db",
+            "exp": unix_now() + 60,
+            "custom": {"n": 1, "list": [true, null]},
+        }));
+        let ok = validate_jwt_svid(&token, "db", &bundles(&signer)).unwrap();
+        assert_eq!(ok.spiffe_id, "spiffe://example.org/db");
+        let claims = claims_to_struct(ok.claims);
+        let custom = &claims.fields["custom"];
+        let Some(prost_types::value::Kind::StructValue(custom)) = &custom.kind else {
+            panic!("{custom:?}");
+        };
+        assert_eq!(
+            custom.fields["n"].kind,
+            Some(prost_types::value::Kind::NumberValue(1.0))
+        );
+    }
+
+    #[test]
+    fn hmac_none_and_keyless_tokens_are_refused() {
+        let signer = JwtSigner::new("k1");
+        let claims = serde_json::json!({
+            "sub": "spiffe://example.org/db", "aud": "db", "exp": unix_now() + 60,
+        });
+        // Algorithm confusion: HS256 "signed" with the public JWKS as the secret.
+        let mut header = jsonwebtoken::Header::new(Algorithm::HS256);
+        header.kid = Some("k1".into());
+        let hmac = jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(&signer.jwks()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            validate_jwt_svid(&hmac, "db", &bundles(&signer)),
+            Err(JwtValidationError::Algorithm(Algorithm::HS256))
+        );
+        // No key ID.
+        let token = signer.sign_claims(claims);
+        let (_, rest) = token.split_once('.').unwrap();
+        let no_kid_header = "eyJhbGciOiJFUzI1NiJ9"; // {"alg":"ES256"}
+        let no_kid = format!("{no_kid_header}.{rest}");
+        assert_eq!(
+            validate_jwt_svid(&no_kid, "db", &bundles(&signer)),
+            Err(JwtValidationError::NoKeyId)
+        );
+        // `alg: none` does not even parse as a JWS header here.
+        let none = format!("eyJhbGciOiJub25lIn0.{rest}");
+        assert!(validate_jwt_svid(&none, "db", &bundles(&signer)).is_err());
+    }
+}
