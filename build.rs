@@ -1,8 +1,13 @@
 //! Compiles the gRPC contracts no crate provides (CSI v1 Identity + Node, kubelet plugin
-//! registration) with protox, so neither developers nor CI need `protoc`.
+//! registration, the SPIFFE Workload API server side) with protox, so neither developers nor
+//! CI need `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/csi.proto", "proto/pluginregistration.proto"];
+    let protos = [
+        "proto/csi.proto",
+        "proto/pluginregistration.proto",
+        "proto/workload.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

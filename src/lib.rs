@@ -2,7 +2,8 @@
 //!
 //! Modules are cut by domain, each with its own error type: [`identity`] (where SVIDs come
 //! from and the per-workload cache), [`sds`] (Envoy's Secret Discovery Service), [`csi`] (the
-//! node plugin and kubelet registration), [`uds`] (Unix listeners) and [`telemetry`].
+//! node plugin and kubelet registration), [`workload`] (a SPIFFE Workload API for one
+//! workload), [`uds`] (Unix listeners) and [`telemetry`].
 
 pub mod bridge;
 pub mod clock;

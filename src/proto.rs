@@ -11,3 +11,10 @@ pub mod csi {
 pub mod pluginregistration {
     tonic::include_proto!("pluginregistration");
 }
+
+/// The SPIFFE Workload API (X.509- and JWT-SVID profiles). The spec's proto has no package,
+/// so its service is `/SpiffeWorkloadAPI/...` and prost names the generated file `_`.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod workload {
+    tonic::include_proto!("_");
+}

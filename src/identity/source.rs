@@ -82,6 +82,12 @@ impl DelegatedSource {
             Grpc::new(unix_channel(admin_socket)).max_decoding_message_size(MAX_MESSAGE_BYTES);
         Self { agent }
     }
+
+    /// The agent's connection, for calls beyond the X.509 subscriptions
+    /// (`identity::jwt`); clones share it.
+    pub(crate) fn agent(&self) -> Grpc<Channel> {
+        self.agent.clone()
+    }
 }
 
 /// One server-streaming call on the agent's connection (shared by every subscription).

@@ -33,6 +33,7 @@ pub mod mount_ns;
 pub mod oidc;
 pub mod proc;
 pub mod spire;
+pub mod workload;
 
 pub use envoy::{Envoy, EnvoyOptions};
 pub use proc::{LogSource, Proc, wait_until, wait_until_async, wait_until_with};
