@@ -11,6 +11,7 @@ pub mod csi;
 pub mod identity;
 pub mod inspect;
 pub mod k8s;
+pub mod pod;
 pub mod proto;
 pub mod sds;
 pub mod telemetry;

@@ -30,6 +30,7 @@ pub mod k8s_deploy;
 pub mod load;
 pub mod metrics;
 pub mod mount_ns;
+pub mod postgres;
 pub mod proc;
 pub mod spire;
 
