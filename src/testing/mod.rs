@@ -31,6 +31,7 @@ pub mod load;
 pub mod metrics;
 pub mod mount_ns;
 pub mod oidc;
+pub mod postgres;
 pub mod proc;
 pub mod spire;
 pub mod workload;

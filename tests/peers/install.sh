@@ -12,6 +12,8 @@
 #   target/peers/bin/kubelet, kube-apiserver     Kubernetes v1.34.4, built from tests/peers/k8s/
 #   target/peers/bin/pause                       the test node's sandbox process (tests/peers/k8s.sh)
 #   containerd, runc, etcd, busybox              Debian packages, apt-installed when missing
+#   postgresql (server + psql)                   Debian packages, apt-installed when missing; the tests
+#                                                run /usr/lib/postgresql/<version>/bin as `postgres`
 #
 # Everything comes from the project's own files: the Go modules (with their committed
 # go.sum) and tests/peers/requirements.txt. Each step is keyed on a hash of its inputs and
@@ -215,6 +217,36 @@ k8s_install_debs
 CURRENT="kubelet/kube-apiserver (tests/peers/k8s)"
 k8s_build
 
+# ----------------------------------------------------------------- PostgreSQL ----
+# The real consumer of pod files (tests/pod_files_postgres.rs, src/testing/postgres.rs):
+# Debian's server (postgresql-<version> depends on postgresql-client-<version>: psql),
+# which also creates the `postgres` user the tests run it as.
+# The tests start their own throw-away clusters with initdb/postgres/pg_ctl from
+# /usr/lib/postgresql/<version>/bin, on free ports; the package's own `main` cluster is
+# not used.
+CURRENT="postgresql (apt)"
+PG_DEBS=(postgresql)
+pg_missing=()
+for pkg in "${PG_DEBS[@]}"; do
+    dpkg-query -W -f '${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || pg_missing+=("$pkg")
+done
+if [ "${#pg_missing[@]}" -eq 0 ]; then
+    say "PostgreSQL (Debian) is installed"
+else
+    [ "$(id -u)" -eq 0 ] || die "installing ${pg_missing[*]} needs root (apt-get)"
+    say "apt-get install ${pg_missing[*]}"
+    start=$SECONDS
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    apt-get install -y -q --no-install-recommends "${pg_missing[@]}" >/dev/null
+    say "installed PostgreSQL in $((SECONDS - start))s"
+fi
+# The newest installed major version's binaries (what src/testing/postgres.rs picks too).
+PG_BIN="$(find /usr/lib/postgresql -mindepth 3 -maxdepth 3 -path '*/bin/initdb' 2>/dev/null | sort -V | tail -n1)"
+[ -n "$PG_BIN" ] || die "no /usr/lib/postgresql/<version>/bin/initdb after installing postgresql"
+PG_BIN="$(dirname "$PG_BIN")"
+id postgres >/dev/null 2>&1 || die "the postgresql package did not create the postgres user"
+
 # ------------------------------------------------------------------ verify ----
 # version_of PEER CMD... : the first line of CMD's output; fails naming PEER and showing
 # the output when CMD fails.
@@ -237,6 +269,8 @@ v_envoy="$(version_of envoy "$BIN/envoy" --version)"
 v_python="$(version_of python "$BIN/python" -c \
     'import sys, grpc; print("%d.%d.%d, grpcio %s" % (sys.version_info[:3] + (grpc.__version__,)))')"
 v_k8s="$(k8s_versions)"
+v_postgres="$(version_of postgres "$PG_BIN/postgres" --version)"
+v_psql="$(version_of psql "$PG_BIN/psql" --version)"
 CURRENT=""
 
 say "ready in $BIN:"
@@ -248,3 +282,5 @@ echo "  promtool      $v_promtool"
 echo "  envoy         ${v_envoy#*version: }"
 echo "  python        $v_python"
 echo "$v_k8s"
+echo "  postgres      ${v_postgres#postgres (PostgreSQL) } ($PG_BIN)"
+echo "  psql          ${v_psql#psql (PostgreSQL) }"
