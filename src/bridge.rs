@@ -75,9 +75,9 @@ pub async fn run(config: Config) -> Result<(), BridgeError> {
         ));
     }
     let pod_volumes = match &config.pod {
-        Some(pod_config) => Some(
-            start_pod_volumes(pod_config, &config, &sds, &pods, &metrics, &shutdown).await?,
-        ),
+        Some(pod_config) => {
+            Some(start_pod_volumes(pod_config, &config, &sds, &pods, &metrics, &shutdown).await?)
+        }
         None => None,
     };
     let workloads: Arc<dyn health::DebugReport> = Arc::new(sds.workloads_reporter());

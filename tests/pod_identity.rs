@@ -12,10 +12,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::Spire;
 use common::bridge::{Bridge, spire_options_for_bridge};
 use common::spire::EntrySpec;
-use common::Spire;
-use csi_support::{NodeDirs, fetch_default, mounts_at, node_client, publish_request, unpublish_request};
+use csi_support::{
+    NodeDirs, fetch_default, mounts_at, node_client, publish_request, unpublish_request,
+};
 use svid_bridge::proto::csi::NodePublishVolumeRequest;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -43,7 +45,11 @@ impl Pod {
     }
 
     /// NodePublishVolume for this pod's `mode: pod` volume with `attributes`.
-    fn publish(&self, node: &NodeDirs, attributes: &[(&str, &str)]) -> (NodePublishVolumeRequest, PathBuf) {
+    fn publish(
+        &self,
+        node: &NodeDirs,
+        attributes: &[(&str, &str)],
+    ) -> (NodePublishVolumeRequest, PathBuf) {
         let target = node.target(&self.uid);
         let mut request = publish_request(&format!("csi-{}", self.uid), &target);
         request.secrets.clear();
@@ -52,7 +58,10 @@ impl Pod {
             ("csi.storage.k8s.io/pod.name", self.name.as_str()),
             ("csi.storage.k8s.io/pod.namespace", self.namespace),
             ("csi.storage.k8s.io/pod.uid", self.uid.as_str()),
-            ("csi.storage.k8s.io/serviceAccount.name", self.service_account),
+            (
+                "csi.storage.k8s.io/serviceAccount.name",
+                self.service_account,
+            ),
             ("mode", "pod"),
         ]
         .into_iter()
@@ -90,7 +99,11 @@ async fn served_id(socket: &Path, bridge: &Bridge) -> String {
         match fetch_default(socket).await {
             Ok(description) => return description,
             Err(err) if Instant::now() > deadline => {
-                panic!("no SVID on {}: {err:?}\n{}", socket.display(), bridge.logs())
+                panic!(
+                    "no SVID on {}: {err:?}\n{}",
+                    socket.display(),
+                    bridge.logs()
+                )
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }

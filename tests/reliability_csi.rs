@@ -12,12 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::bridge::{
-    Bridge, SdsStream, request, secrets_of, spire_options_for_bridge,
-};
+use common::bridge::{Bridge, SdsStream, request, secrets_of, spire_options_for_bridge};
 use common::load::describe;
 use common::{Proc, Spire, wait_until, wait_until_with};
-use csi_support::{NodeDirs, fetch_default, mounts_at, mounts_under, node_client, publish_request, unpublish_request};
+use csi_support::{
+    NodeDirs, fetch_default, mounts_at, mounts_under, node_client, publish_request,
+    unpublish_request,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 

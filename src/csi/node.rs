@@ -97,7 +97,11 @@ impl NodeService {
 
     /// Serves pod-mode volumes through `handler` (and advertises VOLUME_MOUNT_GROUP, so the
     /// kubelet passes the pod's fsGroup).
-    pub fn with_pod_volumes(config: &CsiConfig, metrics: Arc<CsiMetrics>, handler: Arc<dyn PodVolumeHandler>) -> Self {
+    pub fn with_pod_volumes(
+        config: &CsiConfig,
+        metrics: Arc<CsiMetrics>,
+        handler: Arc<dyn PodVolumeHandler>,
+    ) -> Self {
         let mut service = Self::new(config, metrics);
         if let Some(inner) = Arc::get_mut(&mut service.inner) {
             inner.pod_volumes = Some(handler);
@@ -144,15 +148,15 @@ impl NodeService {
                  identity (--pod-mode off, or not the Delegated Identity API)",
             ));
         };
-        let volume_mount_group = req
-            .volume_capability
-            .as_ref()
-            .and_then(|c| match &c.access_type {
-                Some(AccessType::Mount(m)) if !m.volume_mount_group.is_empty() => {
-                    Some(m.volume_mount_group.clone())
-                }
-                _ => None,
-            });
+        let volume_mount_group =
+            req.volume_capability
+                .as_ref()
+                .and_then(|c| match &c.access_type {
+                    Some(AccessType::Mount(m)) if !m.volume_mount_group.is_empty() => {
+                        Some(m.volume_mount_group.clone())
+                    }
+                    _ => None,
+                });
         let volume_id = req.volume_id.clone();
         let source = handler
             .publish(PodPublish {
@@ -212,8 +216,8 @@ impl NodeService {
         // is also what csi-sanity expects for "some/path" (R-2).
         let target = Target::confine(&req.volume_path, &self.inner.pods_dir, "volume path")
             .map_err(|err| Status::not_found(format!("not a published volume: {err}")))?;
-        let pod_source = (self.inner.pod_volumes.as_ref())
-            .and_then(|handler| handler.source_of(&req.volume_id));
+        let pod_source =
+            (self.inner.pod_volumes.as_ref()).and_then(|handler| handler.source_of(&req.volume_id));
         let source = pod_source.as_ref().unwrap_or(&self.inner.mount_dir);
         let pods_dir = &self.inner.pods_dir;
         let status = in_place(|| mount::inspect(source, pods_dir, &target)).map_err(to_status)?;

@@ -101,7 +101,11 @@ pub fn parse(
             .parse()
             .map_err(|_| invalid(LAYOUT, value, "\"spiffe-helper\" or \"spiffe\""))?,
     };
-    let group = match context.get(FS_GROUP).map(String::as_str).or(volume_mount_group) {
+    let group = match context
+        .get(FS_GROUP)
+        .map(String::as_str)
+        .or(volume_mount_group)
+    {
         None => None,
         Some(value) => Some(gid(value)?),
     };
@@ -116,7 +120,10 @@ pub fn parse(
     ))
 }
 
-fn pod_field(context: &HashMap<String, String>, key: &'static str) -> Result<String, AttributeError> {
+fn pod_field(
+    context: &HashMap<String, String>,
+    key: &'static str,
+) -> Result<String, AttributeError> {
     context
         .get(key)
         .filter(|v| !v.is_empty())
@@ -177,7 +184,8 @@ mod layout_name {
 
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Layout, D::Error> {
         let name: String = serde::Deserialize::deserialize(d)?;
-        name.parse().map_err(|_| serde::de::Error::custom("unknown layout"))
+        name.parse()
+            .map_err(|_| serde::de::Error::custom("unknown layout"))
     }
 }
 
@@ -246,7 +254,10 @@ mod tests {
         let err = parse(&kubelet(&[(FILES, "true"), (FS_GROUP, "0")]), None).unwrap_err();
         assert!(err.to_string().contains("between 1 and"), "{err}");
         let err = parse(&kubelet(&[(LAYOUT, "pem")]), None).unwrap_err();
-        assert!(err.to_string().contains("\"spiffe-helper\" or \"spiffe\""), "{err}");
+        assert!(
+            err.to_string().contains("\"spiffe-helper\" or \"spiffe\""),
+            "{err}"
+        );
     }
 
     #[test]

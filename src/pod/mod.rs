@@ -88,7 +88,8 @@ impl PodVolumes {
             path: config.state_dir.clone(),
             source,
         })?;
-        let jwt_bundles = crate::identity::jwt::follow_jwt_bundles(&agent, backoff, shutdown.clone());
+        let jwt_bundles =
+            crate::identity::jwt::follow_jwt_bundles(&agent, backoff, shutdown.clone());
         let shared = Shared {
             sds,
             agent,
@@ -142,7 +143,9 @@ impl PodVolumes {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunningVolume>> {
         // Every update is one insert or remove: a poisoned map is still consistent.
-        self.volumes.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.volumes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn count(&self) -> usize {
@@ -175,9 +178,14 @@ impl PodVolumes {
             request.volume_mount_group.as_deref(),
         )
         .map_err(|err| Status::invalid_argument(err.to_string()))?;
-        let pod = verify::verify(fields, self.config.field_check, &self.pods, &self.config.node)
-            .await
-            .map_err(|err| Status::permission_denied(err.to_string()))?;
+        let pod = verify::verify(
+            fields,
+            self.config.field_check,
+            &self.pods,
+            &self.config.node,
+        )
+        .await
+        .map_err(|err| Status::permission_denied(err.to_string()))?;
         let record = VolumeRecord {
             volume_id: request.volume_id.clone(),
             target_path: request.target_path,
@@ -197,13 +205,16 @@ impl PodVolumes {
             self.state.remove_volume(&record.volume_id);
             return Err(Status::internal(format!("cannot record the volume: {err}")));
         }
-        let running = match RunningVolume::start(&self.shared, record.clone(), dir.clone(), &self.shutdown) {
-            Ok(running) => running,
-            Err(err) => {
-                self.state.remove_volume(&record.volume_id);
-                return Err(Status::unavailable(format!("cannot serve the volume: {err}")));
-            }
-        };
+        let running =
+            match RunningVolume::start(&self.shared, record.clone(), dir.clone(), &self.shutdown) {
+                Ok(running) => running,
+                Err(err) => {
+                    self.state.remove_volume(&record.volume_id);
+                    return Err(Status::unavailable(format!(
+                        "cannot serve the volume: {err}"
+                    )));
+                }
+            };
         if record.options.files
             && let Err(status) = self.wait_for_files(&running).await
         {

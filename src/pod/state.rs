@@ -242,7 +242,10 @@ mod tests {
         assert_eq!(state.records(), vec![record.clone()]);
         assert!(!state.root().join("junk.json").exists());
         let mode = std::fs::metadata(state.root().join("csi-abc.json")).unwrap();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o600
+        );
         assert_eq!(record.selector_set().to_string(), "k8s:ns:apps");
     }
 }

@@ -36,13 +36,17 @@ pub enum VerifyError {
          CSIDriver has podInfoOnMount: true"
     )]
     NoPodView,
-    #[error("refused: no pod with UID {uid} is on node {node} in the Kubernetes API (pod fields {fields})")]
+    #[error(
+        "refused: no pod with UID {uid} is on node {node} in the Kubernetes API (pod fields {fields})"
+    )]
     NotOnNode {
         uid: String,
         node: String,
         fields: String,
     },
-    #[error("refused: the kubelet's pod fields ({fields}) do not match the API server's pod ({actual})")]
+    #[error(
+        "refused: the kubelet's pod fields ({fields}) do not match the API server's pod ({actual})"
+    )]
     Mismatch { fields: String, actual: String },
 }
 
@@ -212,9 +216,14 @@ mod tests {
 
     #[tokio::test]
     async fn trusted_kubelet_fields_give_the_pod_level_selectors() {
-        let pod = verify(fields(), PodFieldCheck::TrustKubelet, &Pods::off(), "node-a")
-            .await
-            .unwrap();
+        let pod = verify(
+            fields(),
+            PodFieldCheck::TrustKubelet,
+            &Pods::off(),
+            "node-a",
+        )
+        .await
+        .unwrap();
         assert_eq!(
             pod.selectors.to_string(),
             format!(
@@ -227,7 +236,9 @@ mod tests {
     #[tokio::test]
     async fn the_api_pod_adds_labels_and_owners() {
         let pods = view_with(api_pod("node-a", "db"));
-        let pod = verify(fields(), PodFieldCheck::Api, &pods, "node-a").await.unwrap();
+        let pod = verify(fields(), PodFieldCheck::Api, &pods, "node-a")
+            .await
+            .unwrap();
         let text = pod.selectors.to_string();
         assert!(text.contains("k8s:pod-label:app:db"), "{text}");
         assert!(text.contains("k8s:pod-owner:StatefulSet:db"), "{text}");
@@ -244,7 +255,9 @@ mod tests {
             service_account: "admin".into(),
             ..fields()
         };
-        let err = verify(forged, PodFieldCheck::Api, &pods, "node-a").await.unwrap_err();
+        let err = verify(forged, PodFieldCheck::Api, &pods, "node-a")
+            .await
+            .unwrap_err();
         assert!(matches!(err, VerifyError::Mismatch { .. }), "{err}");
         assert!(err.to_string().contains("serviceAccount admin"), "{err}");
         assert!(err.to_string().contains("serviceAccount db"), "{err}");

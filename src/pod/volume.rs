@@ -122,10 +122,14 @@ impl RunningVolume {
             .sds
             .listen(socket.clone(), stop.clone())
             .map_err(|err| err.to_string())?;
-        let sds = shared.sds.service_for(selectors.clone(), pod.clone(), stop.clone());
-        let workload_api =
-            WorkloadApiService::new(Arc::clone(&identity) as Arc<dyn WorkloadIdentity>, stop.clone())
-                .into_server();
+        let sds = shared
+            .sds
+            .service_for(selectors.clone(), pod.clone(), stop.clone());
+        let workload_api = WorkloadApiService::new(
+            Arc::clone(&identity) as Arc<dyn WorkloadIdentity>,
+            stop.clone(),
+        )
+        .into_server();
         let max_streams = shared.sds.max_streams_per_connection();
         let server_stop = stop.clone();
         let span = tracing::info_span!("pod_volume", pod = %pod, volume_id = %record.volume_id);
@@ -193,7 +197,10 @@ impl RunningVolume {
     pub async fn stop(self) {
         self.stop.cancel();
         for task in self.tasks {
-            if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
                 tracing::warn!(volume_id = %self.record.volume_id, "a pod volume task did not stop in 5 s");
             }
         }
@@ -210,7 +217,8 @@ async fn watch_identity(
 ) {
     let mut without = false;
     loop {
-        let empty = matches!(&*svids.borrow_and_update(), SvidState::Ready(s) if s.svids.is_empty());
+        let empty =
+            matches!(&*svids.borrow_and_update(), SvidState::Ready(s) if s.svids.is_empty());
         if empty != without {
             without = empty;
             if empty {
@@ -305,7 +313,11 @@ impl FileWriter {
     async fn refresh_due_jwts(&self, jwts: &mut [HeldJwt]) {
         let now = tokio::time::Instant::now();
         for held in jwts.iter_mut().filter(|j| j.refresh_at <= now) {
-            match self.identity.fetch_jwt_svids(vec![held.audience.clone()]).await {
+            match self
+                .identity
+                .fetch_jwt_svids(vec![held.audience.clone()])
+                .await
+            {
                 Ok(svids) => {
                     self.metrics.jwt_refreshes.inc();
                     // The default identity: the first, as for X.509 (B-7).
@@ -342,8 +354,14 @@ impl FileWriter {
             })
             .collect();
         let jwt_bundles = jwt_bundles.as_deref().filter(|_| !jwts.is_empty());
-        let written = files::render(self.record.options.layout, svids, bundles, &jwt_files, jwt_bundles)
-            .and_then(|rendered| self.dir.write(&rendered));
+        let written = files::render(
+            self.record.options.layout,
+            svids,
+            bundles,
+            &jwt_files,
+            jwt_bundles,
+        )
+        .and_then(|rendered| self.dir.write(&rendered));
         match written {
             Ok(count) => {
                 self.metrics.file_sets_written.inc();

@@ -139,10 +139,8 @@ impl PodSds {
         &self,
         path: std::path::PathBuf,
         shutdown: CancellationToken,
-    ) -> Result<
-        tokio_stream::wrappers::ReceiverStream<std::io::Result<socket::Connection>>,
-        UdsError,
-    > {
+    ) -> Result<tokio_stream::wrappers::ReceiverStream<std::io::Result<socket::Connection>>, UdsError>
+    {
         let limit = socket::ConnectionLimit {
             max: self.limits.max_connections,
             metrics: Arc::clone(&self.metrics),

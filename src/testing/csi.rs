@@ -369,4 +369,3 @@ pub async fn fetch_default(socket: &Path) -> Result<String, tonic::Status> {
         .into_inner();
     Ok(crate::testing::load::describe(&secrets_of(&response)[0]))
 }
-

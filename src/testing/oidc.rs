@@ -38,9 +38,16 @@ impl OidcProvider {
             _dir: dir,
             port,
         };
-        wait_until(Duration::from_secs(30), "the OIDC provider serves its JWKS", || {
-            provider.jwks().ok().filter(|jwks| jwks.contains("\"keys\""))
-        });
+        wait_until(
+            Duration::from_secs(30),
+            "the OIDC provider serves its JWKS",
+            || {
+                provider
+                    .jwks()
+                    .ok()
+                    .filter(|jwks| jwks.contains("\"keys\""))
+            },
+        );
         provider
     }
 
