@@ -63,14 +63,13 @@ pub async fn run(config: Config) -> Result<(), BridgeError> {
         shutdown.clone(),
     )
     .with_pods(pods.clone());
-    if let (Some(after), Some(events)) = (
-        config.kubernetes.wait_event_after,
-        crate::k8s::events::WaitEvents::new(&pods),
-    ) {
-        tokio::spawn(post_wait_events(
+    // One poster of Events, so that every reason shares the per-node bound.
+    if let Some(events) = crate::k8s::events::PodEvents::new(&pods) {
+        tokio::spawn(post_pod_events(
             sds.workloads_reporter(),
             events,
-            after,
+            config.kubernetes.wait_event_after,
+            agent_socket(&config).to_path_buf(),
             shutdown.clone(),
         ));
     }
@@ -139,18 +138,51 @@ fn identity_source(config: &Config) -> (Arc<dyn Source>, CallerIdentity) {
     }
 }
 
-/// Looks for streams that have waited longer than `after` every few seconds, and posts an
-/// Event on their pods (the limits are `WaitEvents`'s).
-async fn post_wait_events(
+/// The socket of the agent API the identity source uses (named in Events).
+fn agent_socket(config: &Config) -> &std::path::Path {
+    match config.identity_source {
+        IdentitySourceKind::Delegated => &config.admin_socket,
+        IdentitySourceKind::WorkloadApi => &config.agent_socket,
+    }
+}
+
+/// Posts Events on pods: every few seconds for streams that have waited longer than
+/// `wait_after` (`WaitingForIdentity`), every [`crate::k8s::expiry::CHECK_EVERY`] for served
+/// SVIDs near expiry while the agent is unreachable (`SVIDNearExpiry`). The limits are
+/// `PodEvents`'s.
+async fn post_pod_events(
     reporter: crate::sds::workloads::WorkloadsReporter,
-    mut events: crate::k8s::events::WaitEvents,
-    after: std::time::Duration,
+    mut events: crate::k8s::events::PodEvents,
+    wait_after: Option<std::time::Duration>,
+    agent_socket: std::path::PathBuf,
     shutdown: CancellationToken,
 ) {
-    let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+    use crate::k8s::{events, expiry};
+    let mut waits = tokio::time::interval(std::time::Duration::from_secs(5));
+    let mut expiries = tokio::time::interval(expiry::CHECK_EVERY);
     loop {
         tokio::select! {
-            _ = every.tick() => events.publish(reporter.waits_over(after)).await,
+            _ = waits.tick(), if wait_after.is_some() => {
+                if let Some(after) = wait_after {
+                    events.publish_waits(reporter.waits_over(after)).await;
+                }
+            }
+            _ = expiries.tick() => {
+                let health = reporter.cache.health();
+                if health.agent_reachable {
+                    continue;
+                }
+                let now = crate::clock::unix_now();
+                let near = expiry::near_expiry(&reporter.served_svids(), false, &agent_socket, now);
+                for n in near {
+                    let posted = events
+                        .warn(&n.pod, None, events::SVID_NEAR_EXPIRY, events::ACTION_RENEW_SVID, n.note.clone())
+                        .await;
+                    if posted == events::Posted::Posted {
+                        tracing::warn!(pod = %n.pod, note = %n.note, "posted an SVIDNearExpiry Event");
+                    }
+                }
+            }
             () = shutdown.cancelled() => return,
         }
     }

@@ -120,6 +120,10 @@ fn k8s_node_scenarios() {
             kubelet_restart,
         ),
         (
+            "apiserver_restart_keeps_serving_and_the_pod_view",
+            apiserver_restart,
+        ),
+        (
             "bridge_pod_replaced_under_traffic",
             bridge_pod_replaced_under_traffic,
         ),
@@ -857,6 +861,63 @@ fn kubelet_restart(env: &Env) {
     );
     env.cluster
         .kubectl(&["delete", "pod", "-n", APPS_NS, &e.name, "--wait=true"]);
+}
+
+/// kube-apiserver stopped: the bridge keeps serving (readyz ok, a → b over mTLS with the
+/// same certificates, `/debug/workloads` answers) and says its pod watch failed. Started
+/// again with the same arguments: the watch recovers, and a pod created afterwards is named
+/// in `/debug/workloads`, so the view follows the new API server.
+fn apiserver_restart(env: &Env) {
+    let health = format!("127.0.0.1:{}", env.health_port);
+    let serials_before = envoy_cert_serials(&env.a);
+    let held_before = workloads_report(env).unwrap()["pods_on_node"].as_u64();
+    let failed_before = bridge_pod_logs(env).matches("the pod watch failed").count();
+    env.cluster.stop_apiserver();
+    wait(env, "the bridge logs that its pod watch failed", || {
+        (bridge_pod_logs(env).matches("the pod watch failed").count() > failed_before).then_some(())
+    });
+    // Still serving, with the API unreachable.
+    let ready = svid_bridge::telemetry::health::get_body(&health, "/readyz");
+    assert!(ready.is_ok(), "readyz with the API down: {ready:?}");
+    for _ in 0..3 {
+        assert_eq!(
+            call_through(&env.a).map(|r| r.0),
+            Some(200),
+            "a → b, API down"
+        );
+    }
+    assert_eq!(envoy_cert_serials(&env.a), serials_before);
+    let report = workloads_report(env).expect("/debug/workloads with the API down");
+    assert_eq!(
+        report["pods_on_node"].as_u64(),
+        held_before,
+        "the view keeps what it had"
+    );
+    let recovered_before = bridge_pod_logs(env)
+        .matches("the pod watch recovered")
+        .count();
+    env.cluster.start_apiserver();
+    // A pod created after the restart: its stream is named by the view. (A resumed watch
+    // says nothing until a pod of the node changes; this one is the first change.)
+    let g = Workload::new("envoy-g", "b");
+    envoy_pod(env, &g, &env.a, &id(APPS_NS, "b"), true);
+    wait(env, "/debug/workloads names the new pod", || {
+        let report = workloads_report(env)?;
+        report["workloads"]
+            .as_array()?
+            .iter()
+            .any(|w| w["pod"]["name"] == g.name.as_str() && w["pod"]["container"] == "envoy")
+            .then_some(())
+    });
+    assert!(
+        bridge_pod_logs(env)
+            .matches("the pod watch recovered")
+            .count()
+            > recovered_before,
+        "the bridge says its pod watch recovered"
+    );
+    env.cluster
+        .kubectl(&["delete", "pod", "-n", APPS_NS, &g.name, "--wait=true"]);
 }
 
 fn bridge_pod_replaced_under_traffic(env: &Env) {

@@ -13,6 +13,8 @@ pub struct CertFacts {
     pub id: String,
     pub serial: String,
     /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds.
     pub not_after: i64,
 }
 
@@ -42,6 +44,7 @@ impl CertFacts {
         Some(CertFacts {
             id,
             serial: serial_hex(cert.raw_serial()),
+            not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
         })
     }

@@ -5,6 +5,7 @@
 
 pub mod cgroup;
 pub mod events;
+pub mod expiry;
 pub mod pods;
 pub mod watch;
 

@@ -101,6 +101,11 @@ pub fn spawn(
 }
 
 /// Drives the watch and logs its state changes once each: synced, failing, recovered.
+///
+/// After a failure kube's watcher resumes the watch from the last resource version it saw
+/// (it re-lists only when the server answers 410 Gone), and a resumed watch says nothing
+/// until a pod of the node changes: recovery is logged at the first event after the
+/// failure, a re-list's end or a pod's change, whichever comes first.
 async fn follow<S>(events: S, node: &str)
 where
     S: futures::Stream<Item = Result<Event<Pod>, watcher::Error>>,
@@ -118,11 +123,16 @@ where
                     tracing::info!(node, pods = listed, "watching this node's pods");
                     synced_once = true;
                 } else if failing {
-                    tracing::info!(node, pods = listed, "the pod watch recovered");
+                    tracing::info!(node, pods = listed, "the pod watch recovered (re-listed)");
                 }
                 failing = false;
             }
-            Ok(Event::Apply(_) | Event::Delete(_)) => {}
+            Ok(Event::Apply(_) | Event::Delete(_)) => {
+                if failing {
+                    tracing::info!(node, "the pod watch recovered (resumed)");
+                    failing = false;
+                }
+            }
             Err(err) if !failing => {
                 failing = true;
                 tracing::warn!(node, %err, "the pod watch failed; retrying with backoff (pod names may be stale or missing meanwhile)");

@@ -15,6 +15,7 @@ use crate::clock::unix_now;
 use crate::identity::describe::{CertFacts, human_duration, remaining, rfc3339};
 use crate::identity::{Cache, SvidState, Workload, WorkloadSvids};
 use crate::k8s::events::PodWait;
+use crate::k8s::expiry::ServedSvid;
 use crate::k8s::{PodRef, Pods};
 use crate::telemetry::health::DebugReport;
 
@@ -249,12 +250,9 @@ impl WorkloadsReporter {
             if long.is_empty() {
                 continue;
             }
-            let pod = match (&record.pod, record.pid) {
-                (Some(pod), _) if pod.container.is_some() => Some(pod.clone()),
-                (pod, Some(pid)) => self.pods.of_pid(pid).or_else(|| pod.clone()),
-                (pod, None) => pod.clone(),
+            let Some(pod) = self.pod_of(&record) else {
+                continue;
             };
-            let Some(pod) = pod else { continue };
             let entry = by_pod
                 .entry((pod.namespace.clone(), pod.name.clone()))
                 .or_insert_with(|| PodWait {
@@ -279,6 +277,47 @@ impl WorkloadsReporter {
                 w
             })
             .collect()
+    }
+
+    /// Every SVID the bridge serves to a workload in a pod, once per pod, PID and SPIFFE
+    /// ID, with its validity from the certificate (for `SVIDNearExpiry` Events).
+    pub fn served_svids(&self) -> Vec<ServedSvid> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut served = Vec::new();
+        for record in self.registry.records() {
+            if !seen.insert(format!("{:?} {:?}", record.workload, record.pid)) {
+                continue;
+            }
+            let Some(SvidState::Ready(svids)) = self.cache.svids_of(record.workload) else {
+                continue;
+            };
+            let Some(pod) = self.pod_of(&record) else {
+                continue;
+            };
+            for svid in &svids.svids {
+                let Some(facts) = svid.chain.first().and_then(|der| CertFacts::of_der(der)) else {
+                    continue;
+                };
+                served.push(ServedSvid {
+                    pod: pod.clone(),
+                    pid: record.pid,
+                    spiffe_id: svid.spiffe_id.clone(),
+                    not_before: facts.not_before,
+                    not_after: facts.not_after,
+                });
+            }
+        }
+        served
+    }
+
+    /// The stream's pod: as noted when it opened, or asked again when that lacked the
+    /// container (see [`Self::complete_pod`]).
+    fn pod_of(&self, record: &StreamRecord) -> Option<PodRef> {
+        match (&record.pod, record.pid) {
+            (Some(pod), _) if pod.container.is_some() => Some(pod.clone()),
+            (pod, Some(pid)) => self.pods.of_pid(pid).or_else(|| pod.clone()),
+            (pod, None) => pod.clone(),
+        }
     }
 
     /// A stream notes its pod when it opens; the pod view may not have had it then (a

@@ -62,7 +62,11 @@ pub struct Cluster {
     /// Behind a lock so that [`Cluster::restart_kubelet`] works on a shared node.
     kubelet: Mutex<Option<Proc>>,
     containerd: Option<Proc>,
-    apiserver: Option<Proc>,
+    /// Behind a lock so that [`Cluster::stop_apiserver`] and [`Cluster::start_apiserver`]
+    /// work on a shared node.
+    apiserver: Mutex<Option<Proc>>,
+    /// kube-apiserver's arguments, kept from the boot to start it again the same way.
+    apiserver_args: Vec<String>,
     etcd: Option<Proc>,
     /// Fixed host paths that did not exist before the node started (removed at teardown).
     created_fixed_paths: Vec<PathBuf>,
@@ -74,11 +78,16 @@ pub struct Cluster {
 
 impl LogSource for Cluster {
     fn log_files(&self) -> Vec<Arc<LogFiles>> {
-        let mut files: Vec<Arc<LogFiles>> = [&self.etcd, &self.apiserver, &self.containerd]
+        let mut files: Vec<Arc<LogFiles>> = [&self.etcd, &self.containerd]
             .into_iter()
             .flatten()
             .flat_map(LogSource::log_files)
             .collect();
+        if let Ok(a) = self.apiserver.try_lock()
+            && let Some(a) = a.as_ref()
+        {
+            files.extend(a.log_files());
+        }
         if let Ok(k) = self.kubelet.try_lock()
             && let Some(k) = k.as_ref()
         {
@@ -252,6 +261,36 @@ impl Cluster {
     /// workload pods beside the SPIFFE components' own pods.
     pub fn start_with_max_pods(max_pods: u32) -> Cluster {
         let started = Instant::now();
+        let mut cluster = Cluster::unbooted(max_pods);
+        cluster.boot_control_plane(&[]);
+        cluster.boot_node();
+        eprintln!(
+            "cluster: node {NODE_NAME} up in {:.1}s under {} (KUBECONFIG={})",
+            started.elapsed().as_secs_f64(),
+            cluster.root.display(),
+            cluster.kubeconfig.display()
+        );
+        cluster
+    }
+
+    /// etcd and kube-apiserver only, with `extra_apiserver_args` (e.g. an audit log): no
+    /// containerd, no kubelet, so pods bound to [`NODE_NAME`] are API objects that nothing
+    /// runs (benches/k8s_pod_view.rs). Takes the node lock like [`Cluster::start`].
+    pub fn start_control_plane(extra_apiserver_args: &[String]) -> Cluster {
+        let started = Instant::now();
+        let mut cluster = Cluster::unbooted(110);
+        cluster.boot_control_plane(extra_apiserver_args);
+        eprintln!(
+            "cluster: etcd and kube-apiserver up in {:.1}s under {} (KUBECONFIG={})",
+            started.elapsed().as_secs_f64(),
+            cluster.root.display(),
+            cluster.kubeconfig.display()
+        );
+        cluster
+    }
+
+    /// The lock taken, the root created, nothing started.
+    fn unbooted(max_pods: u32) -> Cluster {
         let lock_file =
             File::create(LOCK_PATH).unwrap_or_else(|e| panic!("create {LOCK_PATH}: {e}"));
         let lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
@@ -285,7 +324,7 @@ impl Cluster {
         ] {
             std::fs::create_dir_all(root.join(sub)).expect("mkdir node dir");
         }
-        let mut cluster = Cluster {
+        Cluster {
             kubeconfig: root.join("admin.kubeconfig"),
             containerd_socket: root.join("containerd/containerd.sock"),
             api_port: free_port(),
@@ -293,25 +332,19 @@ impl Cluster {
             root,
             kubelet: Mutex::new(None),
             containerd: None,
-            apiserver: None,
+            apiserver: Mutex::new(None),
+            apiserver_args: Vec::new(),
             etcd: None,
             created_fixed_paths,
             kubepods_existed,
             max_pods,
             _lock: lock,
             keep,
-        };
-        cluster.boot();
-        eprintln!(
-            "cluster: node {NODE_NAME} up in {:.1}s under {} (KUBECONFIG={})",
-            started.elapsed().as_secs_f64(),
-            cluster.root.display(),
-            cluster.kubeconfig.display()
-        );
-        cluster
+        }
     }
 
-    fn boot(&mut self) {
+    /// Certificates, kubeconfigs, etcd and kube-apiserver (with `extra_apiserver_args`).
+    fn boot_control_plane(&mut self, extra_apiserver_args: &[String]) {
         let root = self.root.clone();
         let logs = root.join("logs");
         let pki = Pki::new(root.join("pki"));
@@ -368,56 +401,61 @@ impl Cluster {
                 .filter(|r| r.status == 200 && r.body.contains("true"))
         });
 
-        let mut cmd = Command::new(peer("kube-apiserver"));
-        cmd.arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
-            .arg(format!("--secure-port={}", self.api_port))
-            .arg(format!(
+        self.apiserver_args = vec![
+            format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={}", self.api_port),
+            format!(
                 "--cert-dir={}",
                 root.join("pki/apiserver-generated").display()
-            ))
-            .arg(format!(
-                "--tls-cert-file={}",
-                pki.path("apiserver.crt").display()
-            ))
-            .arg(format!(
+            ),
+            format!("--tls-cert-file={}", pki.path("apiserver.crt").display()),
+            format!(
                 "--tls-private-key-file={}",
                 pki.path("apiserver.key").display()
-            ))
-            .arg(format!("--client-ca-file={}", pki.path("ca.crt").display()))
-            .arg(format!(
+            ),
+            format!("--client-ca-file={}", pki.path("ca.crt").display()),
+            format!(
                 "--kubelet-client-certificate={}",
                 pki.path("apiserver-kubelet-client.crt").display()
-            ))
-            .arg(format!(
+            ),
+            format!(
                 "--kubelet-client-key={}",
                 pki.path("apiserver-kubelet-client.key").display()
-            ))
-            .arg("--kubelet-preferred-address-types=InternalIP")
-            .arg("--service-account-issuer=https://kubernetes.default.svc")
-            .arg(format!(
+            ),
+            "--kubelet-preferred-address-types=InternalIP".into(),
+            "--service-account-issuer=https://kubernetes.default.svc".into(),
+            format!(
                 "--service-account-key-file={}",
                 pki.path("sa.pub").display()
-            ))
-            .arg(format!(
+            ),
+            format!(
                 "--service-account-signing-key-file={}",
                 pki.path("sa.key").display()
-            ))
-            .arg("--service-cluster-ip-range=10.96.0.0/24")
-            .arg("--authorization-mode=Node,RBAC")
-            .arg("--enable-admission-plugins=NodeRestriction")
-            .arg("--allow-privileged=true")
+            ),
+            "--service-cluster-ip-range=10.96.0.0/24".into(),
+            "--authorization-mode=Node,RBAC".into(),
+            "--enable-admission-plugins=NodeRestriction".into(),
+            "--allow-privileged=true".into(),
             // The advertise address is loopback: no `kubernetes` Service endpoints.
-            .arg("--endpoint-reconciler-type=none")
-            .arg("--profiling=false")
-            .arg("-v=1");
-        self.apiserver = Some(Proc::spawn("kube-apiserver", cmd, &logs));
-        self.wait("kube-apiserver answers /readyz", || {
-            let out = self.kubectl_output(&["get", "--raw", "/readyz"]);
-            (out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok")
-                .then_some(())
-        });
+            "--endpoint-reconciler-type=none".into(),
+            "--profiling=false".into(),
+            "-v=1".into(),
+        ];
+        self.apiserver_args
+            .extend(extra_apiserver_args.iter().cloned());
+        self.start_apiserver();
+    }
+
+    /// etcd and kube-apiserver are up: the rest of the node.
+    fn boot_node(&mut self) {
+        let root = self.root.clone();
+        let logs = root.join("logs");
+        let pki = Pki {
+            dir: root.join("pki"),
+        };
+        let kubelet_kubeconfig = root.join("kubelet.kubeconfig");
 
         // containerd, with its own root, state and socket.
         let c = root.join("containerd");
@@ -544,6 +582,31 @@ maxPods: {max_pods}
             .arg("-v=2");
         *self.kubelet.lock().expect("kubelet lock") =
             Some(Proc::spawn("kubelet", cmd, &self.root.join("logs")));
+    }
+
+    /// Starts kube-apiserver with the arguments of the boot (it must not be running) and
+    /// waits until it answers `/readyz`.
+    pub fn start_apiserver(&self) {
+        {
+            let mut apiserver = self.apiserver.lock().expect("apiserver lock");
+            assert!(apiserver.is_none(), "kube-apiserver already runs");
+            let mut cmd = Command::new(peer("kube-apiserver"));
+            cmd.args(&self.apiserver_args);
+            *apiserver = Some(Proc::spawn("kube-apiserver", cmd, &self.root.join("logs")));
+        }
+        self.wait("kube-apiserver answers /readyz", || {
+            let out = self.kubectl_output(&["get", "--raw", "/readyz"]);
+            (out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok")
+                .then_some(())
+        });
+    }
+
+    /// Stops kube-apiserver (SIGTERM, then SIGKILL after 5 s): every client of the API,
+    /// the kubelet too, finds it unreachable until [`Cluster::start_apiserver`].
+    pub fn stop_apiserver(&self) {
+        if let Some(mut a) = self.apiserver.lock().expect("apiserver lock").take() {
+            a.stop_within(Duration::from_secs(5));
+        }
     }
 
     /// Stops the kubelet (SIGTERM) and starts it again with the same configuration; waits
@@ -753,7 +816,7 @@ maxPods: {max_pods}
         if let Some(mut c) = self.containerd.take() {
             c.stop_within(Duration::from_secs(5));
         }
-        if let Some(mut a) = self.apiserver.take() {
+        if let Ok(Some(mut a)) = self.apiserver.get_mut().map(Option::take) {
             a.stop_within(Duration::from_secs(5));
         }
         if let Some(mut e) = self.etcd.take() {
