@@ -26,7 +26,8 @@ use tonic::Status;
 use crate::csi::pod_mode::{PodPublish, PodVolumeHandler};
 use crate::identity::DelegatedSource;
 use crate::identity::supervisor::Backoff;
-use crate::k8s::Pods;
+use crate::k8s::events::{ACTION_PUBLISH_VOLUME, POD_VOLUME_REFUSED, PodEvents};
+use crate::k8s::{PodRef, Pods};
 use crate::sds::PodSds;
 use crate::telemetry::metrics::Metrics;
 
@@ -69,6 +70,8 @@ pub struct PodVolumes {
     shared: Shared,
     pods: Pods,
     volumes: Mutex<HashMap<String, RunningVolume>>,
+    /// Refused publishes become an Event on the pod (besides the kubelet's FailedMount).
+    events: Option<PodEvents>,
     shutdown: CancellationToken,
 }
 
@@ -100,6 +103,7 @@ impl PodVolumes {
             config,
             state,
             shared,
+            events: PodEvents::new(&pods),
             pods,
             volumes: Mutex::default(),
             shutdown,
@@ -164,10 +168,19 @@ impl PodVolumes {
         if let Some(running) = self.lock().get(&request.volume_id) {
             return Ok(running.dir().to_path_buf());
         }
+        let pod = named_pod(&request);
         let result = self.first_publish(request).await;
         if let Err(status) = &result {
             self.shared.metrics.refused.inc();
             tracing::warn!(error = %status.message(), "pod-mode volume refused");
+            if let (Some(pod), Some(events)) = (pod, &self.events) {
+                let note = format!("svid-bridge refused the pod-mode CSI volume: {}", status.message());
+                // The pod view's UID for that name: a forged UID gets no Event of its own.
+                events
+                    .clone()
+                    .warn(&pod, None, POD_VOLUME_REFUSED, ACTION_PUBLISH_VOLUME, note)
+                    .await;
+            }
         }
         result
     }
@@ -274,6 +287,16 @@ impl PodVolumes {
         }
         self.state.remove_volume(&volume_id);
     }
+}
+
+/// The pod a publish names (not yet verified): where an Event about it goes.
+fn named_pod(request: &PodPublish) -> Option<PodRef> {
+    let context = &request.volume_context;
+    Some(PodRef {
+        namespace: context.get(attributes::POD_NAMESPACE)?.clone(),
+        name: context.get(attributes::POD_NAME)?.clone(),
+        container: None,
+    })
 }
 
 impl PodVolumeHandler for PodVolumes {

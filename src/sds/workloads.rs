@@ -288,7 +288,7 @@ impl WorkloadsReporter {
             if !seen.insert(format!("{:?} {:?}", record.workload, record.pid)) {
                 continue;
             }
-            let Some(SvidState::Ready(svids)) = self.cache.svids_of(record.workload) else {
+            let Some(SvidState::Ready(svids)) = self.cache.svids_of(&record.workload) else {
                 continue;
             };
             let Some(pod) = self.pod_of(&record) else {
