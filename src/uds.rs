@@ -70,7 +70,7 @@ impl SocketAccess {
 /// `chmod` the socket is never looser than its final mode.
 pub fn bind(path: &Path, access: SocketAccess) -> Result<UnixListener, UdsError> {
     remove_stale_socket(path)?;
-    let listener = UnixListener::bind(path).map_err(|source| UdsError::Bind {
+    let listener = bind_long(path).map_err(|source| UdsError::Bind {
         path: path.to_path_buf(),
         source,
     })?;
@@ -83,6 +83,25 @@ pub fn bind(path: &Path, access: SocketAccess) -> Result<UnixListener, UdsError>
         }
     })?;
     Ok(listener)
+}
+
+/// `sun_path` holds 107 bytes; a longer path (a pod-mode volume under
+/// `/var/lib/kubelet/plugins/csi.spiffe.io/pod-volumes/csi-<64 hex>/socket` is 127) is bound
+/// through its directory's `/proc/self/fd/<n>` link, which is short whatever the depth.
+fn bind_long(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::io::AsRawFd;
+    const SUN_PATH_MAX: usize = 107;
+    if path.as_os_str().len() <= SUN_PATH_MAX {
+        return UnixListener::bind(path);
+    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return UnixListener::bind(path);
+    };
+    let dir = std::fs::File::open(dir)?;
+    let short = Path::new("/proc/self/fd")
+        .join(dir.as_raw_fd().to_string())
+        .join(name);
+    UnixListener::bind(short)
 }
 
 /// The connections a gRPC server built with `serve_with_incoming` accepts on `listener`.
@@ -166,6 +185,7 @@ pub fn remove_socket_on_shutdown(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileTypeExt;
 
     #[tokio::test]
     async fn stale_socket_is_replaced_and_mode_is_set() {
@@ -197,5 +217,28 @@ mod tests {
         let _l = bind(&path, SocketAccess::World).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o666);
+    }
+
+    /// A pod-mode volume's socket under the kubelet's plugin directory is longer than
+    /// `sun_path`: it is bound anyway, where it was asked for.
+    #[tokio::test]
+    async fn paths_longer_than_sun_path_are_bound_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir
+            .path()
+            .join("plugins/csi.spiffe.io/pod-volumes")
+            .join(format!("csi-{}", "a".repeat(64)));
+        std::fs::create_dir_all(&deep).unwrap();
+        let path = deep.join("socket");
+        assert!(path.as_os_str().len() > 107);
+        let listener = bind(&path, SocketAccess::World).unwrap();
+        assert!(
+            std::fs::symlink_metadata(&path)
+                .unwrap()
+                .file_type()
+                .is_socket()
+        );
+        let addr = listener.local_addr().unwrap();
+        assert!(addr.as_pathname().is_some());
     }
 }

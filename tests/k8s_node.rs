@@ -112,6 +112,10 @@ fn k8s_node_scenarios() {
             pod_view_names_pods,
         ),
         (
+            "pod_mode_volumes_do_mtls_write_files_and_refuse_forged_pods",
+            pod_mode_volumes,
+        ),
+        (
             "volume_without_read_only_gets_the_p1_event",
             volume_without_read_only,
         ),
@@ -333,6 +337,21 @@ fn current_bridge_pod(env: &Env) -> String {
 /// An Envoy pod from envoy/sidecar.yaml: outbound to `upstream` (expecting its SPIFFE ID),
 /// inbound accepting `allowed`.
 fn envoy_pod(env: &Env, w: &Workload, upstream: &Workload, allowed: &str, read_only: bool) {
+    let mut csi = serde_json::json!({"driver": DRIVER});
+    if read_only {
+        csi["readOnly"] = serde_json::json!(true);
+    }
+    envoy_pod_with_volume(env, w, upstream, allowed, csi);
+}
+
+/// As [`envoy_pod`], with the CSI volume source `csi`.
+fn envoy_pod_with_volume(
+    env: &Env,
+    w: &Workload,
+    upstream: &Workload,
+    allowed: &str,
+    csi: serde_json::Value,
+) {
     let vars: BTreeMap<&str, String> = [
         ("NODE_ID", w.name.clone()),
         ("ADMIN_PORT", w.admin.to_string()),
@@ -347,10 +366,6 @@ fn envoy_pod(env: &Env, w: &Workload, upstream: &Workload, allowed: &str, read_o
     .into_iter()
     .collect();
     let config = k8s_deploy::envoy_sidecar_config(&vars);
-    let mut csi = serde_json::json!({"driver": DRIVER});
-    if read_only {
-        csi["readOnly"] = serde_json::json!(true);
-    }
     let sa = serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount",
         "metadata": {"name": w.sa, "namespace": APPS_NS}});
     let pod = k8s_deploy::envoy_pod(&w.name, &w.sa, &w.name, &w.name, csi);
@@ -639,30 +654,7 @@ fn host_pid_in_pod(uid: &str, comm: &str) -> Option<u32> {
 
 /// Everything the current bridge pod's container logged (the kubelet's pod log files).
 fn bridge_pod_logs(env: &Env) -> String {
-    let prefix = format!("{BRIDGE_NS}_{}_", current_bridge_pod(env));
-    let mut text = String::new();
-    let Ok(dirs) = std::fs::read_dir(env.cluster.root().join("pod-logs")) else {
-        return text;
-    };
-    for dir in dirs.flatten() {
-        if !dir.file_name().to_string_lossy().starts_with(&prefix) {
-            continue;
-        }
-        for container in std::fs::read_dir(dir.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            for file in std::fs::read_dir(container.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                text.push_str(&std::fs::read_to_string(file.path()).unwrap_or_default());
-            }
-        }
-    }
-    text
+    pod_logs(env, BRIDGE_NS, &current_bridge_pod(env))
 }
 
 /// The bridge, with the chart's RBAC and nothing else, watches exactly this node's pods and
@@ -814,6 +806,192 @@ fn mount_count(env: &Env, uid: &str) -> usize {
         .iter()
         .filter(|m| **m == target)
         .count()
+}
+
+/// #15 on the real kubelet: two Envoy pods whose volumes say `mode: pod` each get their own
+/// socket (verified against the API server: `--pod-fields api`, the chart's default) and do
+/// mTLS with each other's SPIFFE IDs; a non-root pod with `files: "true"` and an fsGroup
+/// reads its key; a NodePublishVolume with a forged service account is refused, mounts
+/// nothing, and leaves a PodVolumeRefused Event on the pod it named; deleting the pods
+/// removes every pod-mode volume.
+fn pod_mode_volumes(env: &Env) {
+    let server = &env.spire_server_socket;
+    for sa in ["d", "e", "files"] {
+        k8s_deploy::create_entry(server, &id(APPS_NS, sa), APPS_NS, sa);
+    }
+    let d = Workload::new("envoy-d", "d");
+    let e = Workload::new("envoy-e", "e");
+    let pod_mode = serde_json::json!({"driver": DRIVER, "readOnly": true,
+        "volumeAttributes": {"mode": "pod"}});
+    envoy_pod_with_volume(env, &d, &e, &id(APPS_NS, "e"), pod_mode.clone());
+    envoy_pod_with_volume(env, &e, &d, &id(APPS_NS, "d"), pod_mode);
+    let (status, peer_seen_by_e, verified_by_d) =
+        wait(env, "d → e over mTLS (pod-mode volumes)", || {
+            call_through(&d).filter(|r| r.0 == 200)
+        });
+    assert_eq!(status, 200);
+    assert_eq!(peer_seen_by_e, id(APPS_NS, "d"));
+    assert_eq!(verified_by_d, id(APPS_NS, "e"));
+    let state = env
+        .cluster
+        .kubelet_root()
+        .join("plugins")
+        .join(DRIVER)
+        .join("pod-volumes");
+    for w in [&d, &e] {
+        let uid = pod_uid(env, APPS_NS, &w.name);
+        assert_eq!(mount_count(env, &uid), 1, "{} mounted once", w.name);
+        // Its own tmpfs, not the shared socket directory.
+        assert!(csi_target(env, &uid).join("socket").exists());
+        assert!(!csi_target(env, &uid).join("spire-agent.sock").exists());
+    }
+    let records = std::fs::read_dir(&state)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .count();
+    assert_eq!(
+        records,
+        2,
+        "one record per pod-mode volume in {}",
+        state.display()
+    );
+
+    // Files for a non-root application: its fsGroup reads the key (PI-38, PI-45).
+    let files_pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "files-reader", "namespace": APPS_NS},
+        "spec": {
+            "nodeName": NODE_NAME, "hostNetwork": true, "serviceAccountName": "files",
+            "automountServiceAccountToken": false, "terminationGracePeriodSeconds": 1,
+            "securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 4242},
+            "containers": [{"name": "reader", "image": BUSYBOX_IMAGE, "imagePullPolicy": "Never",
+                "command": ["sh", "-c", "head -c 27 /spiffe/svid_key.pem && echo && head -c 27 /spiffe/svid.pem && echo && sleep 3600"],
+                "volumeMounts": [{"name": "spiffe", "mountPath": "/spiffe", "readOnly": true}]}],
+            "volumes": [{"name": "spiffe", "csi": {"driver": DRIVER, "readOnly": true,
+                "volumeAttributes": {"mode": "pod", "files": "true"}}}],
+        },
+    });
+    let files_sa = serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "files", "namespace": APPS_NS}});
+    env.cluster.apply(&files_sa.to_string());
+    env.cluster.apply(&files_pod.to_string());
+    wait(
+        env,
+        "the non-root reader prints its key's and certificate's first lines",
+        || {
+            let logs = pod_logs(env, APPS_NS, "files-reader");
+            (logs.contains("-----BEGIN PRIVATE KEY-----")
+                && logs.contains("-----BEGIN CERTIFICATE-----"))
+            .then_some(())
+        },
+    );
+    let files_uid = pod_uid(env, APPS_NS, "files-reader");
+    let svid = csi_target(env, &files_uid).join("svid.pem");
+    assert_eq!(common::spire::leaf_spiffe_id(&svid), id(APPS_NS, "files"));
+
+    // A forging kubelet: d's UID with e's service account.
+    let d_uid = pod_uid(env, APPS_NS, &d.name);
+    let forged_parent = env
+        .cluster
+        .kubelet_root()
+        .join("pods")
+        .join(&d_uid)
+        .join("volumes/kubernetes.io~csi/forged");
+    std::fs::create_dir_all(&forged_parent).unwrap();
+    let forged_target = forged_parent.join("mount");
+    let mut request = common::csi::publish_request("csi-forged", &forged_target);
+    request.secrets.clear();
+    request.volume_context = [
+        ("csi.storage.k8s.io/ephemeral", "true"),
+        ("csi.storage.k8s.io/pod.name", d.name.as_str()),
+        ("csi.storage.k8s.io/pod.namespace", APPS_NS),
+        ("csi.storage.k8s.io/pod.uid", d_uid.as_str()),
+        ("csi.storage.k8s.io/serviceAccount.name", "e"),
+        ("mode", "pod"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let csi_socket = env
+        .cluster
+        .kubelet_root()
+        .join("plugins")
+        .join(DRIVER)
+        .join("csi.sock");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let err = rt
+        .block_on(async {
+            common::csi::node_client(&csi_socket)
+                .await
+                .node_publish_volume(request)
+                .await
+        })
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("serviceAccount e") && err.message().contains("serviceAccount d"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        Cluster::mounts_under(&forged_parent).is_empty(),
+        "nothing mounted for a forged pod"
+    );
+    wait(
+        env,
+        "a PodVolumeRefused Event on the pod the forgery named",
+        || {
+            events_for(&env.cluster, APPS_NS, &d.name)
+                .into_iter()
+                .find(|(reason, _)| reason == "PodVolumeRefused")
+        },
+    );
+
+    for name in [d.name.as_str(), e.name.as_str(), "files-reader"] {
+        env.cluster
+            .kubectl(&["delete", "pod", "-n", APPS_NS, name, "--wait=true"]);
+    }
+    wait(
+        env,
+        "every pod-mode volume removed (records, tmpfs mounts)",
+        || {
+            let left = std::fs::read_dir(&state).ok()?.flatten().count();
+            (left == 0 && Cluster::mounts_under(&state).is_empty()).then_some(())
+        },
+    );
+}
+
+/// What container logs the kubelet wrote for pod `ns/name`.
+fn pod_logs(env: &Env, ns: &str, name: &str) -> String {
+    let prefix = format!("{ns}_{name}_");
+    let mut text = String::new();
+    for dir in std::fs::read_dir(env.cluster.root().join("pod-logs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if !dir.file_name().to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        for container in std::fs::read_dir(dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for file in std::fs::read_dir(container.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                text.push_str(&std::fs::read_to_string(file.path()).unwrap_or_default());
+            }
+        }
+    }
+    text
 }
 
 fn kubelet_restart(env: &Env) {
@@ -1024,8 +1202,25 @@ fn uninstall_leaves_nothing(env: &Env) {
         "the SDS socket is removed"
     );
     let csi_dir = kubelet.join("plugins").join(DRIVER);
-    let leftovers: Vec<_> = std::fs::read_dir(&csi_dir)
+    // The pod-mode state directory (a hostPath the kubelet created) stays, empty, with
+    // nothing mounted under it: every volume was unpublished with its pod.
+    let pod_volumes = csi_dir.join("pod-volumes");
+    let in_pod_volumes: Vec<_> = std::fs::read_dir(&pod_volumes)
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        in_pod_volumes.is_empty(),
+        "{}: {in_pod_volumes:?}",
+        pod_volumes.display()
+    );
+    assert!(Cluster::mounts_under(&pod_volumes).is_empty());
+    let leftovers: Vec<_> = std::fs::read_dir(&csi_dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name())
+                .filter(|name| name != "pod-volumes")
+                .collect()
+        })
         .unwrap_or_default();
     assert!(leftovers.is_empty(), "{}: {leftovers:?}", csi_dir.display());
     let pod_mounts: Vec<_> = Cluster::mounts_under(&kubelet.join("pods"))

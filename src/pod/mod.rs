@@ -174,7 +174,10 @@ impl PodVolumes {
             self.shared.metrics.refused.inc();
             tracing::warn!(error = %status.message(), "pod-mode volume refused");
             if let (Some(pod), Some(events)) = (pod, &self.events) {
-                let note = format!("svid-bridge refused the pod-mode CSI volume: {}", status.message());
+                let note = format!(
+                    "svid-bridge refused the pod-mode CSI volume: {}",
+                    status.message()
+                );
                 // The pod view's UID for that name: a forged UID gets no Event of its own.
                 events
                     .clone()
