@@ -146,6 +146,17 @@ mount_ns_test! {
         let web_served = served_id(&web_target.join("socket"), &bridge).await;
         assert!(web_served.starts_with(&format!("cert@{web_id}@")), "{web_served}");
 
+        // `svid-bridge inspect` looks at a pod-mode volume through its socket, as the pod's
+        // Envoy would.
+        let out = std::process::Command::new(common::bridge_binary())
+            .args(["inspect", "--sds-socket"])
+            .arg(db_target.join("socket"))
+            .arg("default")
+            .output()
+            .unwrap();
+        let printed = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && printed.contains(&db_id), "{printed}{}", String::from_utf8_lossy(&out.stderr));
+
         // A republish (requiresRepublish, a kubelet restart) answers OK and mounts nothing new.
         let (request, _) = db.publish(&node, &[]);
         csi.node_publish_volume(request).await.unwrap();
@@ -240,15 +251,25 @@ mount_ns_test! {
     async fn a_restart_serves_every_pod_volume_again() {
         const PODS: usize = 20;
         let spire = block(|| Spire::start(spire_options_for_bridge("example.org")));
-        let id = entry(&spire, "ns/apps/sa/app", &["k8s:ns:apps".into(), "k8s:sa:app".into()]);
+        // A short X.509 TTL: the agent renews within the test, so the files volumes must be
+        // rewritten by the restarted bridge.
+        let id = spire.id("ns/apps/sa/app");
+        spire.create_entry(&EntrySpec {
+            spiffe_id: id.clone(),
+            selectors: vec!["k8s:ns:apps".into(), "k8s:sa:app".into()],
+            x509_svid_ttl: Some(30),
+            ..EntrySpec::default()
+        });
         let node = NodeDirs::new();
         let mut bridge = block(|| start_bridge(&spire, &node, &[]));
         let mut csi = node_client(&node.csi_socket()).await;
         let mut targets = Vec::new();
         for i in 0..PODS {
             let pod = Pod::new("apps", &format!("app-{i}"), "app");
-            let (request, target) = pod.publish(&node, &[]);
-            csi.node_publish_volume(request).await.unwrap();
+            // Every other volume also has files.
+            let attributes: &[(&str, &str)] = if i % 2 == 0 { &[("files", "true")] } else { &[] };
+            let (request, target) = pod.publish(&node, attributes);
+            csi.node_publish_volume(request).await.unwrap_or_else(|e| panic!("{e:?}\n{}", bridge.logs()));
             targets.push(target);
         }
         for target in &targets {
@@ -267,6 +288,15 @@ mount_ns_test! {
         let all_back_ms = restarted.elapsed().as_millis();
         let logs = bridge.logs();
         assert!(logs.contains("pod-mode volumes recovered"), "{logs}");
+        // Files keep rotating: each files volume gets a new leaf from the restarted bridge.
+        let files: Vec<&PathBuf> = targets.iter().step_by(2).collect();
+        let leaves: Vec<Vec<u8>> = files.iter().map(|t| std::fs::read(t.join("svid.pem")).unwrap()).collect();
+        block(|| common::wait_until(Duration::from_secs(90), "every files volume rewritten after a rotation", || {
+            files.iter().zip(&leaves).all(|(t, old)| std::fs::read(t.join("svid.pem")).unwrap() != *old).then_some(())
+        }));
+        for target in &files {
+            assert_eq!(common::spire::leaf_spiffe_id(&target.join("svid.pem")), id);
+        }
         // The restarted bridge unpublishes what its predecessor published.
         let mut csi = node_client(&node.csi_socket()).await;
         for (i, target) in targets.iter().enumerate() {
