@@ -329,26 +329,12 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         &self,
         _request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let identity = Arc::clone(&self.identity);
-        let stream = follow(
-            self.identity.svids(),
+        let stream = self.follow_bundles(
             self.identity.bundles(),
-            self.shutdown.clone(),
-            move |state, bundles: &Option<SharedBundles>| {
-                let svids = match issued(state, &*identity) {
-                    Ok(svids) => svids,
-                    Err(step) => return step,
-                };
-                let Some(bundles) = bundles else {
-                    return Step::Wait;
-                };
-                match visible_bundles(&svids, |td| bundles.get(td).map(<[Vec<u8>]>::concat)) {
-                    Some(bundles) => Step::Send(X509BundlesResponse {
-                        crl: Vec::new(),
-                        bundles: bundles.into_iter().collect(),
-                    }),
-                    None => Step::Wait,
-                }
+            |bundles: &SharedBundles, td: &str| bundles.get(td).map(<[Vec<u8>]>::concat),
+            |bundles| X509BundlesResponse {
+                crl: Vec::new(),
+                bundles: bundles.into_iter().collect(),
             },
         );
         Ok(Response::new(stream))
@@ -397,25 +383,11 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         &self,
         _request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let identity = Arc::clone(&self.identity);
-        let stream = follow(
-            self.identity.svids(),
+        let stream = self.follow_bundles(
             self.identity.jwt_bundles(),
-            self.shutdown.clone(),
-            move |state, bundles: &Option<JwtBundles>| {
-                let svids = match issued(state, &*identity) {
-                    Ok(svids) => svids,
-                    Err(step) => return step,
-                };
-                let Some(bundles) = bundles else {
-                    return Step::Wait;
-                };
-                match visible_bundles(&svids, |td| bundles.get(td).cloned()) {
-                    Some(bundles) => Step::Send(JwtBundlesResponse {
-                        bundles: bundles.into_iter().collect(),
-                    }),
-                    None => Step::Wait,
-                }
+            |bundles: &JwtBundles, td: &str| bundles.get(td).cloned(),
+            |bundles| JwtBundlesResponse {
+                bundles: bundles.into_iter().collect(),
             },
         );
         Ok(Response::new(stream))
@@ -452,6 +424,41 @@ impl SpiffeWorkloadApi for WorkloadApiService {
 }
 
 impl WorkloadApiService {
+    /// FetchX509Bundles and FetchJWTBundles: the bundles of the workload's own and federated
+    /// trust domains from `bundles` (the node's, PI-8), sent again whenever they or the
+    /// workload's SVIDs change what it may see.
+    fn follow_bundles<B, V, R>(
+        &self,
+        bundles: watch::Receiver<Option<B>>,
+        lookup: fn(&B, &str) -> Option<V>,
+        respond: fn(BTreeMap<String, V>) -> R,
+    ) -> ResponseStream<R>
+    where
+        B: Send + Sync + 'static,
+        V: 'static,
+        R: PartialEq + Clone + Send + 'static,
+    {
+        let identity = Arc::clone(&self.identity);
+        follow(
+            self.identity.svids(),
+            bundles,
+            self.shutdown.clone(),
+            move |state, bundles: &Option<B>| {
+                let svids = match issued(state, &*identity) {
+                    Ok(svids) => svids,
+                    Err(step) => return step,
+                };
+                let Some(bundles) = bundles else {
+                    return Step::Wait;
+                };
+                match visible_bundles(&svids, |td| lookup(bundles, td)) {
+                    Some(visible) => Step::Send(respond(visible)),
+                    None => Step::Wait,
+                }
+            },
+        )
+    }
+
     /// The agent's answer to FetchJWTSVIDs, as the workload should see it: "no identity" as
     /// the Workload API words it; anything else is the agent's trouble, so `Unavailable`
     /// (clients retry, PI-54).
