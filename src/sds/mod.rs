@@ -145,7 +145,8 @@ impl PodSds {
             max: self.limits.max_connections,
             metrics: Arc::clone(&self.metrics),
         };
-        socket::serve(path, self.proc_root.clone(), limit, shutdown)
+        // The volume holds the pod's subscription already: nothing to warm.
+        socket::serve(path, self.proc_root.clone(), None, limit, shutdown)
     }
 
     pub fn max_streams_per_connection(&self) -> u32 {
@@ -243,9 +244,14 @@ impl SdsServer {
             max: self.limits.max_connections,
             metrics: self.metrics,
         };
+        let warm = self
+            .service
+            .subscribes_by_process()
+            .then(|| self.service.cache());
         let incoming = socket::serve(
             self.socket.clone(),
             self.proc_root.clone(),
+            warm,
             limit,
             shutdown.clone(),
         )?;

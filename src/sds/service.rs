@@ -130,6 +130,11 @@ impl SdsService {
         }
     }
 
+    /// Whether callers are attested by their process (so a connection names its workload).
+    pub fn subscribes_by_process(&self) -> bool {
+        self.caller_identity == CallerIdentity::Process
+    }
+
     pub fn cache(&self) -> Arc<Cache> {
         Arc::clone(&self.cache)
     }

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Connected, UdsConnectInfo};
 
 use super::metrics::SdsMetrics;
-use crate::identity::{PinnedProcess, ProcRoot};
+use crate::identity::{Cache, PinnedProcess, ProcRoot};
 use crate::uds::{self, AuthorityFixingStream, SocketAccess, UdsError};
 
 /// How often the socket's presence is checked.
@@ -110,7 +110,12 @@ pub struct Connection {
 }
 
 impl Connection {
-    fn accept(stream: UnixStream, proc_root: &ProcRoot, slot: Slot) -> Self {
+    fn accept(
+        stream: UnixStream,
+        proc_root: &ProcRoot,
+        warm: Option<&Arc<Cache>>,
+        slot: Slot,
+    ) -> Self {
         let uds = stream.connect_info();
         let process = uds
             .peer_cred
@@ -118,6 +123,13 @@ impl Connection {
             .filter(|pid| *pid > 0)
             .and_then(|pid| proc_root.pin_pid(pid))
             .map(Arc::new);
+        // Envoy's first request arrives after the HTTP/2 handshake: start (or join) the
+        // caller's upstream subscription now, so the agent's answer races the handshake
+        // instead of following it. Dropped at once; the cache's linger keeps it for the
+        // stream that follows (#17).
+        if let (Some(cache), Some(process)) = (warm, &process) {
+            drop(cache.subscribe_process(process));
+        }
         Self {
             io: AuthorityFixingStream::new(stream),
             peer: PeerInfo { uds, process },
@@ -176,9 +188,11 @@ impl AsyncWrite for Connection {
 
 /// Binds `path` and yields its connections until `shutdown`, re-binding whenever the file
 /// at `path` stops being the socket we bound.
+/// With `warm`, each caller's subscription starts at accept (see [`Connection::accept`]).
 pub fn serve(
     path: PathBuf,
     proc_root: ProcRoot,
+    warm: Option<Arc<Cache>>,
     limit: ConnectionLimit,
     shutdown: CancellationToken,
 ) -> Result<ReceiverStream<io::Result<Connection>>, UdsError> {
@@ -189,7 +203,9 @@ pub fn serve(
         open: Arc::new(AtomicUsize::new(0)),
         last_warning: None,
     };
-    tokio::spawn(accept_loop(path, listener, proc_root, slots, tx, shutdown));
+    tokio::spawn(accept_loop(
+        path, listener, proc_root, warm, slots, tx, shutdown,
+    ));
     Ok(ReceiverStream::new(rx))
 }
 
@@ -197,6 +213,7 @@ async fn accept_loop(
     path: PathBuf,
     mut listener: UnixListener,
     proc_root: ProcRoot,
+    warm: Option<Arc<Cache>>,
     mut slots: Slots,
     tx: mpsc::Sender<io::Result<Connection>>,
     shutdown: CancellationToken,
@@ -210,7 +227,7 @@ async fn accept_loop(
                 Ok((stream, _)) => {
                     // Over the limit, the stream is dropped here: closed at once.
                     let Some(slot) = slots.take() else { continue };
-                    if tx.send(Ok(Connection::accept(stream, &proc_root, slot))).await.is_err() {
+                    if tx.send(Ok(Connection::accept(stream, &proc_root, warm.as_ref(), slot))).await.is_err() {
                         return;
                     }
                 }
