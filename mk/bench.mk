@@ -11,6 +11,10 @@
 #                     holds its SVID, and the node's memory, svid-bridge vs. spiffe-csi-driver
 #                     + the agent's SDS (knobs: BENCH_K8S_SETUPS, BENCH_K8S_LATENCY_PODS,
 #                     BENCH_K8S_RSS_AT); waits for the node lock like `make test`
+#   make bench-pods   pod-mode CSI volumes (#15): publish → first SVID (files / Workload API),
+#                     bridge memory per volume vs. shared volumes, files rewritten per
+#                     rotation, and `spire-agent api fetch x509 -write` per pod as the nearest
+#                     reference (knobs: BENCH_PODS_N, BENCH_PODS_TTL)
 #
 # Needs root (the CSI benchmark bind-mounts inside `unshare -m --propagation private`; the
 # Kubernetes one runs a kubelet) and a few GiB of free memory: 1,000 sidecar processes run at
@@ -25,6 +29,8 @@ BENCH_CSI_MOUNTS ?= 10000
 BENCH_K8S_SETUPS ?= bridge,csi
 BENCH_K8S_LATENCY_PODS ?= 50
 BENCH_K8S_RSS_AT ?= 10,50,110
+BENCH_PODS_N ?= 200
+BENCH_PODS_TTL ?= 30
 
 BENCH_SDS_CMD = SB_BENCH_N=$(BENCH_N) SB_BENCH_REPS=$(BENCH_REPS) SB_BENCH_SVID_TTL=$(BENCH_SVID_TTL) \
 	$(CARGO) bench --bench sds_fanout
@@ -32,12 +38,14 @@ BENCH_CSI_CMD = SB_CSI_CYCLES=$(BENCH_CSI_CYCLES) SB_CSI_EXTRA_MOUNTS=$(BENCH_CS
 	$(CARGO) bench --bench csi_compare
 BENCH_K8S_CMD = SB_K8S_SETUPS=$(BENCH_K8S_SETUPS) SB_K8S_LATENCY_PODS=$(BENCH_K8S_LATENCY_PODS) \
 	SB_K8S_RSS_AT=$(BENCH_K8S_RSS_AT) $(CARGO) bench --bench k8s_pods
+BENCH_PODS_CMD = SB_PODS_N=$(BENCH_PODS_N) SB_PODS_TTL=$(BENCH_PODS_TTL) \
+	$(CARGO) bench --bench pod_volumes
 
-.PHONY: bench bench-peers bench-build bench-sds bench-csi bench-k8s
+.PHONY: bench bench-peers bench-build bench-sds bench-csi bench-k8s bench-pods
 
 bench: bench-peers bench-build
 	@start=$$(date +%s); \
-	$(BENCH_SDS_CMD) && $(BENCH_CSI_CMD) && $(BENCH_K8S_CMD); \
+	$(BENCH_SDS_CMD) && $(BENCH_CSI_CMD) && $(BENCH_K8S_CMD) && $(BENCH_PODS_CMD); \
 	rc=$$?; echo "bench: measurements took $$(( $$(date +%s) - start )) s; results in benches/results/"; exit $$rc
 
 bench-peers:
@@ -47,7 +55,7 @@ bench-peers:
 # The bench profile is the release profile: `cargo bench` runs target/release/svid-bridge.
 bench-build:
 	$(CARGO) build --release --bin svid-bridge
-	$(CARGO) bench --no-run --bench sds_fanout --bench csi_compare --bench k8s_pods
+	$(CARGO) bench --no-run --bench sds_fanout --bench csi_compare --bench k8s_pods --bench pod_volumes
 
 bench-sds: bench-build
 	$(BENCH_SDS_CMD)
@@ -57,3 +65,6 @@ bench-csi: bench-build
 
 bench-k8s: bench-build
 	$(BENCH_K8S_CMD)
+
+bench-pods: bench-build
+	$(BENCH_PODS_CMD)
