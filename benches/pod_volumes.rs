@@ -1,4 +1,4 @@
-//! Pod-mode CSI volumes (issue #15, docs/pod-identity.md): what a `mode: pod` volume costs,
+//! Pod-mode CSI volumes (issue #15, docs/pod-mode.md): what a `mode: pod` volume costs,
 //! measured on the release binary with real SPIRE 1.13.3 (the test kit). The benchmark plays
 //! the kubelet as tests/pod_identity.rs does: NodePublishVolume / NodeUnpublishVolume on the
 //! bridge's CSI socket with the pod fields `podInfoOnMount` passes (`--pod-fields

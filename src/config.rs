@@ -242,7 +242,7 @@ pub struct RunArgs {
 
     /// Pod-scoped identity: CSI volumes with `volumeAttributes: {mode: pod}` get their own
     /// socket (SPIFFE Workload API + SDS) and, with `files: "true"`, SVID files
-    /// (docs/pod-identity.md). Needs the CSI plugin and the Delegated Identity API.
+    /// (docs/pod-mode.md). Needs the CSI plugin and the Delegated Identity API.
     #[arg(long, value_enum, default_value_t, env = "SVID_BRIDGE_POD_MODE")]
     pub pod_mode: PodModeSwitch,
 

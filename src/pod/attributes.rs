@@ -1,5 +1,5 @@
 //! A pod-mode volume's request: the pod author's `volumeAttributes` (one table in
-//! docs/pod-identity.md) and the pod fields the kubelet adds with `podInfoOnMount` (PI-39).
+//! docs/pod-mode.md) and the pod fields the kubelet adds with `podInfoOnMount` (PI-39).
 
 use std::collections::HashMap;
 
