@@ -162,6 +162,80 @@ mod tests {
         );
     }
 
+    /// Lines logged while `f` runs, through a subscriber of this thread only.
+    async fn logged<F: std::future::Future<Output = ()>>(f: F) -> String {
+        #[derive(Clone, Default)]
+        struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        f.await;
+        let bytes = captured
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    fn pod(name: &str) -> Pod {
+        let mut pod = Pod::default();
+        pod.metadata.name = Some(name.into());
+        pod
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_resumed_watch_says_it_recovered_at_its_first_event() {
+        // What kube's watcher yields when the API server goes away and comes back: the
+        // watch resumes from its resource version (no re-list) and is silent until a change.
+        let events = futures::stream::iter(vec![
+            Ok(Event::Init),
+            Ok(Event::InitApply(pod("a"))),
+            Ok(Event::InitDone),
+            Err(watcher::Error::NoResourceVersion),
+            Err(watcher::Error::NoResourceVersion),
+            Ok(Event::Apply(pod("b"))),
+            Err(watcher::Error::NoResourceVersion),
+            Ok(Event::Init),
+            Ok(Event::InitDone),
+        ]);
+        let text = logged(follow(events, "sb-node")).await;
+        let lines: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.split_once("svid_bridge::k8s::watch: "))
+            .map(|(_, msg)| msg)
+            .collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        assert!(lines[0].starts_with("watching this node's pods node=\"sb-node\" pods=1"));
+        assert!(lines[1].starts_with("the pod watch failed"), "{text}");
+        assert!(
+            lines[2].starts_with("the pod watch recovered (resumed)"),
+            "{text}"
+        );
+        assert!(lines[3].starts_with("the pod watch failed"), "{text}");
+        assert!(
+            lines[4].starts_with("the pod watch recovered (re-listed)"),
+            "{text}"
+        );
+    }
+
     #[tokio::test]
     async fn off_never_touches_the_environment() {
         let pods = start(
