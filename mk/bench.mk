@@ -11,6 +11,9 @@
 #                     holds its SVID, and the node's memory, svid-bridge vs. spiffe-csi-driver
 #                     + the agent's SDS (knobs: BENCH_K8S_SETUPS, BENCH_K8S_LATENCY_PODS,
 #                     BENCH_K8S_RSS_AT); waits for the node lock like `make test`
+#   make bench-pod-view  the pod view's memory at 0/110/1,000 pods and its API requests per
+#                     minute, on the test node's etcd + kube-apiserver only (knobs:
+#                     BENCH_POD_VIEW_AT, BENCH_POD_VIEW_WINDOW seconds)
 #
 # Needs root (the CSI benchmark bind-mounts inside `unshare -m --propagation private`; the
 # Kubernetes one runs a kubelet) and a few GiB of free memory: 1,000 sidecar processes run at
@@ -25,6 +28,8 @@ BENCH_CSI_MOUNTS ?= 10000
 BENCH_K8S_SETUPS ?= bridge,csi
 BENCH_K8S_LATENCY_PODS ?= 50
 BENCH_K8S_RSS_AT ?= 10,50,110
+BENCH_POD_VIEW_AT ?= 0,110,1000
+BENCH_POD_VIEW_WINDOW ?= 300
 
 BENCH_SDS_CMD = SB_BENCH_N=$(BENCH_N) SB_BENCH_REPS=$(BENCH_REPS) SB_BENCH_SVID_TTL=$(BENCH_SVID_TTL) \
 	$(CARGO) bench --bench sds_fanout
@@ -32,8 +37,10 @@ BENCH_CSI_CMD = SB_CSI_CYCLES=$(BENCH_CSI_CYCLES) SB_CSI_EXTRA_MOUNTS=$(BENCH_CS
 	$(CARGO) bench --bench csi_compare
 BENCH_K8S_CMD = SB_K8S_SETUPS=$(BENCH_K8S_SETUPS) SB_K8S_LATENCY_PODS=$(BENCH_K8S_LATENCY_PODS) \
 	SB_K8S_RSS_AT=$(BENCH_K8S_RSS_AT) $(CARGO) bench --bench k8s_pods
+BENCH_POD_VIEW_CMD = SB_POD_VIEW_AT=$(BENCH_POD_VIEW_AT) SB_POD_VIEW_WINDOW=$(BENCH_POD_VIEW_WINDOW) \
+	$(CARGO) bench --bench k8s_pod_view
 
-.PHONY: bench bench-peers bench-build bench-sds bench-csi bench-k8s
+.PHONY: bench bench-peers bench-build bench-sds bench-csi bench-k8s bench-pod-view
 
 bench: bench-peers bench-build
 	@start=$$(date +%s); \
@@ -47,7 +54,8 @@ bench-peers:
 # The bench profile is the release profile: `cargo bench` runs target/release/svid-bridge.
 bench-build:
 	$(CARGO) build --release --bin svid-bridge
-	$(CARGO) bench --no-run --bench sds_fanout --bench csi_compare --bench k8s_pods
+	$(CARGO) bench --no-run --bench sds_fanout --bench csi_compare --bench k8s_pods \
+		--bench k8s_pod_view
 
 bench-sds: bench-build
 	$(BENCH_SDS_CMD)
@@ -57,3 +65,6 @@ bench-csi: bench-build
 
 bench-k8s: bench-build
 	$(BENCH_K8S_CMD)
+
+bench-pod-view: bench-build
+	$(BENCH_POD_VIEW_CMD)
