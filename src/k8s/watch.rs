@@ -8,14 +8,13 @@
 use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{WatchStreamExt, watcher as watch_pods};
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 
-use super::pods::{self, Pods};
+use super::pods::{Pods, ViewPod};
 use super::{K8sError, KubernetesMode};
 
 /// Where the kubelet mounts a pod's service account token.
@@ -80,17 +79,14 @@ pub fn spawn(
     proc_root: PathBuf,
     shutdown: CancellationToken,
 ) -> Pods {
-    let (store, writer) = reflector::store::<Pod>();
+    let (store, writer) = reflector::store::<ViewPod>();
     let pods = Pods::watched(store, proc_root, client.clone(), node.clone());
-    let api: Api<Pod> = Api::all(client);
+    let api: Api<ViewPod> = Api::all(client);
     let selector = format!("spec.nodeName={node}");
     let config = watcher::Config::default().fields(&selector);
     // The default backoff (800 ms doubling to 30 s, jittered, reset after 120 s of health)
     // keeps a broken API server from being hammered by every node at once.
-    let events = watch_pods(api, config)
-        .default_backoff()
-        .modify(pods::slim)
-        .reflect(writer);
+    let events = watch_pods(api, config).default_backoff().reflect(writer);
     tokio::spawn(async move {
         tokio::select! {
             () = follow(events, &node) => {}
@@ -108,7 +104,7 @@ pub fn spawn(
 /// failure, a re-list's end or a pod's change, whichever comes first.
 async fn follow<S>(events: S, node: &str)
 where
-    S: futures::Stream<Item = Result<Event<Pod>, watcher::Error>>,
+    S: futures::Stream<Item = Result<Event<ViewPod>, watcher::Error>>,
 {
     let mut events = std::pin::pin!(events);
     let mut listed = 0usize;
@@ -195,8 +191,8 @@ mod tests {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
-    fn pod(name: &str) -> Pod {
-        let mut pod = Pod::default();
+    fn pod(name: &str) -> ViewPod {
+        let mut pod = ViewPod::default();
         pod.metadata.name = Some(name.into());
         pod
     }
