@@ -15,6 +15,9 @@
 #                     bridge memory per volume vs. shared volumes, files rewritten per
 #                     rotation, and `spire-agent api fetch x509 -write` per pod as the nearest
 #                     reference (knobs: BENCH_PODS_N, BENCH_PODS_TTL)
+#   make bench-pod-view  the pod view's memory at 0/110/1,000 pods and its API requests per
+#                     minute, on the test node's etcd + kube-apiserver only (knobs:
+#                     BENCH_POD_VIEW_AT, BENCH_POD_VIEW_WINDOW seconds)
 #
 # Needs root (the CSI benchmark bind-mounts inside `unshare -m --propagation private`; the
 # Kubernetes one runs a kubelet) and a few GiB of free memory: 1,000 sidecar processes run at
@@ -31,6 +34,8 @@ BENCH_K8S_LATENCY_PODS ?= 50
 BENCH_K8S_RSS_AT ?= 10,50,110
 BENCH_PODS_N ?= 200
 BENCH_PODS_TTL ?= 30
+BENCH_POD_VIEW_AT ?= 0,110,1000
+BENCH_POD_VIEW_WINDOW ?= 300
 
 BENCH_SDS_CMD = SB_BENCH_N=$(BENCH_N) SB_BENCH_REPS=$(BENCH_REPS) SB_BENCH_SVID_TTL=$(BENCH_SVID_TTL) \
 	$(CARGO) bench --bench sds_fanout
@@ -40,12 +45,15 @@ BENCH_K8S_CMD = SB_K8S_SETUPS=$(BENCH_K8S_SETUPS) SB_K8S_LATENCY_PODS=$(BENCH_K8
 	SB_K8S_RSS_AT=$(BENCH_K8S_RSS_AT) $(CARGO) bench --bench k8s_pods
 BENCH_PODS_CMD = SB_PODS_N=$(BENCH_PODS_N) SB_PODS_TTL=$(BENCH_PODS_TTL) \
 	$(CARGO) bench --bench pod_volumes
+BENCH_POD_VIEW_CMD = SB_POD_VIEW_AT=$(BENCH_POD_VIEW_AT) SB_POD_VIEW_WINDOW=$(BENCH_POD_VIEW_WINDOW) \
+	$(CARGO) bench --bench k8s_pod_view
 
-.PHONY: bench bench-peers bench-build bench-sds bench-csi bench-k8s bench-pods
+.PHONY: bench bench-peers bench-build bench-sds bench-csi bench-k8s bench-pods bench-pod-view
 
 bench: bench-peers bench-build
 	@start=$$(date +%s); \
-	$(BENCH_SDS_CMD) && $(BENCH_CSI_CMD) && $(BENCH_K8S_CMD) && $(BENCH_PODS_CMD); \
+	$(BENCH_SDS_CMD) && $(BENCH_CSI_CMD) && $(BENCH_K8S_CMD) && $(BENCH_PODS_CMD) && \
+		$(BENCH_POD_VIEW_CMD); \
 	rc=$$?; echo "bench: measurements took $$(( $$(date +%s) - start )) s; results in benches/results/"; exit $$rc
 
 bench-peers:
@@ -55,7 +63,8 @@ bench-peers:
 # The bench profile is the release profile: `cargo bench` runs target/release/svid-bridge.
 bench-build:
 	$(CARGO) build --release --bin svid-bridge
-	$(CARGO) bench --no-run --bench sds_fanout --bench csi_compare --bench k8s_pods --bench pod_volumes
+	$(CARGO) bench --no-run --bench sds_fanout --bench csi_compare --bench k8s_pods \
+		--bench pod_volumes --bench k8s_pod_view
 
 bench-sds: bench-build
 	$(BENCH_SDS_CMD)
@@ -68,3 +77,6 @@ bench-k8s: bench-build
 
 bench-pods: bench-build
 	$(BENCH_PODS_CMD)
+
+bench-pod-view: bench-build
+	$(BENCH_POD_VIEW_CMD)

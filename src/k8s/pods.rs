@@ -3,12 +3,14 @@
 //!
 //! A label for operators only (logs, `inspect`): identities come from the SPIRE agent.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::Store;
+use serde::Deserialize;
 
 use super::cgroup::{self, PodCgroup};
 
@@ -36,7 +38,7 @@ pub struct Pods {
 }
 
 struct View {
-    store: Store<Pod>,
+    store: Store<ViewPod>,
     proc_root: PathBuf,
     /// The client the view watches with, and this node's name: for Events.
     client: Option<(kube::Client, String)>,
@@ -58,7 +60,7 @@ impl Pods {
     }
 
     /// Names from `store`, processes read under `proc_root` (`/proc` on a node).
-    pub fn from_store(store: Store<Pod>, proc_root: impl Into<PathBuf>) -> Self {
+    pub fn from_store(store: Store<ViewPod>, proc_root: impl Into<PathBuf>) -> Self {
         Self {
             view: Some(Arc::new(View {
                 store,
@@ -70,7 +72,7 @@ impl Pods {
 
     /// As [`Pods::from_store`], for a view `client` keeps for `node`.
     pub fn watched(
-        store: Store<Pod>,
+        store: Store<ViewPod>,
         proc_root: impl Into<PathBuf>,
         client: kube::Client,
         node: String,
@@ -112,7 +114,7 @@ impl Pods {
     }
 
     /// The pod with `uid`, if the view holds it (for verifying a pod-mode volume's fields).
-    pub fn by_uid(&self, uid: &str) -> Option<Arc<Pod>> {
+    pub fn by_uid(&self, uid: &str) -> Option<Arc<ViewPod>> {
         let view = self.view.as_ref()?;
         view.store
             .find(|pod| pod.metadata.uid.as_deref() == Some(uid))
@@ -139,8 +141,117 @@ impl View {
     }
 }
 
+/// A pod as the view reads it from the API server: its metadata and the names and runtime IDs
+/// of its containers, nothing else. The parser skips every other field of a list or watch
+/// event without allocating it: the spec, most of the status, the annotations and managed
+/// fields, which are most of a pod's size (BENCHMARKS.md §8).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ViewPod {
+    #[serde(default, deserialize_with = "view_meta")]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: Option<ViewPodSpec>,
+    #[serde(default)]
+    pub status: Option<ViewPodStatus>,
+}
+
+/// The two fields of the spec a pod-mode volume's pod fields are checked against (PI-40).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ViewPodSpec {
+    #[serde(default)]
+    pub service_account_name: Option<String>,
+    #[serde(default)]
+    pub node_name: Option<String>,
+}
+
+/// The metadata the view keeps: names, UID, resource version (the watch resumes from it),
+/// labels and owners (for selectors). Annotations and managed fields, often the larger part
+/// of a pod's metadata, are skipped by the parser.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ViewMeta {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    uid: Option<String>,
+    #[serde(default)]
+    resource_version: Option<String>,
+    #[serde(default)]
+    labels: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(default)]
+    owner_references: Option<Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>>,
+}
+
+fn view_meta<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
+    let meta = ViewMeta::deserialize(deserializer)?;
+    Ok(ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        uid: meta.uid,
+        resource_version: meta.resource_version,
+        labels: meta.labels,
+        owner_references: meta.owner_references,
+        ..ObjectMeta::default()
+    })
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ViewPodStatus {
+    #[serde(default)]
+    pub container_statuses: Option<Vec<ViewContainer>>,
+    #[serde(default)]
+    pub init_container_statuses: Option<Vec<ViewContainer>>,
+    #[serde(default)]
+    pub ephemeral_container_statuses: Option<Vec<ViewContainer>>,
+}
+
+/// A container's name and its runtime ID (`containerd://<id>`), from its status.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ViewContainer {
+    pub name: String,
+    #[serde(default, rename = "containerID")]
+    pub container_id: Option<String>,
+}
+
+impl kube::Resource for ViewPod {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind((): &()) -> Cow<'_, str> {
+        "Pod".into()
+    }
+
+    fn group((): &()) -> Cow<'_, str> {
+        "".into()
+    }
+
+    fn version((): &()) -> Cow<'_, str> {
+        "v1".into()
+    }
+
+    fn api_version((): &()) -> Cow<'_, str> {
+        "v1".into()
+    }
+
+    fn plural((): &()) -> Cow<'_, str> {
+        "pods".into()
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
 /// The names of `pod`, and of its container whose runtime ID is `container_id`.
-pub fn pod_ref(pod: &Pod, container_id: Option<&str>) -> Option<PodRef> {
+pub fn pod_ref(pod: &ViewPod, container_id: Option<&str>) -> Option<PodRef> {
     Some(PodRef {
         namespace: pod.metadata.namespace.clone()?,
         name: pod.metadata.name.clone()?,
@@ -150,58 +261,22 @@ pub fn pod_ref(pod: &Pod, container_id: Option<&str>) -> Option<PodRef> {
 
 /// Searches app, init and ephemeral containers: an Envoy may run as a native sidecar (an
 /// init container that keeps running).
-fn container_name(pod: &Pod, container_id: &str) -> Option<String> {
+fn container_name(pod: &ViewPod, container_id: &str) -> Option<String> {
     let status = pod.status.as_ref()?;
-    let ephemeral = status.ephemeral_container_statuses.iter().flatten();
     status
         .container_statuses
         .iter()
         .flatten()
         .chain(status.init_container_statuses.iter().flatten())
-        .chain(ephemeral)
+        .chain(status.ephemeral_container_statuses.iter().flatten())
         .find(|s| runtime_id(s) == Some(container_id))
         .map(|s| s.name.clone())
 }
 
 /// `containerd://<id>`, `cri-o://<id>`, `docker://<id>` → `<id>`.
-fn runtime_id(status: &ContainerStatus) -> Option<&str> {
+fn runtime_id(status: &ViewContainer) -> Option<&str> {
     let id = status.container_id.as_deref()?;
     Some(id.split_once("://").map_or(id, |(_, id)| id))
-}
-
-/// What the pod view keeps of a pod: its names, UID, labels and owners (pod-mode
-/// selectors, PI-21), its service account and node (verifying a pod-mode volume's fields)
-/// and its container statuses. The rest of the spec and the server-side apply bookkeeping
-/// are most of a pod's size and are never read.
-pub fn slim(pod: &mut Pod) {
-    pod.metadata.managed_fields = None;
-    pod.metadata.annotations = None;
-    pod.spec = pod.spec.take().map(|spec| PodSpec {
-        service_account_name: spec.service_account_name,
-        node_name: spec.node_name,
-        ..PodSpec::default()
-    });
-    if let Some(status) = pod.status.as_mut() {
-        status.conditions = None;
-        status.pod_ips = None;
-        status.host_ips = None;
-        status.resource_claim_statuses = None;
-        for statuses in [
-            &mut status.container_statuses,
-            &mut status.init_container_statuses,
-            &mut status.ephemeral_container_statuses,
-        ] {
-            for s in statuses.iter_mut().flatten() {
-                s.last_state = None;
-                s.state = None;
-                s.resources = None;
-                s.volume_mounts = None;
-                s.allocated_resources = None;
-                s.allocated_resources_status = None;
-                s.user = None;
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -216,7 +291,7 @@ mod tests {
 
     /// A pod as the API server returns it (JSON, trimmed to what matters), bound to
     /// `node`, with its Envoy container running as `containerd://<CID>`.
-    fn pod(namespace: &str, name: &str, uid: &str, container_id: &str) -> Pod {
+    fn pod(namespace: &str, name: &str, uid: &str, container_id: &str) -> ViewPod {
         let json = serde_json::json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {
@@ -241,8 +316,8 @@ mod tests {
         serde_json::from_value(json).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn store_of(pods: Vec<Pod>) -> Store<Pod> {
-        let mut writer: Writer<Pod> = Writer::default();
+    fn store_of(pods: Vec<ViewPod>) -> Store<ViewPod> {
+        let mut writer: Writer<ViewPod> = Writer::default();
         let store = writer.as_reader();
         writer.apply_watcher_event(&Event::Init);
         for pod in pods {
@@ -347,13 +422,11 @@ mod tests {
     }
 
     #[test]
-    fn slimming_keeps_what_lookups_read() {
-        let mut p = pod("apps", "envoy-a", UID, CID);
-        slim(&mut p);
+    fn the_view_parses_only_what_lookups_read() {
+        let p = pod("apps", "envoy-a", UID, CID);
         assert!(p.metadata.managed_fields.is_none());
-        let spec = p.spec.as_ref().unwrap();
-        assert!(spec.containers.is_empty() && spec.volumes.is_none());
         assert!(p.metadata.annotations.is_none());
+        assert_eq!(p.metadata.uid.as_deref(), Some(UID));
         assert_eq!(
             pod_ref(&p, Some(CID)),
             Some(PodRef {

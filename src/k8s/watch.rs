@@ -8,14 +8,13 @@
 use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{WatchStreamExt, watcher as watch_pods};
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 
-use super::pods::{self, Pods};
+use super::pods::{Pods, ViewPod};
 use super::{K8sError, KubernetesMode};
 
 /// Where the kubelet mounts a pod's service account token.
@@ -80,17 +79,14 @@ pub fn spawn(
     proc_root: PathBuf,
     shutdown: CancellationToken,
 ) -> Pods {
-    let (store, writer) = reflector::store::<Pod>();
+    let (store, writer) = reflector::store::<ViewPod>();
     let pods = Pods::watched(store, proc_root, client.clone(), node.clone());
-    let api: Api<Pod> = Api::all(client);
+    let api: Api<ViewPod> = Api::all(client);
     let selector = format!("spec.nodeName={node}");
     let config = watcher::Config::default().fields(&selector);
     // The default backoff (800 ms doubling to 30 s, jittered, reset after 120 s of health)
     // keeps a broken API server from being hammered by every node at once.
-    let events = watch_pods(api, config)
-        .default_backoff()
-        .modify(pods::slim)
-        .reflect(writer);
+    let events = watch_pods(api, config).default_backoff().reflect(writer);
     tokio::spawn(async move {
         tokio::select! {
             () = follow(events, &node) => {}
@@ -108,7 +104,7 @@ pub fn spawn(
 /// failure, a re-list's end or a pod's change, whichever comes first.
 async fn follow<S>(events: S, node: &str)
 where
-    S: futures::Stream<Item = Result<Event<Pod>, watcher::Error>>,
+    S: futures::Stream<Item = Result<Event<ViewPod>, watcher::Error>>,
 {
     let mut events = std::pin::pin!(events);
     let mut listed = 0usize;
@@ -159,6 +155,80 @@ mod tests {
         assert!(
             !in_cluster(|_| Some(String::new()), &token),
             "empty variable"
+        );
+    }
+
+    /// Lines logged while `f` runs, through a subscriber of this thread only.
+    async fn logged<F: std::future::Future<Output = ()>>(f: F) -> String {
+        #[derive(Clone, Default)]
+        struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        f.await;
+        let bytes = captured
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    fn pod(name: &str) -> ViewPod {
+        let mut pod = ViewPod::default();
+        pod.metadata.name = Some(name.into());
+        pod
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_resumed_watch_says_it_recovered_at_its_first_event() {
+        // What kube's watcher yields when the API server goes away and comes back: the
+        // watch resumes from its resource version (no re-list) and is silent until a change.
+        let events = futures::stream::iter(vec![
+            Ok(Event::Init),
+            Ok(Event::InitApply(pod("a"))),
+            Ok(Event::InitDone),
+            Err(watcher::Error::NoResourceVersion),
+            Err(watcher::Error::NoResourceVersion),
+            Ok(Event::Apply(pod("b"))),
+            Err(watcher::Error::NoResourceVersion),
+            Ok(Event::Init),
+            Ok(Event::InitDone),
+        ]);
+        let text = logged(follow(events, "sb-node")).await;
+        let lines: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.split_once("svid_bridge::k8s::watch: "))
+            .map(|(_, msg)| msg)
+            .collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        assert!(lines[0].starts_with("watching this node's pods node=\"sb-node\" pods=1"));
+        assert!(lines[1].starts_with("the pod watch failed"), "{text}");
+        assert!(
+            lines[2].starts_with("the pod watch recovered (resumed)"),
+            "{text}"
+        );
+        assert!(lines[3].starts_with("the pod watch failed"), "{text}");
+        assert!(
+            lines[4].starts_with("the pod watch recovered (re-listed)"),
+            "{text}"
         );
     }
 

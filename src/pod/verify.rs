@@ -5,11 +5,10 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
-
 use super::attributes::PodFields;
 use crate::identity::{Selector, SelectorSet};
 use crate::k8s::Pods;
+use crate::k8s::pods::ViewPod;
 
 /// `--pod-fields`: how a pod-mode volume's pod fields are checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -102,7 +101,7 @@ pub async fn verify(
 }
 
 /// The pod in the API must be that pod, bound to this node.
-fn check_against(fields: &PodFields, pod: &Pod, node: &str) -> Result<(), VerifyError> {
+fn check_against(fields: &PodFields, pod: &ViewPod, node: &str) -> Result<(), VerifyError> {
     let spec = pod.spec.as_ref();
     let actual = PodFields {
         namespace: pod.metadata.namespace.clone().unwrap_or_default(),
@@ -144,7 +143,7 @@ fn pod_level_selectors(fields: &PodFields, node: &str) -> Vec<Selector> {
 
 /// Labels and owners, from the API server's pod (PI-21). Image selectors are left out:
 /// they come from container statuses, not stable at mount time (PI-22).
-fn api_selectors(pod: &Pod) -> Vec<Selector> {
+fn api_selectors(pod: &ViewPod) -> Vec<Selector> {
     let labels = pod.metadata.labels.iter().flatten();
     let mut selectors: Vec<Selector> = labels
         .map(|(k, v)| Selector::k8s("pod-label", &format!("{k}:{v}")))
@@ -165,7 +164,7 @@ fn api_selectors(pod: &Pod) -> Vec<Selector> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::PodSpec;
+    use crate::k8s::pods::ViewPodSpec;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
     use kube::runtime::reflector::store::Writer;
     use kube::runtime::watcher::Event;
@@ -181,8 +180,8 @@ mod tests {
         }
     }
 
-    fn api_pod(node: &str, sa: &str) -> Pod {
-        Pod {
+    fn api_pod(node: &str, sa: &str) -> ViewPod {
+        ViewPod {
             metadata: ObjectMeta {
                 namespace: Some("apps".into()),
                 name: Some("db-0".into()),
@@ -197,18 +196,17 @@ mod tests {
                 }]),
                 ..ObjectMeta::default()
             },
-            spec: Some(PodSpec {
+            spec: Some(ViewPodSpec {
                 node_name: Some(node.into()),
                 service_account_name: Some(sa.into()),
-                ..PodSpec::default()
             }),
             status: None,
         }
     }
 
     /// A pod view filled by hand (a fake of the watch), as the reflector would fill it.
-    fn view_with(pod: Pod) -> Pods {
-        let mut writer: Writer<Pod> = Writer::default();
+    fn view_with(pod: ViewPod) -> Pods {
+        let mut writer: Writer<ViewPod> = Writer::default();
         let store = writer.as_reader();
         writer.apply_watcher_event(&Event::Apply(pod));
         Pods::from_store(store, "/proc")
