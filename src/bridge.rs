@@ -63,8 +63,10 @@ pub async fn run(config: Config) -> Result<(), BridgeError> {
         shutdown.clone(),
     )
     .with_pods(pods.clone());
-    // One poster of Events, so that every reason shares the per-node bound.
-    if let Some(events) = crate::k8s::events::PodEvents::new(&pods) {
+    // One poster of Events (clones share its limits), so that every reason shares the
+    // per-node bound.
+    let events = crate::k8s::events::PodEvents::new(&pods);
+    if let Some(events) = events.clone() {
         tokio::spawn(post_pod_events(
             sds.workloads_reporter(),
             events,
@@ -75,7 +77,13 @@ pub async fn run(config: Config) -> Result<(), BridgeError> {
     }
     let pod_volumes = match &config.pod {
         Some(pod_config) => {
-            Some(start_pod_volumes(pod_config, &config, &sds, &pods, &metrics, &shutdown).await?)
+            let parts = PodParts {
+                sds: &sds,
+                pods: &pods,
+                events,
+                metrics: &metrics,
+            };
+            Some(start_pod_volumes(pod_config, &config, parts, &shutdown).await?)
         }
         None => None,
     };
@@ -248,24 +256,33 @@ async fn start_csi(
     Ok(())
 }
 
+/// What pod-mode volumes share with the rest of the bridge.
+struct PodParts<'a> {
+    sds: &'a SdsServer,
+    pods: &'a crate::k8s::Pods,
+    events: Option<crate::k8s::events::PodEvents>,
+    metrics: &'a Arc<crate::telemetry::metrics::Metrics>,
+}
+
 /// Pod-scoped identity (#15): recovers the volumes published before a restart before the
 /// CSI socket opens, so the kubelet's calls never race the recovery.
 async fn start_pod_volumes(
     pod_config: &crate::pod::PodConfig,
     config: &Config,
-    sds: &SdsServer,
-    pods: &crate::k8s::Pods,
-    metrics: &Arc<crate::telemetry::metrics::Metrics>,
+    parts: PodParts<'_>,
     shutdown: &CancellationToken,
 ) -> Result<Arc<dyn PodVolumeHandler>, BridgeError> {
     let agent = Arc::new(DelegatedSource::new(config.admin_socket.clone()));
     let volumes = crate::pod::PodVolumes::new(
         pod_config.clone(),
-        sds.pod_sds(),
-        agent,
-        CacheOptions::default().backoff,
-        pods.clone(),
-        metrics,
+        crate::pod::NodeParts {
+            sds: parts.sds.pod_sds(),
+            agent,
+            backoff: CacheOptions::default().backoff,
+            pods: parts.pods.clone(),
+            events: parts.events,
+        },
+        parts.metrics,
         shutdown.clone(),
     )?;
     volumes.recover().await;

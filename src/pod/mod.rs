@@ -63,6 +63,16 @@ pub enum PodError {
     },
 }
 
+/// What the volumes use of the node's bridge: its SDS settings and cache, the agent, the
+/// pod view and its Event poster (shared, so refusals count in the node's Event bound).
+pub struct NodeParts {
+    pub sds: PodSds,
+    pub agent: Arc<DelegatedSource>,
+    pub backoff: Arc<dyn Backoff>,
+    pub pods: Pods,
+    pub events: Option<PodEvents>,
+}
+
 /// The pod-mode volumes of this node.
 pub struct PodVolumes {
     config: PodConfig,
@@ -79,13 +89,17 @@ impl PodVolumes {
     /// Creates the state directory and starts following the node's JWT bundles.
     pub fn new(
         config: PodConfig,
-        sds: PodSds,
-        agent: Arc<DelegatedSource>,
-        backoff: Arc<dyn Backoff>,
-        pods: Pods,
+        node: NodeParts,
         registry: &Metrics,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, PodError> {
+        let NodeParts {
+            sds,
+            agent,
+            backoff,
+            pods,
+            events,
+        } = node;
         let state = StateDir::new(config.state_dir.clone());
         state.create().map_err(|source| PodError::StateDir {
             path: config.state_dir.clone(),
@@ -103,7 +117,7 @@ impl PodVolumes {
             config,
             state,
             shared,
-            events: PodEvents::new(&pods),
+            events,
             pods,
             volumes: Mutex::default(),
             shutdown,
