@@ -238,6 +238,11 @@ async fn accept_loop(
                 }
             },
             _ = check.tick() => {
+                // Cancelled but not yet seen by `select!`: the owner may be removing the
+                // directory (a pod-mode volume's unpublish); re-creating it would undo that.
+                if shutdown.is_cancelled() {
+                    return;
+                }
                 if file_identity(&path) == bound {
                     continue;
                 }
