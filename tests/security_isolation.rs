@@ -260,6 +260,7 @@ fn svid(id: &str) -> Svid {
         chain: vec![cert.der().to_vec()],
         key: PrivateKey::from_pkcs8_der(key.serialize_der()),
         expires_at: i64::MAX / 2,
+        hint: String::new(),
     }
 }
 

@@ -218,6 +218,7 @@ fn build(snap: &Snap) -> (WorkloadSvids, BundleSet, Vec<Vec<u8>>) {
                 chain: vec![der.clone()],
                 key: PrivateKey::from_pkcs8_der(key.clone()),
                 expires_at: i64::MAX / 2,
+                hint: String::new(),
             }
         })
         .collect();

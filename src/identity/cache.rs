@@ -669,6 +669,7 @@ mod tests {
                 chain: vec![id.as_bytes().to_vec()],
                 key: PrivateKey::from_pkcs8_der(b"fake key".to_vec()),
                 expires_at,
+                hint: String::new(),
             }],
             federates_with: vec![],
         }

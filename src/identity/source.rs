@@ -193,6 +193,7 @@ fn svids_from_delegated(
             spiffe_id,
             chain,
             item.x509_svid_key.to_vec(),
+            svid.hint,
         )?);
     }
     let federates_with = response
@@ -210,6 +211,7 @@ fn svid_from_parts(
     spiffe_id: String,
     chain: Vec<Vec<u8>>,
     key_der: Vec<u8>,
+    hint: String,
 ) -> Result<Svid, IdentityError> {
     let trust_domain = trust_domain_of(&spiffe_id)?.to_owned();
     let leaf = chain.first().ok_or(IdentityError::Malformed(
@@ -222,6 +224,7 @@ fn svid_from_parts(
         chain,
         key: PrivateKey::from_pkcs8_der(key_der),
         expires_at,
+        hint,
     })
 }
 
@@ -333,6 +336,7 @@ fn svids_from_context(context: &spiffe::X509Context) -> Result<WorkloadSvids, Id
                 svid.spiffe_id().to_string(),
                 chain,
                 svid.private_key().as_bytes().to_vec(),
+                svid.hint().unwrap_or_default().to_owned(),
             )
         })
         .collect::<Result<Vec<_>, _>>()?;

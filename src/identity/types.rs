@@ -38,6 +38,9 @@ pub struct Svid {
     pub key: PrivateKey,
     /// Unix seconds after which the leaf is no longer valid.
     pub expires_at: i64,
+    /// The entry's hint (often empty): the Workload API passes it on and keeps the first SVID
+    /// of each (PI-6).
+    pub hint: String,
 }
 
 impl Svid {

@@ -644,6 +644,7 @@ mod tests {
                 chain: vec![leaf, ca.der.clone()],
                 key: PrivateKey::from_pkcs8_der(key.serialize_der()),
                 expires_at: i64::MAX,
+                hint: String::new(),
             }],
             federates_with: federates_with.iter().map(|s| (*s).to_owned()).collect(),
         }

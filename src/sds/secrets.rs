@@ -496,6 +496,7 @@ pub(crate) mod tests {
             chain: vec![format!("leaf of {id}").into_bytes()],
             key: PrivateKey::from_pkcs8_der(b"secret key bytes".to_vec()),
             expires_at: i64::MAX,
+            hint: String::new(),
         }
     }
 

@@ -447,6 +447,7 @@ mod tests {
                 chain: vec![cert],
                 key: PrivateKey::from_pkcs8_der(key_der.clone()),
                 expires_at: unix_now() + 3600,
+                hint: String::new(),
             }],
             federates_with: vec!["other.org".into()],
         };

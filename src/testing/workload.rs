@@ -72,6 +72,7 @@ impl TestCa {
             spiffe_id,
             trust_domain: self.trust_domain.clone(),
             expires_at: crate::identity::source::leaf_not_after(&leaf).unwrap(),
+            hint: String::new(),
             chain: vec![leaf],
             key: PrivateKey::from_pkcs8_der(key.serialize_der()),
         }

@@ -231,15 +231,20 @@ fn trust_domain_id(name: &str) -> String {
 /// not known yet.
 fn x509_svid_response(svids: &WorkloadSvids, bundles: &SharedBundles) -> Option<X509svidResponse> {
     let mut out = Vec::with_capacity(svids.svids.len());
+    let mut hints = BTreeSet::new();
     for svid in &svids.svids {
+        // The first SVID of each non-empty hint (PI-6: the Delegated Identity API does not
+        // filter them; the Workload API does).
+        if !svid.hint.is_empty() && !hints.insert(svid.hint.as_str()) {
+            continue;
+        }
         let bundle = bundles.get(&svid.trust_domain)?;
         out.push(X509svid {
             spiffe_id: svid.spiffe_id.clone(),
             x509_svid: svid.chain.concat(),
             x509_svid_key: svid.key.pkcs8_der().to_vec(),
             bundle: bundle.concat(),
-            // The agent's X.509 hints are not carried by `identity::types::Svid` yet.
-            hint: String::new(),
+            hint: svid.hint.clone(),
         });
     }
     let own: BTreeSet<&str> = svids

@@ -177,6 +177,35 @@ async fn x509_svids_wait_while_pending_then_follow_every_change() {
     assert_eq!(update.svids.len(), 1);
     assert_eq!(update.svids[0].x509_svid, rotated.chain.concat());
 
+    // Hints pass through; of two SVIDs with one hint the first is kept (PI-6: the Delegated
+    // Identity API does not filter them, the Workload API must).
+    let hinted = |path: &str, hint: &str| {
+        let mut svid = own.svid(path);
+        svid.hint = hint.into();
+        svid
+    };
+    fake.set_svids(WorkloadSvids {
+        svids: vec![
+            hinted("/db", "internal"),
+            hinted("/db-2", "internal"),
+            hinted("/db-ext", "external"),
+        ],
+        federates_with: vec!["fed.test".into()],
+    });
+    let hinted_update = next(&mut stream).await.unwrap();
+    let seen: Vec<(&str, &str)> = hinted_update
+        .svids
+        .iter()
+        .map(|s| (s.spiffe_id.as_str(), s.hint.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("spiffe://example.org/db", "internal"),
+            ("spiffe://example.org/db-ext", "external")
+        ]
+    );
+
     // No SVIDs any more: SPIRE's PermissionDenied, with who the workload is.
     fake.set_svids(WorkloadSvids::default());
     let err = next(&mut stream).await.unwrap_err();
