@@ -119,7 +119,7 @@ pub fn temp_dir(prefix: &str) -> tempfile::TempDir {
     dir
 }
 
-fn keep_tmp() -> bool {
+pub(crate) fn keep_tmp() -> bool {
     std::env::var("SVID_BRIDGE_KEEP_TMP").is_ok_and(|v| v == "1")
 }
 

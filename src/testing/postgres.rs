@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use super::proc::{LogFiles, LogSource, Proc, fail_with_logs, success_stdout, wait_until};
-use super::{SocketDir, free_port, temp_dir};
+use super::{SocketDir, free_port};
 
 /// Where Debian installs the server binaries: `<this>/<major version>/bin`.
 pub const DEBIAN_PG_ROOT: &str = "/usr/lib/postgresql";
@@ -133,8 +133,16 @@ impl Postgres {
             format!("--groups={}", groups.join(",")),
         ];
 
-        let dir = temp_dir("postgres");
-        // The server (not root) must reach its data dir and socket dir.
+        // Under /tmp, not target/test-tmp: the server runs as `postgres` and must traverse
+        // every directory above its data dir, and a checkout may sit under one only root can
+        // enter (a fresh clone in a `mktemp -d` directory, as `make fresh-check` makes).
+        let mut dir = tempfile::Builder::new()
+            .prefix("sb-postgres-")
+            .tempdir_in("/tmp")
+            .expect("create a temp dir under /tmp");
+        if super::keep_tmp() {
+            dir.disable_cleanup(true);
+        }
         chmod(dir.path(), 0o755);
         let data = dir.path().join("data");
         let sockets = SocketDir::new(dir.path(), "pg/.s.PGSQL.65535.lock");
@@ -205,6 +213,7 @@ impl Postgres {
         cmd.args(&self.setpriv_ids)
             .arg("--")
             .arg(self.bin.join(program))
+            .current_dir(self.dir.path())
             .stdin(Stdio::null());
         cmd
     }
