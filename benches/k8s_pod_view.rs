@@ -59,7 +59,7 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 fn main() {
     let counts = env_list("SB_POD_VIEW_AT", &[0, 110, 1000]);
     let window = Duration::from_secs(env_num("SB_POD_VIEW_WINDOW", 300) as u64);
-    let started_at = utc_now();
+    let started_at = support::utc_now();
     let work = common::temp_dir("pod-view-bench");
     let policy = work.path().join("audit-policy.yaml");
     let audit_log = work.path().join("audit.log");
@@ -441,14 +441,6 @@ fn new_requests(
         *counts.entry(verb.clone()).or_default() += 1;
     }
     counts
-}
-
-fn utc_now() -> String {
-    Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
 }
 
 fn mib(kib: u64) -> String {

@@ -97,7 +97,7 @@ fn main() {
     let rss_at = env_list("SB_K8S_RSS_AT", &[10, 50, 110]);
     let total = rss_at.iter().copied().max().unwrap_or(0).max(latency_pods);
 
-    let started_at = utc_now();
+    let started_at = support::utc_now();
     let load_before = loadavg();
     println!("k8s_pods: setups {setups:?}, {latency_pods} latency pods, RSS at {rss_at:?}");
     println!("k8s_pods: load average before: {load_before}");
@@ -741,14 +741,6 @@ fn git_commit() -> String {
         .current_dir(common::manifest_dir())
         .output()
         .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
-fn utc_now() -> String {
-    Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
 }

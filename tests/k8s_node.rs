@@ -900,19 +900,13 @@ fn pod_mode_volumes(env: &Env) {
         .join("volumes/kubernetes.io~csi/forged");
     std::fs::create_dir_all(&forged_parent).unwrap();
     let forged_target = forged_parent.join("mount");
-    let mut request = common::csi::publish_request("csi-forged", &forged_target);
-    request.secrets.clear();
-    request.volume_context = [
-        ("csi.storage.k8s.io/ephemeral", "true"),
-        ("csi.storage.k8s.io/pod.name", d.name.as_str()),
-        ("csi.storage.k8s.io/pod.namespace", APPS_NS),
-        ("csi.storage.k8s.io/pod.uid", d_uid.as_str()),
-        ("csi.storage.k8s.io/serviceAccount.name", "e"),
-        ("mode", "pod"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
+    let forged = common::csi::PodInfo {
+        namespace: APPS_NS,
+        name: &d.name,
+        uid: &d_uid,
+        service_account: "e",
+    };
+    let request = common::csi::pod_mode_request("csi-forged", &forged_target, &forged, &[]);
     let csi_socket = env
         .cluster
         .kubelet_root()

@@ -11,7 +11,6 @@ use svid_bridge::mount_ns_test;
 use svid_bridge::testing as common;
 use svid_bridge::testing::csi as csi_support;
 
-use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -20,7 +19,7 @@ use std::time::Duration;
 use common::bridge::{Bridge, spire_options_for_bridge};
 use common::postgres::{ClientTls, Postgres, PostgresOptions};
 use common::{EntrySpec, Spire};
-use csi_support::{NodeDirs, node_client, publish_request};
+use csi_support::{NodeDirs, PodInfo, node_client, pod_mode_request};
 use svid_bridge::proto::csi::volume_capability::AccessType;
 
 /// The pods' fsGroup: the kubelet passes it as volume_mount_group (PI-45); PostgreSQL runs
@@ -38,21 +37,14 @@ fn block<T>(f: impl FnOnce() -> T) -> T {
 async fn publish_files_volume(node: &NodeDirs, ns: &str, sa: &str, bridge: &Bridge) -> PathBuf {
     let uid = format!("{sa}-6f0c1b7e-0000-4000-8000");
     let target = node.target(&uid);
-    let mut request = publish_request(&format!("csi-{uid}"), &target);
-    request.secrets.clear();
-    let context: HashMap<String, String> = [
-        ("csi.storage.k8s.io/ephemeral", "true"),
-        ("csi.storage.k8s.io/pod.name", &format!("{sa}-0")[..]),
-        ("csi.storage.k8s.io/pod.namespace", ns),
-        ("csi.storage.k8s.io/pod.uid", &uid[..]),
-        ("csi.storage.k8s.io/serviceAccount.name", sa),
-        ("mode", "pod"),
-        ("files", "true"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
-    request.volume_context = context;
+    let name = format!("{sa}-0");
+    let pod = PodInfo {
+        namespace: ns,
+        name: &name,
+        uid: &uid,
+        service_account: sa,
+    };
+    let mut request = pod_mode_request(&format!("csi-{uid}"), &target, &pod, &[("files", "true")]);
     if let Some(AccessType::Mount(mount)) = request
         .volume_capability
         .as_mut()

@@ -8,7 +8,6 @@ use svid_bridge::mount_ns_test;
 use svid_bridge::testing as common;
 use svid_bridge::testing::csi as csi_support;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -16,7 +15,8 @@ use common::Spire;
 use common::bridge::{Bridge, spire_options_for_bridge};
 use common::spire::EntrySpec;
 use csi_support::{
-    NodeDirs, fetch_default, mounts_at, node_client, publish_request, unpublish_request,
+    NodeDirs, PodInfo, fetch_default, mounts_at, node_client, pod_mode_request, publish_request,
+    unpublish_request,
 };
 use svid_bridge::proto::csi::NodePublishVolumeRequest;
 
@@ -51,24 +51,13 @@ impl Pod {
         attributes: &[(&str, &str)],
     ) -> (NodePublishVolumeRequest, PathBuf) {
         let target = node.target(&self.uid);
-        let mut request = publish_request(&format!("csi-{}", self.uid), &target);
-        request.secrets.clear();
-        let context: HashMap<String, String> = [
-            ("csi.storage.k8s.io/ephemeral", "true"),
-            ("csi.storage.k8s.io/pod.name", self.name.as_str()),
-            ("csi.storage.k8s.io/pod.namespace", self.namespace),
-            ("csi.storage.k8s.io/pod.uid", self.uid.as_str()),
-            (
-                "csi.storage.k8s.io/serviceAccount.name",
-                self.service_account,
-            ),
-            ("mode", "pod"),
-        ]
-        .into_iter()
-        .chain(attributes.iter().copied())
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-        request.volume_context = context;
+        let pod = PodInfo {
+            namespace: self.namespace,
+            name: &self.name,
+            uid: &self.uid,
+            service_account: self.service_account,
+        };
+        let request = pod_mode_request(&format!("csi-{}", self.uid), &target, &pod, attributes);
         (request, target)
     }
 }

@@ -18,6 +18,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Nanoseconds since the Unix epoch (CLOCK_REALTIME): the one clock every process on the
 /// machine reads alike, so a child's stamps and the parent's can be subtracted.
+/// The wall-clock minute a run happened, for result headers (`2026-12-06 05:30 UTC`).
+pub fn utc_now() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
 pub fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -176,6 +176,41 @@ pub fn publish_request(volume_id: &str, target: &Path) -> NodePublishVolumeReque
     }
 }
 
+/// The pod whose `mode: pod` volume the kubelet publishes: what `podInfoOnMount` passes (PI-39).
+pub struct PodInfo<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub uid: &'a str,
+    pub service_account: &'a str,
+}
+
+/// NodePublishVolume of a `mode: pod` volume for `pod`, with the pod author's `attributes`.
+pub fn pod_mode_request(
+    volume_id: &str,
+    target: &Path,
+    pod: &PodInfo<'_>,
+    attributes: &[(&str, &str)],
+) -> NodePublishVolumeRequest {
+    let mut request = publish_request(volume_id, target);
+    request.secrets.clear();
+    request.volume_context = [
+        ("csi.storage.k8s.io/ephemeral", "true"),
+        ("csi.storage.k8s.io/pod.name", pod.name),
+        ("csi.storage.k8s.io/pod.namespace", pod.namespace),
+        ("csi.storage.k8s.io/pod.uid", pod.uid),
+        (
+            "csi.storage.k8s.io/serviceAccount.name",
+            pod.service_account,
+        ),
+        ("mode", "pod"),
+    ]
+    .into_iter()
+    .chain(attributes.iter().copied())
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    request
+}
+
 pub fn unpublish_request(volume_id: &str, target: &Path) -> NodeUnpublishVolumeRequest {
     NodeUnpublishVolumeRequest {
         volume_id: volume_id.to_owned(),
