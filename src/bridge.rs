@@ -2,6 +2,7 @@
 //! plugin together, and shuts them down in order on SIGTERM or SIGINT.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -106,6 +107,10 @@ pub async fn run(config: Config) -> Result<(), BridgeError> {
         ))
     });
 
+    tokio::spawn(release_startup_code_once_serving(
+        serving_rx.clone(),
+        shutdown.clone(),
+    ));
     let mut readiness = Readiness::new().with(Serving(serving_rx));
     if registers {
         readiness = readiness.with(RegistrationReadiness(registration_rx));
@@ -192,6 +197,32 @@ async fn post_pod_events(
                 }
             }
             () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// How long after the SDS socket first serves start-up is taken to be over: the agent's
+/// first answers, the kubelet's registration call and the pod view's first list have come
+/// in by then on a healthy node (a page released too early only comes back as a minor fault).
+const STARTUP_SETTLES_AFTER: Duration = Duration::from_secs(10);
+
+/// Gives back the executable's start-up-only code pages once, after serving has settled
+/// (`crate::memory`; BENCHMARKS.md §4.5).
+async fn release_startup_code_once_serving(
+    mut serving: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        served = serving.wait_for(|serving| *serving) => if served.is_err() { return },
+    }
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        () = tokio::time::sleep(STARTUP_SETTLES_AFTER) => {
+            match crate::memory::release_startup_code() {
+                Ok(bytes) => tracing::debug!(kib = bytes / 1024, "released start-up code pages"),
+                Err(err) => tracing::info!(%err, "could not release start-up code pages; serving as before"),
+            }
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod csi;
 pub mod identity;
 pub mod inspect;
 pub mod k8s;
+pub mod memory;
 pub mod pod;
 pub mod proto;
 pub mod sds;
