@@ -149,6 +149,40 @@ fn collect_inline_bytes(v: &serde_json::Value, out: &mut Vec<String>) {
     }
 }
 
+/// `helm install RELEASE CHART -n istio-system [-f values] --set ...` through Helm's action
+/// package (`chart-check install`).
+fn chart_install(
+    cluster: &Cluster,
+    release: &str,
+    chart: &Path,
+    sets: &[&str],
+    values: Option<&Path>,
+) {
+    let mut cmd = Command::new(peer("chart-check"));
+    cmd.arg("install")
+        .arg(format!("--kubeconfig={}", cluster.kubeconfig().display()))
+        .args(["--namespace", ISTIO_NS, "--release", release]);
+    if let Some(values) = values {
+        cmd.arg("-f").arg(values);
+    }
+    for set in sets {
+        cmd.args(["--set", set]);
+    }
+    let out = cmd.arg(chart).output().expect("run chart-check install");
+    if !out.status.success() {
+        common::proc::fail_with_logs(
+            &format!(
+                "chart-check install of Istio's {} chart failed ({}):\n{}{}",
+                chart.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            &[cluster],
+        );
+    }
+}
+
 // ------------------------------------------------------------------------------ istiod ----
 
 /// istiod installed from Istio's chart with deploy/istio/istiod-values.yaml into a fresh
@@ -172,11 +206,27 @@ impl LogSource for Istiod {
 
 impl Istiod {
     fn start() -> Istiod {
+        Istiod::start_with(false)
+    }
+
+    /// `crds`: Istio's CRDs first, from Istio's `base` chart (for Sidecar, ServiceEntry,
+    /// PeerAuthentication, AuthorizationPolicy, ...).
+    fn start_with(crds: bool) -> Istiod {
         // Before anything starts: a missing build fails here, saying what to run.
         let discovery = istio_file("pilot-discovery");
         let chart = istio_file("charts/istio-control/istio-discovery");
         let cluster = Cluster::start_control_plane(&[]);
         cluster.ensure_namespace(ISTIO_NS);
+        if crds {
+            // No default-revision validation webhook (nothing validates here).
+            chart_install(
+                &cluster,
+                "istio-base",
+                &istio_file("charts/base"),
+                &["defaultRevision=", "global.configValidation=false"],
+                None,
+            );
+        }
         let (crt, key) = cluster.issue_serving_cert(
             "istiod",
             "/CN=istiod.istio-system.svc",
@@ -197,36 +247,18 @@ impl Istiod {
         // (istiod is not behind a Service here), no validation webhook, no metrics provider
         // (Istio's stats filter is not in upstream Envoy).
         let injection_url = format!("https://127.0.0.1:{https_port}/inject");
-        let out = Command::new(peer("chart-check"))
-            .arg("install")
-            .arg(format!("--kubeconfig={}", cluster.kubeconfig().display()))
-            .args(["--namespace", ISTIO_NS, "--release", "istiod"])
-            .arg("-f")
-            .arg(manifest_dir().join("deploy/istio/istiod-values.yaml"))
-            .args([
-                "--set",
+        chart_install(
+            &cluster,
+            "istiod",
+            &chart,
+            &[
                 &format!("istiodRemote.injectionURL={injection_url}"),
-            ])
-            .args([
-                "--set",
                 &format!("istiodRemote.injectionCABundle={ca_bundle}"),
-            ])
-            .args(["--set", "global.configValidation=false"])
-            .args(["--set", "meshConfig.defaultProviders.metrics={}"])
-            .arg(&chart)
-            .output()
-            .expect("run chart-check install");
-        if !out.status.success() {
-            common::proc::fail_with_logs(
-                &format!(
-                    "chart-check install of Istio's istiod chart failed ({}):\n{}{}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                ),
-                &[&cluster],
-            );
-        }
+                "global.configValidation=false",
+                "meshConfig.defaultProviders.metrics={}",
+            ],
+            Some(&manifest_dir().join("deploy/istio/istiod-values.yaml")),
+        );
 
         let dir = temp_dir("istiod");
         let mut cmd = Command::new(&discovery);
@@ -343,11 +375,45 @@ impl Istiod {
 struct IstioProxy {
     agent: Proc,
     root: tempfile::TempDir,
+    admin_port: u16,
 }
 
-/// pilot-agent's fixed ports (one proxy at a time: the tests serialise on the node lock).
-const ENVOY_ADMIN_PORT: u16 = 15000;
-const AGENT_READY_PORT: u16 = 15021;
+/// How one istio-proxy runs besides its namespace and service account.
+struct ProxyOptions<'a> {
+    /// The private Envoy copy (SPIRE's unix attestor selects on its path).
+    envoy_binary: PathBuf,
+    /// The directory holding svid-bridge's SDS socket `socket`, where the CSI volume would be
+    /// mounted; `None`: istio-agent uses istiod's CA.
+    workload_socket: Option<&'a Path>,
+    /// Envoy admin, pilot-agent status, Envoy's readiness and Prometheus listeners. Istio's
+    /// defaults (15000, 15020, 15021, 15090) for one proxy at a time (the tests serialise on
+    /// the node lock); free ones when several run.
+    ports: [u16; 4],
+    /// `ISTIO_META_INTERCEPTION_MODE`: `REDIRECT` (the default; nothing redirects here, the
+    /// listeners just exist) or `NONE` (no iptables: listeners from Sidecar resources).
+    interception: &'a str,
+    instance_ip: &'a str,
+}
+
+impl<'a> ProxyOptions<'a> {
+    fn new(envoy_binary: PathBuf, workload_socket: Option<&'a Path>) -> Self {
+        ProxyOptions {
+            envoy_binary,
+            workload_socket,
+            ports: [15000, 15020, 15021, 15090],
+            interception: "REDIRECT",
+            instance_ip: "127.0.0.1",
+        }
+    }
+
+    /// A proxy without iptables beside others: free ports, its own loopback address.
+    fn without_interception(mut self, instance_ip: &'a str) -> Self {
+        self.ports = [free_port(), free_port(), free_port(), free_port()];
+        self.interception = "NONE";
+        self.instance_ip = instance_ip;
+        self
+    }
+}
 
 impl LogSource for IstioProxy {
     fn log_files(&self) -> Vec<Arc<LogFiles>> {
@@ -359,13 +425,8 @@ impl IstioProxy {
     /// Starts pilot-agent in a directory laid out as the proxy image and pod would be. With
     /// `workload_socket`, the directory holding svid-bridge's SDS socket `socket` stands where
     /// the CSI volume is mounted.
-    fn start(
-        istiod: &Istiod,
-        ns: &str,
-        sa: &str,
-        envoy_binary: PathBuf,
-        workload_socket: Option<&Path>,
-    ) -> IstioProxy {
+    fn start(istiod: &Istiod, ns: &str, sa: &str, opts: ProxyOptions<'_>) -> IstioProxy {
+        let [admin_port, status_port, ready_port, prometheus_port] = opts.ports;
         let agent_bin = istio_file("pilot-agent");
         let template = istio_file("envoy_bootstrap.json");
         let root = temp_dir(&format!("istio-proxy-{ns}-{sa}"));
@@ -377,17 +438,17 @@ impl IstioProxy {
         // The projected token istio-proxy gets (audience istio-ca), from the TokenRequest API.
         let token = istiod.kubectl(&["create", "token", sa, "-n", ns, "--audience", "istio-ca"]);
         write_private(&r.join("var/run/secrets/tokens/istio-token"), token.trim());
-        if let Some(dir) = workload_socket {
+        if let Some(dir) = opts.workload_socket {
             let link = r.join(WORKLOAD_SOCKET_DIR.trim_start_matches('/'));
             std::fs::create_dir_all(link.parent().unwrap()).unwrap();
             std::os::unix::fs::symlink(dir, &link).unwrap();
         }
         let proxy_config = serde_json::json!({
             "discoveryAddress": format!("127.0.0.1:{}", istiod.xds_port),
-            "binaryPath": envoy_binary,
+            "binaryPath": opts.envoy_binary,
             "configPath": "./etc/istio/proxy",
-            "proxyAdminPort": ENVOY_ADMIN_PORT,
-            "statusPort": 15020,
+            "proxyAdminPort": admin_port,
+            "statusPort": status_port,
             "drainDuration": "1s",
             "terminationDrainDuration": "0s",
         });
@@ -403,8 +464,11 @@ impl IstioProxy {
             .env("POD_NAME", &pod)
             .env("POD_NAMESPACE", ns)
             .env("SERVICE_ACCOUNT", sa)
-            .env("INSTANCE_IP", "127.0.0.1")
+            .env("INSTANCE_IP", opts.instance_ip)
             .env("HOST_IP", "127.0.0.1")
+            .env("ISTIO_META_INTERCEPTION_MODE", opts.interception)
+            .env("ENVOY_STATUS_PORT", ready_port.to_string())
+            .env("ENVOY_PROMETHEUS_PORT", prometheus_port.to_string())
             .env("ISTIO_META_CLUSTER_ID", "Kubernetes")
             .env("ISTIO_META_WORKLOAD_NAME", sa)
             .env("ISTIO_META_MESH_ID", "cluster.local")
@@ -417,13 +481,17 @@ impl IstioProxy {
             .env("CA_ROOT_CA", istiod.cluster.ca_cert_path())
             .env("ISTIOD_SAN", "istiod.istio-system.svc");
         let agent = Proc::spawn("pilot-agent", cmd, r);
-        let proxy = IstioProxy { agent, root };
+        let proxy = IstioProxy {
+            agent,
+            root,
+            admin_port,
+        };
         // What the kubelet's readiness probe asks: Envoy has its listeners and clusters
         // from istiod.
-        let ready = std::net::SocketAddr::from(([127, 0, 0, 1], AGENT_READY_PORT));
+        let ready = std::net::SocketAddr::from(([127, 0, 0, 1], ready_port));
         wait_until_with(
             TIMEOUT,
-            "istio-proxy is ready (/healthz/ready on 15021)",
+            &format!("istio-proxy {ns}/{sa} is ready (/healthz/ready on {ready_port})"),
             &[&proxy, istiod],
             || {
                 common::http::get(ready, "/healthz/ready")
@@ -435,7 +503,7 @@ impl IstioProxy {
     }
 
     fn admin(&self, path: &str) -> String {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], ENVOY_ADMIN_PORT));
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.admin_port));
         let r = common::http::get(addr, path).unwrap_or_else(|e| panic!("Envoy admin {path}: {e}"));
         assert_eq!(r.status, 200, "Envoy admin {path}: {}", r.body);
         r.body
@@ -666,7 +734,7 @@ fn istiod_configures_a_real_pilot_agent_and_envoy() {
     istiod.mesh_namespace("shop", "httpbin");
     let istiod_root = istiod.ca_root();
     let envoy = workload_binary("envoy-shop-httpbin", &peer("envoy"));
-    let proxy = IstioProxy::start(&istiod, "shop", "httpbin", envoy, None);
+    let proxy = IstioProxy::start(&istiod, "shop", "httpbin", ProxyOptions::new(envoy, None));
 
     // Listeners and clusters from istiod, none rejected by upstream Envoy.
     for stat in [
@@ -724,7 +792,12 @@ fn istio_agent_takes_spire_certificates_from_svid_bridge() {
     assert_eq!(bridge.sds_socket().file_name().unwrap(), "socket");
     let socket_dir = bridge.sds_socket().parent().unwrap().to_path_buf();
     let csrs_before = istiod.csr_count();
-    let proxy = IstioProxy::start(&istiod, "shop", "httpbin", envoy, Some(&socket_dir));
+    let proxy = IstioProxy::start(
+        &istiod,
+        "shop",
+        "httpbin",
+        ProxyOptions::new(envoy, Some(&socket_dir)),
+    );
 
     // istio-agent found the socket and left `default` and ROOTCA to it (I1, I2).
     let log = proxy.agent_log();
@@ -766,4 +839,186 @@ fn istio_agent_takes_spire_certificates_from_svid_bridge() {
     assert_eq!(proxy.stat("listener_manager.lds.update_rejected"), 0);
     drop(proxy);
     drop(bridge);
+}
+
+/// The application behind the server's sidecar: plain HTTP/1.1 on 127.0.0.1, answering
+/// every request 200 with the `x-forwarded-client-cert` header its Envoy added (who the
+/// mTLS peer was) as the body. Returns its port.
+fn start_app() -> u16 {
+    use std::io::{BufRead, BufReader};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream);
+            let mut xfcc = String::new();
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                if line == "\r\n" {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':')
+                    && name.eq_ignore_ascii_case("x-forwarded-client-cert")
+                {
+                    xfcc = value.trim().to_owned();
+                }
+                line.clear();
+            }
+            let mut stream = reader.into_inner();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\
+                 connection: close\r\n\r\n{xfcc}",
+                xfcc.len()
+            );
+        }
+    });
+    port
+}
+
+/// The server's loopback address (its Sidecar ingress binds there; the ServiceEntry's
+/// endpoint) and the clients' (their Sidecar egress listener).
+const SERVER_IP: &str = "127.0.0.2";
+const CLIENT_IP: &str = "127.0.0.3";
+
+/// Istio's own configuration for the mTLS test: service `server.shop.mesh` (a ServiceEntry
+/// whose endpoint is the server's sidecar: the apiserver refuses loopback addresses in
+/// EndpointSlices), STRICT mTLS and an allow-list of one principal in `shop`, and the
+/// Sidecar resources sidecars without iptables need.
+fn mesh_config(app_port: u16) -> String {
+    format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: server, namespace: shop}}
+spec:
+  hosts: [server.shop.mesh]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  endpoints:
+  - address: {SERVER_IP}
+    serviceAccount: server
+    labels: {{security.istio.io/tlsMode: istio}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: server, namespace: shop}}
+spec:
+  host: server.shop.mesh
+  trafficPolicy: {{tls: {{mode: ISTIO_MUTUAL}}}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: default, namespace: shop}}
+spec:
+  mtls: {{mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: only-allowed, namespace: shop}}
+spec:
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["{TRUST_DOMAIN}/ns/front/sa/allowed"]
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: default, namespace: shop}}
+spec:
+  ingress:
+  - port: {{number: 8080, protocol: HTTP, name: http}}
+    bind: {SERVER_IP}
+    defaultEndpoint: 127.0.0.1:{app_port}
+  egress:
+  - hosts: ["~/*"]
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: default, namespace: front}}
+spec:
+  egress:
+  - port: {{number: 8080, protocol: HTTP, name: http}}
+    bind: {CLIENT_IP}
+    hosts: ["shop/*"]
+"#
+    )
+}
+
+#[test]
+#[ignore = "needs real Istio: `make test-istio` builds it and runs this"]
+fn strict_mtls_and_authorization_by_principal_between_spire_sidecars() {
+    let spire = Spire::start(spire_options_for_bridge(TRUST_DOMAIN));
+    let bridge = Bridge::start(&spire);
+    let istiod = Istiod::start_with(true);
+    istiod.mesh_namespace("shop", "server");
+    istiod.mesh_namespace("front", "allowed");
+    istiod.cluster.apply(
+        r#"{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "denied", "namespace": "front"}}"#,
+    );
+    let app_port = start_app();
+    istiod.cluster.apply(&mesh_config(app_port));
+    let socket_dir = bridge.sds_socket().parent().unwrap().to_path_buf();
+
+    // Every sidecar's identity comes from SPIRE through svid-bridge (I4).
+    let sidecar = |ns: &str, sa: &str, ip: &'static str| {
+        let envoy = workload_binary(&format!("envoy-{ns}-{sa}"), &peer("envoy"));
+        spire.create_entry(&EntrySpec::for_path(&istio_id(ns, sa), &envoy));
+        IstioProxy::start(
+            &istiod,
+            ns,
+            sa,
+            ProxyOptions::new(envoy, Some(&socket_dir)).without_interception(ip),
+        )
+    };
+    let server = sidecar("shop", "server", SERVER_IP);
+    let client_addr: std::net::SocketAddr = format!("{CLIENT_IP}:8080").parse().unwrap();
+    let server_addr: std::net::SocketAddr = format!("{SERVER_IP}:8080").parse().unwrap();
+    let call = || common::http::get_with_host(client_addr, "/", "server.shop.mesh");
+
+    // The admitted service account: through both sidecars over mTLS, each side holding its
+    // SPIRE identity (the server's Envoy tells the app who called: XFCC).
+    let allowed = sidecar("front", "allowed", CLIENT_IP);
+    let body = wait_until_with(
+        TIMEOUT,
+        "front/allowed gets 200 from server.shop.mesh",
+        &[&allowed, &server, &istiod],
+        || call().ok().filter(|r| r.status == 200).map(|r| r.body),
+    );
+    assert!(
+        body.contains(&format!("By={}", istio_id("shop", "server")))
+            && body.contains(&format!("URI={}", istio_id("front", "allowed"))),
+        "the server's Envoy did not see front/allowed over mTLS: {body}"
+    );
+    // STRICT: the server's sidecar takes no plaintext.
+    let plain = common::http::get_with_host(server_addr, "/", "server.shop.mesh");
+    assert!(
+        plain.as_ref().map_or(true, |r| r.status != 200),
+        "plaintext reached the app through a STRICT sidecar: {:?}",
+        plain.map(|r| r.status)
+    );
+    drop(allowed);
+
+    // Another service account of the same namespace, same listener, same SPIRE: refused by
+    // the policy (403 from the server's sidecar, not a TLS failure).
+    let denied = sidecar("front", "denied", CLIENT_IP);
+    let refused = wait_until_with(
+        TIMEOUT,
+        "front/denied gets an answer from server.shop.mesh's sidecar",
+        &[&denied, &server, &istiod],
+        || call().ok().filter(|r| r.status == 200 || r.status == 403),
+    );
+    assert_eq!(
+        refused.status, 403,
+        "front/denied was not refused: {}",
+        refused.body
+    );
+    assert!(
+        refused.body.contains("RBAC"),
+        "refused by something else than the AuthorizationPolicy: {}",
+        refused.body
+    );
+    drop(denied);
+    drop(server);
 }
