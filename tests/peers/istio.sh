@@ -38,10 +38,13 @@ istio_build() {
         go1.2[6-9]* | go1.[3-9][0-9]* | go[2-9]*) ;;
         *) die "Istio $version declares go 1.26; found $GO_VERSION" ;;
     esac
-    say "building Istio $version (pilot-discovery, pilot-agent) with $GO_VERSION; a cold build takes about 6 minutes"
+    say "building Istio $version (pilot-discovery, pilot-agent) with $GO_VERSION; a cold build takes 4-9 minutes"
     start=$SECONDS
-    (cd "$src" && go mod download istio.io/istio)
-    say "downloaded in $((SECONDS - start))s"
+    # Resolving the two commands' packages downloads the modules they use (152 of the 448 in
+    # the graph), nothing else.
+    (cd "$src" && go list -deps istio.io/istio/pilot/cmd/pilot-discovery \
+        istio.io/istio/pilot/cmd/pilot-agent >/dev/null)
+    say "downloaded what the build needs in $((SECONDS - start))s"
     mkdir -p "$ISTIO_OUT"
     # Static, as Istio's release binaries; the version is what `pilot-discovery version` says.
     CGO_ENABLED=0 go_build istio "$src" "-s -w -X istio.io/istio/pkg/version.buildVersion=$ISTIO_DEV_VERSION \
