@@ -151,18 +151,12 @@ fn collect_inline_bytes(v: &serde_json::Value, out: &mut Vec<String>) {
 
 /// `helm install RELEASE CHART -n istio-system [-f values] --set ...` through Helm's action
 /// package (`chart-check install`).
-fn chart_install(
-    cluster: &Cluster,
-    release: &str,
-    chart: &Path,
-    sets: &[&str],
-    values: Option<&Path>,
-) {
+fn chart_install(cluster: &Cluster, release: &str, chart: &Path, sets: &[&str], values: &[&Path]) {
     let mut cmd = Command::new(peer("chart-check"));
     cmd.arg("install")
         .arg(format!("--kubeconfig={}", cluster.kubeconfig().display()))
         .args(["--namespace", ISTIO_NS, "--release", release]);
-    if let Some(values) = values {
+    for values in values {
         cmd.arg("-f").arg(values);
     }
     for set in sets {
@@ -206,12 +200,14 @@ impl LogSource for Istiod {
 
 impl Istiod {
     fn start() -> Istiod {
-        Istiod::start_with(false)
+        Istiod::start_with(false, None)
     }
 
     /// `crds`: Istio's CRDs first, from Istio's `base` chart (for Sidecar, ServiceEntry,
-    /// PeerAuthentication, AuthorizationPolicy, ...).
-    fn start_with(crds: bool) -> Istiod {
+    /// PeerAuthentication, AuthorizationPolicy, ...). `extra_roots`: PEM roots istiod hands
+    /// its own sidecars besides its CA's (`meshConfig.caCertificates`, with
+    /// `ISTIO_MULTIROOT_MESH=true`: Istio's way to trust a second CA).
+    fn start_with(crds: bool, extra_roots: Option<&str>) -> Istiod {
         // Before anything starts: a missing build fails here, saying what to run.
         let discovery = istio_file("pilot-discovery");
         let chart = istio_file("charts/istio-control/istio-discovery");
@@ -224,7 +220,7 @@ impl Istiod {
                 "istio-base",
                 &istio_file("charts/base"),
                 &["defaultRevision=", "global.configValidation=false"],
-                None,
+                &[],
             );
         }
         let (crt, key) = cluster.issue_serving_cert(
@@ -247,6 +243,16 @@ impl Istiod {
         // (istiod is not behind a Service here), no validation webhook, no metrics provider
         // (Istio's stats filter is not in upstream Envoy).
         let injection_url = format!("https://127.0.0.1:{https_port}/inject");
+
+        let dir = temp_dir("istiod");
+        let mut values = vec![manifest_dir().join("deploy/istio/istiod-values.yaml")];
+        if let Some(pem) = extra_roots {
+            let file = dir.path().join("extra-roots-values.yaml");
+            let mesh = serde_json::json!({"meshConfig": {"caCertificates": [{"pem": pem}]}});
+            std::fs::write(&file, mesh.to_string()).unwrap();
+            values.push(file);
+        }
+        let values: Vec<&Path> = values.iter().map(PathBuf::as_path).collect();
         chart_install(
             &cluster,
             "istiod",
@@ -257,10 +263,8 @@ impl Istiod {
                 "global.configValidation=false",
                 "meshConfig.defaultProviders.metrics={}",
             ],
-            Some(&manifest_dir().join("deploy/istio/istiod-values.yaml")),
+            &values,
         );
-
-        let dir = temp_dir("istiod");
         let mut cmd = Command::new(&discovery);
         cmd.current_dir(dir.path())
             .arg("discovery")
@@ -286,7 +290,8 @@ impl Istiod {
             .env("PILOT_ENABLE_ALPN_FILTER", "false")
             // The chart's webhook already carries the CA bundle; nothing to patch.
             .env("INJECTION_WEBHOOK_CONFIG_NAME", "")
-            .env("VALIDATION_WEBHOOK_CONFIG_NAME", "");
+            .env("VALIDATION_WEBHOOK_CONFIG_NAME", "")
+            .env("ISTIO_MULTIROOT_MESH", extra_roots.is_some().to_string());
         let proc = Proc::spawn("istiod", cmd, dir.path());
         let istiod = Istiod {
             proc,
@@ -393,6 +398,8 @@ struct ProxyOptions<'a> {
     /// listeners just exist) or `NONE` (no iptables: listeners from Sidecar resources).
     interception: &'a str,
     instance_ip: &'a str,
+    /// `PROXY_CONFIG_XDS_AGENT`: istio-agent takes extra roots from istiod (multi-root mesh).
+    proxy_config_xds: bool,
 }
 
 impl<'a> ProxyOptions<'a> {
@@ -403,6 +410,7 @@ impl<'a> ProxyOptions<'a> {
             ports: [15000, 15020, 15021, 15090],
             interception: "REDIRECT",
             instance_ip: "127.0.0.1",
+            proxy_config_xds: false,
         }
     }
 
@@ -451,6 +459,9 @@ impl IstioProxy {
             "statusPort": status_port,
             "drainDuration": "1s",
             "terminationDrainDuration": "0s",
+            // Istio keeps only a few of Envoy's stats; the tests read the SDS and TLS ones
+            // (the pod annotation sidecar.istio.io/statsInclusionRegexps does the same).
+            "proxyStatsMatcher": {"inclusionRegexps": ["sds\\..*", ".*\\.ssl\\..*"]},
         });
         let pod = format!("{sa}-0");
         let mut cmd = Command::new(&agent_bin);
@@ -469,6 +480,7 @@ impl IstioProxy {
             .env("ISTIO_META_INTERCEPTION_MODE", opts.interception)
             .env("ENVOY_STATUS_PORT", ready_port.to_string())
             .env("ENVOY_PROMETHEUS_PORT", prometheus_port.to_string())
+            .env("PROXY_CONFIG_XDS_AGENT", opts.proxy_config_xds.to_string())
             .env("ISTIO_META_CLUSTER_ID", "Kubernetes")
             .env("ISTIO_META_WORKLOAD_NAME", sa)
             .env("ISTIO_META_MESH_ID", "cluster.local")
@@ -509,12 +521,28 @@ impl IstioProxy {
         r.body
     }
 
+    /// A counter Envoy keeps; fails when Envoy has no such stat (Istio's stats matcher drops
+    /// most of them: see `proxyStatsMatcher` in [`IstioProxy::start`]).
     fn stat(&self, name: &str) -> u64 {
         let body = self.admin(&format!("/stats?filter=^{}$", name.replace('.', "\\.")));
         body.lines()
             .find_map(|l| l.strip_prefix(&format!("{name}: ")))
             .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
+            .unwrap_or_else(|| panic!("Envoy has no stat {name}"))
+    }
+
+    /// The sum of every stat whose name ends with `suffix` (e.g. per-listener SSL stats);
+    /// fails when there is none.
+    fn stat_sum(&self, suffix: &str) -> u64 {
+        let values: Vec<u64> = self
+            .admin("/stats")
+            .lines()
+            .filter_map(|l| l.split_once(": "))
+            .filter(|(name, _)| name.ends_with(suffix))
+            .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+            .collect();
+        assert!(!values.is_empty(), "Envoy has no stat *{suffix}");
+        values.iter().sum()
     }
 
     /// The PEM of Envoy's active SDS secret `name` from /config_dump (private keys are
@@ -952,28 +980,69 @@ struct SpireMesh {
     // Dropped in this order: istiod and its control plane, the bridge, SPIRE.
     istiod: Istiod,
     bridge: Bridge,
+    /// `<dir>/uds`: a link to the directory of the current bridge's socket; every sidecar's
+    /// `workload-spiffe-uds` points here, so the bridge can be replaced under them.
     socket_dir: PathBuf,
+    dir: tempfile::TempDir,
     spire: Spire,
 }
 
 impl SpireMesh {
     fn start() -> SpireMesh {
+        SpireMesh::start_with(false)
+    }
+
+    /// `migration`: istiod's sidecars also trust SPIRE's bundle (`meshConfig.caCertificates`,
+    /// multi-root), and svid-bridge adds istiod's root to the trust domain's bundle
+    /// (`--extra-trust-anchors`, docs/deploying.md "Migrating from istiod's CA").
+    fn start_with(migration: bool) -> SpireMesh {
         let spire = Spire::start(spire_options_for_bridge(TRUST_DOMAIN));
-        let bridge = Bridge::start(&spire);
-        let istiod = Istiod::start_with(true);
+        let spire_roots = spire.bundle_pem();
+        let istiod = Istiod::start_with(true, migration.then_some(spire_roots.as_str()));
+        let dir = temp_dir("spire-mesh");
+        let bridge = if migration {
+            let anchors = dir.path().join("istiod-root.pem");
+            std::fs::write(&anchors, istiod.ca_root()).unwrap();
+            Bridge::start_with(
+                &spire,
+                &[&format!("--extra-trust-anchors={}", anchors.display())],
+            )
+        } else {
+            Bridge::start(&spire)
+        };
         istiod.mesh_namespace("shop", "server");
         istiod.mesh_namespace("front", "allowed");
         istiod.cluster.apply(
             r#"{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "denied", "namespace": "front"}}"#,
         );
         istiod.cluster.apply(&mesh_config(start_app()));
-        let socket_dir = bridge.sds_socket().parent().unwrap().to_path_buf();
+        let socket_dir = dir.path().join("uds");
+        std::os::unix::fs::symlink(bridge.sds_socket().parent().unwrap(), &socket_dir).unwrap();
         SpireMesh {
             istiod,
             bridge,
             socket_dir,
+            dir,
             spire,
         }
+    }
+
+    /// A new svid-bridge started with `args` takes the old one's place under the sidecars.
+    fn replace_bridge(&mut self, args: &[&str]) {
+        let new = Bridge::start_with(&self.spire, args);
+        let next = self.dir.path().join("uds.next");
+        std::os::unix::fs::symlink(new.sds_socket().parent().unwrap(), &next).unwrap();
+        std::fs::rename(&next, &self.socket_dir).unwrap();
+        self.bridge = new;
+    }
+
+    /// A sidecar without iptables for `ns/sa` at `ip` that is not migrated: no workload
+    /// socket, its certificate from istiod's CA, extra roots from istiod.
+    fn istiod_sidecar(&self, ns: &str, sa: &str, ip: &'static str) -> IstioProxy {
+        let envoy = workload_binary(&format!("envoy-{ns}-{sa}-istiod"), &peer("envoy"));
+        let mut opts = ProxyOptions::new(envoy, None).without_interception(ip);
+        opts.proxy_config_xds = true;
+        IstioProxy::start(&self.istiod, ns, sa, opts)
     }
 
     /// A sidecar without iptables for `ns/sa` at `ip`, its identity from SPIRE through
@@ -1142,4 +1211,108 @@ fn rotation_and_a_bridge_restart_fail_no_request_between_istio_sidecars() {
     );
     assert_eq!(server.stat("sds.default.update_rejected"), 0);
     assert_eq!(client.stat("sds.default.update_rejected"), 0);
+}
+
+/// Whether `proxy`'s `default` certificate chains to `roots` (PEM).
+fn default_verifies_against(proxy: &IstioProxy, roots: &str) -> bool {
+    let chain = proxy
+        .secret_pem("default")
+        .expect("Envoy has a `default` secret");
+    verify_chain(&chain, roots, proxy.root.path()).is_ok()
+}
+
+#[test]
+#[ignore = "needs real Istio: `make test-istio` builds it and runs this"]
+fn migration_from_istiods_ca_to_spire_without_downtime() {
+    let mut mesh = SpireMesh::start_with(true);
+    let spire_roots = mesh.spire.bundle_pem();
+    let istiod_root = mesh.istiod.ca_root();
+    let client_addr: std::net::SocketAddr = format!("{CLIENT_IP}:8080").parse().unwrap();
+    let call = move || common::http::get_with_host(client_addr, "/", "server.shop.mesh");
+    let allowed_id = istio_id("front", "allowed");
+    let server_id = istio_id("shop", "server");
+    let mtls_ok = |client: &IstioProxy, server: &IstioProxy, istiod: &Istiod, what: &str| {
+        let body = wait_until_with(TIMEOUT, what, &[client, server, istiod], || {
+            call().ok().filter(|r| r.status == 200).map(|r| r.body)
+        });
+        assert!(
+            body.contains(&format!("By={server_id}"))
+                && body.contains(&format!("URI={allowed_id}")),
+            "{what}: the server's Envoy did not see the client over mTLS: {body}"
+        );
+    };
+
+    // Mid-migration: the server already on SPIRE (svid-bridge adds istiod's root to its
+    // trust domain), the client still on istiod's CA (istiod hands it SPIRE's root too).
+    let server = mesh.sidecar("shop", "server", SERVER_IP, None);
+    let client = mesh.istiod_sidecar("front", "allowed", CLIENT_IP);
+    assert!(default_verifies_against(&server, &spire_roots));
+    assert!(default_verifies_against(&client, &istiod_root));
+    assert!(!default_verifies_against(&client, &spire_roots));
+    mtls_ok(
+        &client,
+        &server,
+        &mesh.istiod,
+        "an istiod-CA client reaches a SPIRE server",
+    );
+    drop(client);
+
+    // The client moves to SPIRE.
+    let client = mesh.sidecar("front", "allowed", CLIENT_IP, None);
+    assert!(default_verifies_against(&client, &spire_roots));
+    mtls_ok(
+        &client,
+        &server,
+        &mesh.istiod,
+        "a SPIRE client reaches a SPIRE server",
+    );
+    drop(client);
+
+    // Everyone is on SPIRE: istiod's root leaves svid-bridge. A sidecar still holding an
+    // istiod certificate is now refused by the server's Envoy; SPIRE sidecars go on.
+    mesh.replace_bridge(&[]);
+    wait_until_with(
+        TIMEOUT,
+        "the server's ROOTCA no longer holds istiod's root",
+        &[&server, &mesh.bridge],
+        || {
+            let rootca: BTreeSet<Vec<u8>> = pem_ders(&server.secret_pem("ROOTCA")?)
+                .into_iter()
+                .collect();
+            let spire: BTreeSet<Vec<u8>> = pem_ders(&spire_roots).into_iter().collect();
+            (rootca == spire).then_some(())
+        },
+    );
+    let late = mesh.istiod_sidecar("front", "allowed", CLIENT_IP);
+    let refused = wait_until_with(
+        TIMEOUT,
+        "an istiod-CA client gets an answer after the root's removal",
+        &[&late, &server, &mesh.istiod],
+        || call().ok().filter(|r| r.status != 404),
+    );
+    assert_eq!(
+        refused.status, 503,
+        "an istiod-CA client was not refused after istiod's root left: {}",
+        refused.body
+    );
+    // The server's Envoy refused the handshake: the client's chain does not verify.
+    assert!(
+        server.stat_sum("ssl.fail_verify_error") >= 1,
+        "the server's Envoy counted no failed verification: {}\n{}",
+        refused.body,
+        server
+            .admin("/stats")
+            .lines()
+            .filter(|l| l.contains("ssl") && !l.ends_with(": 0"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    drop(late);
+    let client = mesh.sidecar("front", "allowed", CLIENT_IP, None);
+    mtls_ok(
+        &client,
+        &server,
+        &mesh.istiod,
+        "a SPIRE client reaches a SPIRE server after the root's removal",
+    );
 }
