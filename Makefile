@@ -6,6 +6,9 @@
 #                (extra `cargo test` arguments: make test CARGO_TEST_ARGS='-- --nocapture')
 #   make demo    SPIRE server + agent, svid-bridge and two Envoys doing mTLS, on this machine
 #   make bench   svid-bridge against the SPIRE agent's SDS and spiffe-csi-driver (BENCHMARKS.md)
+#   make test-istio
+#                real Istio (istiod, injected sidecars, pilot-agent + Envoy) with SPIRE through
+#                svid-bridge: builds Istio first (mk/istio.mk; not part of `make test`)
 #   make fresh-check
 #                `make test` in a clone of HEAD with empty Cargo, Go and pip caches, timing
 #                each phase: what a new machine sees (not part of `make test`)
@@ -22,6 +25,7 @@ all: test
 include mk/deploy.mk
 include mk/bench.mk
 include mk/cluster.mk
+include mk/istio.mk
 
 peers:
 	bash tests/peers/install.sh

@@ -601,6 +601,26 @@ maxPods: {max_pods}
         });
     }
 
+    /// The node's CA certificate (PEM): it signs the apiserver's serving certificate and every
+    /// certificate of [`Cluster::issue_serving_cert`].
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.root.join("pki/ca.crt")
+    }
+
+    /// A serving certificate for a component running beside the node (istiod in
+    /// tests/istio_real.rs), signed by the node's CA: `<root>/pki/<name>.crt` and `.key`
+    /// (0600), with `san` (e.g. `IP:127.0.0.1,DNS:istiod.istio-system.svc`).
+    pub fn issue_serving_cert(&self, name: &str, subject: &str, san: &str) -> (PathBuf, PathBuf) {
+        let pki = Pki {
+            dir: self.root.join("pki"),
+        };
+        pki.leaf(name, subject, Some(san), "serverAuth");
+        (
+            pki.path(&format!("{name}.crt")),
+            pki.path(&format!("{name}.key")),
+        )
+    }
+
     /// Stops kube-apiserver (SIGTERM, then SIGKILL after 5 s): every client of the API,
     /// the kubelet too, finds it unreachable until [`Cluster::start_apiserver`].
     pub fn stop_apiserver(&self) {

@@ -15,6 +15,10 @@
 #   postgresql (server + psql)                   Debian packages, apt-installed when missing; the tests
 #                                                run /usr/lib/postgresql/<version>/bin as `postgres`
 #
+# With SB_PEERS_ISTIO=1 (`make peers-istio`), also real Istio for tests/istio_real.rs:
+#   target/peers/istio/pilot-discovery, pilot-agent, charts/, envoy_bootstrap.json
+#                                                built from tests/peers/istio/ (tests/peers/istio.sh)
+#
 # Everything comes from the project's own files: the Go modules (with their committed
 # go.sum) and tests/peers/requirements.txt. Each step is keyed on a hash of its inputs and
 # skipped when its stamp matches, so a second run takes seconds. Run it with `make peers`.
@@ -217,6 +221,16 @@ k8s_install_debs
 CURRENT="kubelet/kube-apiserver (tests/peers/k8s)"
 k8s_build
 
+# ---------------------------------------------------------- Istio (istio.sh) ----
+# Only on request: its cold build costs minutes and GiBs of Go build cache that `make test`
+# does not need (docs/testing.md, "Real Istio").
+if [ "${SB_PEERS_ISTIO:-0}" = 1 ]; then
+    # shellcheck source=tests/peers/istio.sh
+    source "$PEERS_SRC/istio.sh"
+    CURRENT="pilot-discovery/pilot-agent (tests/peers/istio)"
+    istio_build
+fi
+
 # ----------------------------------------------------------------- PostgreSQL ----
 # The real consumer of pod files (tests/pod_files_postgres.rs, src/testing/postgres.rs):
 # Debian's server (postgresql-<version> depends on postgresql-client-<version>: psql),
@@ -271,6 +285,10 @@ v_python="$(version_of python "$BIN/python" -c \
 v_k8s="$(k8s_versions)"
 v_postgres="$(version_of postgres "$PG_BIN/postgres" --version)"
 v_psql="$(version_of psql "$PG_BIN/psql" --version)"
+v_istio=""
+if [ "${SB_PEERS_ISTIO:-0}" = 1 ]; then
+    v_istio="$(istio_versions)"
+fi
 CURRENT=""
 
 say "ready in $BIN:"
@@ -284,3 +302,6 @@ echo "  python        $v_python"
 echo "$v_k8s"
 echo "  postgres      ${v_postgres#postgres (PostgreSQL) } ($PG_BIN)"
 echo "  psql          ${v_psql#psql (PostgreSQL) }"
+if [ -n "$v_istio" ]; then
+    echo "$v_istio"
+fi
