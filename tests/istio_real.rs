@@ -16,7 +16,11 @@
 //! from the TokenRequest API, and svid-bridge's SDS socket is linked where the CSI volume
 //! would be mounted. The test bed's Envoy is upstream Envoy, not Istio's build: istiod runs
 //! without the Istio-only filters (`PILOT_ENABLE_METADATA_EXCHANGE=false`,
-//! `PILOT_ENABLE_ALPN_FILTER=false`, no default metrics provider).
+//! `PILOT_ENABLE_ALPN_FILTER=false`, no default metrics provider). Several sidecars at once
+//! run without iptables (`ISTIO_META_INTERCEPTION_MODE=NONE`), each on its own loopback
+//! address and ports, their listeners from `Sidecar` resources. Injected pods themselves
+//! cannot run here: Istio does not inject host-network pods, and the test node has no CNI
+//! for any other kind.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use svid_bridge::testing as common;
