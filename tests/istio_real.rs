@@ -16,7 +16,11 @@
 //! from the TokenRequest API, and svid-bridge's SDS socket is linked where the CSI volume
 //! would be mounted. The test bed's Envoy is upstream Envoy, not Istio's build: istiod runs
 //! without the Istio-only filters (`PILOT_ENABLE_METADATA_EXCHANGE=false`,
-//! `PILOT_ENABLE_ALPN_FILTER=false`, no default metrics provider).
+//! `PILOT_ENABLE_ALPN_FILTER=false`, no default metrics provider). Several sidecars at once
+//! run without iptables (`ISTIO_META_INTERCEPTION_MODE=NONE`), each on its own loopback
+//! address and ports, their listeners from `Sidecar` resources. Injected pods themselves
+//! cannot run here: Istio does not inject host-network pods, and the test node has no CNI
+//! for any other kind.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use svid_bridge::testing as common;
@@ -200,14 +204,15 @@ impl LogSource for Istiod {
 
 impl Istiod {
     fn start() -> Istiod {
-        Istiod::start_with(false, None)
+        Istiod::start_with(false, serde_json::Value::Null)
     }
 
     /// `crds`: Istio's CRDs first, from Istio's `base` chart (for Sidecar, ServiceEntry,
-    /// PeerAuthentication, AuthorizationPolicy, ...). `extra_roots`: PEM roots istiod hands
-    /// its own sidecars besides its CA's (`meshConfig.caCertificates`, with
-    /// `ISTIO_MULTIROOT_MESH=true`: Istio's way to trust a second CA).
-    fn start_with(crds: bool, extra_roots: Option<&str>) -> Istiod {
+    /// PeerAuthentication, AuthorizationPolicy, ...). `mesh`: more `meshConfig` (JSON); with
+    /// `caCertificates` (PEM roots istiod hands its own sidecars besides its CA's), istiod
+    /// runs with `ISTIO_MULTIROOT_MESH=true`: Istio's way to trust a second CA.
+    fn start_with(crds: bool, mesh: serde_json::Value) -> Istiod {
+        let multi_root = !mesh["caCertificates"].is_null();
         // Before anything starts: a missing build fails here, saying what to run.
         let discovery = istio_file("pilot-discovery");
         let chart = istio_file("charts/istio-control/istio-discovery");
@@ -246,10 +251,10 @@ impl Istiod {
 
         let dir = temp_dir("istiod");
         let mut values = vec![manifest_dir().join("deploy/istio/istiod-values.yaml")];
-        if let Some(pem) = extra_roots {
-            let file = dir.path().join("extra-roots-values.yaml");
-            let mesh = serde_json::json!({"meshConfig": {"caCertificates": [{"pem": pem}]}});
-            std::fs::write(&file, mesh.to_string()).unwrap();
+        if !mesh.is_null() {
+            let file = dir.path().join("mesh-values.yaml");
+            let values_json = serde_json::json!({ "meshConfig": mesh });
+            std::fs::write(&file, values_json.to_string()).unwrap();
             values.push(file);
         }
         let values: Vec<&Path> = values.iter().map(PathBuf::as_path).collect();
@@ -291,7 +296,7 @@ impl Istiod {
             // The chart's webhook already carries the CA bundle; nothing to patch.
             .env("INJECTION_WEBHOOK_CONFIG_NAME", "")
             .env("VALIDATION_WEBHOOK_CONFIG_NAME", "")
-            .env("ISTIO_MULTIROOT_MESH", extra_roots.is_some().to_string());
+            .env("ISTIO_MULTIROOT_MESH", multi_root.to_string());
         let proc = Proc::spawn("istiod", cmd, dir.path());
         let istiod = Istiod {
             proc,
@@ -949,7 +954,7 @@ spec:
   rules:
   - from:
     - source:
-        principals: ["{TRUST_DOMAIN}/ns/front/sa/allowed"]
+        principals: ["{TRUST_DOMAIN}/ns/front/sa/allowed", "{PARTNER_TD}/ns/front/sa/allowed"]
 ---
 apiVersion: networking.istio.io/v1
 kind: Sidecar
@@ -974,12 +979,33 @@ spec:
     )
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MeshMode {
+    Plain,
+    /// istiod's sidecars also trust SPIRE's bundle (`meshConfig.caCertificates`,
+    /// multi-root), and svid-bridge adds istiod's root to the trust domain's bundle
+    /// (`--extra-trust-anchors`, docs/deploying.md "Migrating from istiod's CA").
+    Migration,
+    /// A second SPIRE for [`PARTNER_TD`], federated with ours, with its own svid-bridge
+    /// ([`FEDERATION_FLAGS`]); ours federates with it; the mesh aliases its trust domain.
+    Federation,
+}
+
+const PARTNER_TD: &str = "partner.test";
+/// SPIRE's Istio recipe: ROOTCA carries every trust domain the workload federates with (I5).
+const FEDERATION_FLAGS: [&str; 2] = [
+    "--default-bundle-name=null",
+    "--default-all-bundles-name=ROOTCA",
+];
+
 /// SPIRE server + agent, svid-bridge (delegated mode), istiod with Istio's CRDs and
 /// [`mesh_config`] applied, the app behind `shop/server`'s sidecar.
 struct SpireMesh {
     // Dropped in this order: istiod and its control plane, the bridge, SPIRE.
     istiod: Istiod,
     bridge: Bridge,
+    /// Another trust domain's SPIRE, federated with ours, and its own svid-bridge.
+    partner: Option<(Bridge, Spire)>,
     /// `<dir>/uds`: a link to the directory of the current bridge's socket; every sidecar's
     /// `workload-spiffe-uds` points here, so the bridge can be replaced under them.
     socket_dir: PathBuf,
@@ -989,16 +1015,29 @@ struct SpireMesh {
 
 impl SpireMesh {
     fn start() -> SpireMesh {
-        SpireMesh::start_with(false)
+        SpireMesh::start_with(MeshMode::Plain)
     }
 
-    /// `migration`: istiod's sidecars also trust SPIRE's bundle (`meshConfig.caCertificates`,
-    /// multi-root), and svid-bridge adds istiod's root to the trust domain's bundle
-    /// (`--extra-trust-anchors`, docs/deploying.md "Migrating from istiod's CA").
-    fn start_with(migration: bool) -> SpireMesh {
+    fn start_with(mode: MeshMode) -> SpireMesh {
+        let migration = mode == MeshMode::Migration;
         let spire = Spire::start(spire_options_for_bridge(TRUST_DOMAIN));
-        let spire_roots = spire.bundle_pem();
-        let istiod = Istiod::start_with(true, migration.then_some(spire_roots.as_str()));
+        let mut partner = None;
+        let mesh = match mode {
+            MeshMode::Plain => serde_json::Value::Null,
+            MeshMode::Migration => {
+                serde_json::json!({"caCertificates": [{"pem": spire.bundle_pem()}]})
+            }
+            MeshMode::Federation => {
+                let other = Spire::start(spire_options_for_bridge(PARTNER_TD));
+                spire.federate_with(&other);
+                // The partner's sidecars see both trust domains in ROOTCA (I5).
+                let bridge = Bridge::start_with(&other, &FEDERATION_FLAGS);
+                partner = Some((bridge, other));
+                // Istio checks peers' trust domains against the mesh's and its aliases (I4).
+                serde_json::json!({"trustDomainAliases": [PARTNER_TD]})
+            }
+        };
+        let istiod = Istiod::start_with(true, mesh);
         let dir = temp_dir("spire-mesh");
         let bridge = if migration {
             let anchors = dir.path().join("istiod-root.pem");
@@ -1021,6 +1060,7 @@ impl SpireMesh {
         SpireMesh {
             istiod,
             bridge,
+            partner,
             socket_dir,
             dir,
             spire,
@@ -1036,6 +1076,24 @@ impl SpireMesh {
         self.bridge = new;
     }
 
+    /// A sidecar without iptables for `ns/sa` at `ip` in the partner trust domain
+    /// (`spiffe://partner.test/ns/<ns>/sa/<sa>`), through the partner's svid-bridge.
+    fn partner_sidecar(&self, ns: &str, sa: &str, ip: &'static str) -> IstioProxy {
+        let (bridge, other) = self.partner.as_ref().expect("a federation mesh");
+        let envoy = workload_binary(&format!("envoy-{ns}-{sa}-partner"), &peer("envoy"));
+        other.create_entry(&EntrySpec {
+            federates_with: vec![TRUST_DOMAIN.to_owned()],
+            ..EntrySpec::for_path(&format!("spiffe://{PARTNER_TD}/ns/{ns}/sa/{sa}"), &envoy)
+        });
+        let socket_dir = bridge.sds_socket().parent().unwrap().to_path_buf();
+        IstioProxy::start(
+            &self.istiod,
+            ns,
+            sa,
+            ProxyOptions::new(envoy, Some(&socket_dir)).without_interception(ip),
+        )
+    }
+
     /// A sidecar without iptables for `ns/sa` at `ip` that is not migrated: no workload
     /// socket, its certificate from istiod's CA, extra roots from istiod.
     fn istiod_sidecar(&self, ns: &str, sa: &str, ip: &'static str) -> IstioProxy {
@@ -1049,8 +1107,13 @@ impl SpireMesh {
     /// svid-bridge (I4); `ttl`: its X509-SVID's lifetime in seconds.
     fn sidecar(&self, ns: &str, sa: &str, ip: &'static str, ttl: Option<u32>) -> IstioProxy {
         let envoy = workload_binary(&format!("envoy-{ns}-{sa}"), &peer("envoy"));
+        let federates_with = match &self.partner {
+            Some((_, other)) => vec![other.trust_domain().to_owned()],
+            None => Vec::new(),
+        };
         self.spire.create_entry(&EntrySpec {
             x509_svid_ttl: ttl,
+            federates_with,
             ..EntrySpec::for_path(&istio_id(ns, sa), &envoy)
         });
         IstioProxy::start(
@@ -1213,6 +1276,27 @@ fn rotation_and_a_bridge_restart_fail_no_request_between_istio_sidecars() {
     assert_eq!(client.stat("sds.default.update_rejected"), 0);
 }
 
+/// Calls through `client` until `server`'s Envoy has refused a handshake more than before
+/// (`ssl.fail_verify_error`: the client's chain does not verify against its ROOTCA); no call
+/// may get through meanwhile. Returns the last answer's status (503 from the client's Envoy).
+fn refused_by_tls(
+    call: impl Fn() -> std::io::Result<common::http::HttpResponse>,
+    client: &IstioProxy,
+    server: &IstioProxy,
+    istiod: &Istiod,
+    what: &str,
+) -> u16 {
+    let before = server.stat_sum("ssl.fail_verify_error");
+    wait_until_with(TIMEOUT, what, &[client, server, istiod], || {
+        let answer = call().ok();
+        if let Some(r) = &answer {
+            assert_ne!(r.status, 200, "{what}: got through: {}", r.body);
+        }
+        let status = answer.map_or(0, |r| r.status);
+        (server.stat_sum("ssl.fail_verify_error") > before).then_some(status)
+    })
+}
+
 /// Whether `proxy`'s `default` certificate chains to `roots` (PEM).
 fn default_verifies_against(proxy: &IstioProxy, roots: &str) -> bool {
     let chain = proxy
@@ -1224,7 +1308,7 @@ fn default_verifies_against(proxy: &IstioProxy, roots: &str) -> bool {
 #[test]
 #[ignore = "needs real Istio: `make test-istio` builds it and runs this"]
 fn migration_from_istiods_ca_to_spire_without_downtime() {
-    let mut mesh = SpireMesh::start_with(true);
+    let mut mesh = SpireMesh::start_with(MeshMode::Migration);
     let spire_roots = mesh.spire.bundle_pem();
     let istiod_root = mesh.istiod.ca_root();
     let client_addr: std::net::SocketAddr = format!("{CLIENT_IP}:8080").parse().unwrap();
@@ -1284,28 +1368,12 @@ fn migration_from_istiods_ca_to_spire_without_downtime() {
         },
     );
     let late = mesh.istiod_sidecar("front", "allowed", CLIENT_IP);
-    let refused = wait_until_with(
-        TIMEOUT,
-        "an istiod-CA client gets an answer after the root's removal",
-        &[&late, &server, &mesh.istiod],
-        || call().ok().filter(|r| r.status != 404),
-    );
-    assert_eq!(
-        refused.status, 503,
-        "an istiod-CA client was not refused after istiod's root left: {}",
-        refused.body
-    );
-    // The server's Envoy refused the handshake: the client's chain does not verify.
-    assert!(
-        server.stat_sum("ssl.fail_verify_error") >= 1,
-        "the server's Envoy counted no failed verification: {}\n{}",
-        refused.body,
-        server
-            .admin("/stats")
-            .lines()
-            .filter(|l| l.contains("ssl") && !l.ends_with(": 0"))
-            .collect::<Vec<_>>()
-            .join("\n")
+    refused_by_tls(
+        call,
+        &late,
+        &server,
+        &mesh.istiod,
+        "the server's Envoy refuses an istiod certificate after the root's removal",
     );
     drop(late);
     let client = mesh.sidecar("front", "allowed", CLIENT_IP, None);
@@ -1314,5 +1382,58 @@ fn migration_from_istiods_ca_to_spire_without_downtime() {
         &server,
         &mesh.istiod,
         "a SPIRE client reaches a SPIRE server after the root's removal",
+    );
+}
+
+#[test]
+#[ignore = "needs real Istio: `make test-istio` builds it and runs this"]
+fn federation_admits_another_trust_domain_only_through_rootca() {
+    let mut mesh = SpireMesh::start_with(MeshMode::Federation);
+    let client_addr: std::net::SocketAddr = format!("{CLIENT_IP}:8080").parse().unwrap();
+    let call = move || common::http::get_with_host(client_addr, "/", "server.shop.mesh");
+    let server = mesh.sidecar("shop", "server", SERVER_IP, None);
+    // A sidecar of the partner trust domain, allowed by the policy, whose own ROOTCA holds
+    // both trust domains.
+    let client = mesh.partner_sidecar("front", "allowed", CLIENT_IP);
+
+    // With svid-bridge's default names, the server's ROOTCA is its own trust domain only:
+    // the partner's certificate does not verify.
+    refused_by_tls(
+        call,
+        &client,
+        &server,
+        &mesh.istiod,
+        "the server's Envoy refuses the partner's certificate",
+    );
+
+    // SPIRE's Istio recipe on the server's svid-bridge: ROOTCA carries every trust domain
+    // the server's entry federates with, and the partner gets through.
+    mesh.replace_bridge(&FEDERATION_FLAGS);
+    let (_, other) = mesh.partner.as_ref().unwrap();
+    let both: BTreeSet<Vec<u8>> = pem_ders(&mesh.spire.bundle_pem())
+        .into_iter()
+        .chain(pem_ders(&other.bundle_pem()))
+        .collect();
+    wait_until_with(
+        TIMEOUT,
+        "the server's ROOTCA holds both trust domains",
+        &[&server, &mesh.bridge],
+        || {
+            let rootca: BTreeSet<Vec<u8>> = pem_ders(&server.secret_pem("ROOTCA")?)
+                .into_iter()
+                .collect();
+            (rootca == both).then_some(())
+        },
+    );
+    let body = wait_until_with(
+        TIMEOUT,
+        "the partner's sidecar gets 200 from server.shop.mesh",
+        &[&client, &server, &mesh.istiod],
+        || call().ok().filter(|r| r.status == 200).map(|r| r.body),
+    );
+    assert!(
+        body.contains(&format!("By={}", istio_id("shop", "server")))
+            && body.contains(&format!("URI=spiffe://{PARTNER_TD}/ns/front/sa/allowed")),
+        "the server's Envoy did not see the partner over mTLS: {body}"
     );
 }
