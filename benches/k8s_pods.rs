@@ -27,9 +27,10 @@
 //!    previous one's Envoy holds its SVID: from just before the create call (a `curl` POST to
 //!    the apiserver) until the Envoy's admin `/certs` lists a certificate with the pod's
 //!    SPIFFE ID (polled every 20 ms);
-//! 3. *node memory*: RSS (`VmRSS`) and PSS (`smaps_rollup`) of the SPIFFE components' processes,
+//! 3. *node memory and CPU*: RSS (`VmRSS`) and PSS (`smaps_rollup`) of the SPIFFE components' processes,
 //!    sampled 10 times over 5 s (median) once 10, 50 and 110 Envoy pods hold their SVIDs
-//!    (`SB_K8S_RSS_AT`); pods beyond the latency ones are created 10 at a time;
+//!    (`SB_K8S_RSS_AT`); pods beyond the latency ones are created 10 at a time; with them the
+//!    CPU each process has used since the run started it, and its CPU rate over those 5 s;
 //! 4. everything of the setup removed (pods, plugin, agent), the node left as before.
 //!
 //! Results: benches/results/k8s.md and k8s-runs.json (`SB_BENCH_RESULTS` moves them). Runs as
@@ -67,8 +68,10 @@ use support::{Summary, env_list, env_num, percentile};
 const REGISTRAR_ENV: &str = "SB_K8S_STAND_IN_REGISTRAR";
 const CSI_DRIVER_IMAGE: &str = "local.test/spiffe-csi-driver:0.2.6";
 const REGISTRAR_IMAGE: &str = "local.test/stand-in-registrar:bench";
-/// 110 Envoys, SPIRE server and agent, the plugin's pod and the warm-up pod, with room.
+/// 110 Envoys, SPIRE server and agent, the plugin's pod and the warm-up pod, with room; more
+/// when `SB_K8S_RSS_AT` asks for more Envoys (beyond Kubernetes' default of 110 per node).
 const MAX_PODS: u32 = 130;
+const PODS_BESIDE_ENVOYS: u32 = 20;
 /// A pod that does not hold its SVID by then fails the run (2 cores, busy: generous).
 const POD_DEADLINE: Duration = Duration::from_secs(180);
 const POLL: Duration = Duration::from_millis(20);
@@ -154,7 +157,13 @@ impl Workload {
 impl Node {
     fn start(total: usize) -> Node {
         let t = Instant::now();
-        let cluster = Cluster::start_with_max_pods(MAX_PODS);
+        let cluster = Cluster::start_with_max_pods(
+            MAX_PODS.max(
+                u32::try_from(total)
+                    .unwrap_or(u32::MAX)
+                    .saturating_add(PODS_BESIDE_ENVOYS),
+            ),
+        );
         k8s_deploy::import_images(&cluster, &common::bridge_binary());
         cluster.import_image(
             CSI_DRIVER_IMAGE,
@@ -575,6 +584,7 @@ impl Node {
                 samples.entry(name.clone()).or_default().push(m);
             }
         }
+        let window_s = (RSS_INTERVAL * (RSS_SAMPLES as u32 - 1)).as_secs_f64();
         samples
             .into_iter()
             .map(|(k, v)| {
@@ -582,11 +592,14 @@ impl Node {
                     let vals: Vec<f64> = v.iter().map(|m| f(m) as f64).collect();
                     percentile(&vals, 50.0).unwrap_or(0.0) as u64
                 };
+                let (first, last) = (v[0], v[v.len() - 1]);
                 (
                     k,
                     Mem {
                         rss_kib: med(|m| m.rss_kib),
                         pss_kib: med(|m| m.pss_kib),
+                        cpu_ms: last.cpu_ms,
+                        cpu_ms_per_s: last.cpu_ms.saturating_sub(first.cpu_ms) as f64 / window_s,
                     },
                 )
             })
@@ -657,6 +670,11 @@ fn envoy_holds(admin: u16, spiffe_id: &str) -> bool {
 struct Mem {
     rss_kib: u64,
     pss_kib: u64,
+    /// CPU (user + system) the process has used since it started: each run starts its own
+    /// agent and plugin, so this is what bringing the run's pods up cost them.
+    cpu_ms: u64,
+    /// CPU over the sampling window (5 s, the pods up and idle).
+    cpu_ms_per_s: f64,
 }
 
 fn mem_json(m: &BTreeMap<String, Mem>) -> serde_json::Value {
@@ -664,7 +682,10 @@ fn mem_json(m: &BTreeMap<String, Mem>) -> serde_json::Value {
         .map(|(k, v)| {
             (
                 k.clone(),
-                serde_json::json!({"rss_kib": v.rss_kib, "pss_kib": v.pss_kib}),
+                serde_json::json!({
+                    "rss_kib": v.rss_kib, "pss_kib": v.pss_kib,
+                    "cpu_ms": v.cpu_ms, "cpu_ms_per_s": v.cpu_ms_per_s,
+                }),
             )
         })
         .collect::<serde_json::Map<_, _>>()
@@ -713,9 +734,17 @@ fn read_mem(pid: u32) -> Option<Mem> {
     };
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    // utime and stime: fields 14 and 15 of /proc/<pid>/stat, in clock ticks (100 per second
+    // on Linux), counted after the command's closing parenthesis.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_comm: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let ticks =
+        after_comm.get(11)?.parse::<u64>().ok()? + after_comm.get(12)?.parse::<u64>().ok()?;
     Some(Mem {
         rss_kib: field(&status, "VmRSS:")?,
         pss_kib: field(&rollup, "Pss:")?,
+        cpu_ms: ticks * 10,
+        cpu_ms_per_s: 0.0,
     })
 }
 
@@ -850,6 +879,35 @@ fn report(facts: &Facts, runs: &[Run], latency_pods: usize) {
                 reg.map_or("–".into(), mib),
                 mib(agent + plugin + reg.unwrap_or(0)),
                 mib(agent + plugin),
+            ));
+        }
+    }
+    md.push_str(
+        "\n**CPU of the SPIFFE components** (user + system, from `/proc/<pid>/stat`: seconds used \
+         since the run started its agent and plugin, i.e. bringing the pods up; and ms per s over \
+         the 5 s of memory samples, the pods up and idle)\n\n\
+         | run | setup | Envoy pods | spire-agent (s) | svid-bridge / spiffe-csi-driver (s) | stand-in registrar (s) | total without the stand-in (s) | at rest, total without the stand-in (ms/s) |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for (i, r) in runs.iter().enumerate() {
+        let rows = std::iter::once((0usize, &r.idle)).chain(r.memory.iter().map(|(n, m)| (*n, m)));
+        for (n, m) in rows {
+            let get = |k: &str| m.get(k).copied();
+            let agent = get("spire-agent").unwrap_or_default();
+            let plugin = get("svid-bridge")
+                .or(get("spiffe-csi-driver"))
+                .unwrap_or_default();
+            let reg = get("stand-in-registrar");
+            let secs = |ms: u64| format!("{:.2}", ms as f64 / 1e3);
+            md.push_str(&format!(
+                "| {} | {} | {n} | {} | {} | {} | {} | {:.1} |\n",
+                i + 1,
+                label(&r.setup),
+                secs(agent.cpu_ms),
+                secs(plugin.cpu_ms),
+                reg.map_or("–".into(), |m| secs(m.cpu_ms)),
+                secs(agent.cpu_ms + plugin.cpu_ms),
+                agent.cpu_ms_per_s + plugin.cpu_ms_per_s,
             ));
         }
     }
