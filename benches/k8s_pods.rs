@@ -76,6 +76,8 @@ const PODS_BESIDE_ENVOYS: u32 = 20;
 const POD_DEADLINE: Duration = Duration::from_secs(180);
 const POLL: Duration = Duration::from_millis(20);
 const RSS_SAMPLES: usize = 10;
+const FIRST_POD_PORT: u16 = 20_000;
+const EPHEMERAL_PORTS_START: u16 = 32_768;
 const RSS_INTERVAL: Duration = Duration::from_millis(500);
 const BATCH: usize = 10;
 
@@ -619,13 +621,16 @@ fn entry_json(spiffe_id: &str, ns: &str, sa: &str) -> serde_json::Value {
 }
 
 /// A free port not handed out before in this run (the kernel may offer a released one again).
+/// A port for a pod's Envoy, chosen when the node starts and bound minutes later: from below
+/// the kernel's ephemeral range (32768–60999), where a port free now cannot be taken in the
+/// meantime by an outgoing connection of the kubelet, containerd or the apiserver's clients (a
+/// run with 250 pods lost one that way).
 fn unique_port(taken: &mut HashSet<u16>) -> u16 {
-    loop {
-        let p = common::free_port();
-        if taken.insert(p) {
-            return p;
-        }
-    }
+    let port = (FIRST_POD_PORT..EPHEMERAL_PORTS_START)
+        .find(|p| !taken.contains(p) && std::net::TcpListener::bind(("0.0.0.0", *p)).is_ok())
+        .expect("a free port below the ephemeral range");
+    taken.insert(port);
+    port
 }
 
 fn envoy_config(w: &Workload, sds_socket: &str) -> String {
