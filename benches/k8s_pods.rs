@@ -30,7 +30,8 @@
 //! 3. *node memory and CPU*: RSS (`VmRSS`) and PSS (`smaps_rollup`) of the SPIFFE components' processes,
 //!    sampled 10 times over 5 s (median) once 10, 50 and 110 Envoy pods hold their SVIDs
 //!    (`SB_K8S_RSS_AT`); pods beyond the latency ones are created 10 at a time; with them the
-//!    CPU each process has used since the run started it, and its CPU rate over those 5 s;
+//!    CPU each process has used since the run started it, and its CPU rate over those 5 s
+//!    (`SB_K8S_BRIDGE_LOG_LEVEL` sets the bridge's chart `logLevel`; default debug, as the tests);
 //! 4. everything of the setup removed (pods, plugin, agent), the node left as before.
 //!
 //! Results: benches/results/k8s.md and k8s-runs.json (`SB_BENCH_RESULTS` moves them). Runs as
@@ -252,7 +253,12 @@ impl Node {
         self.start_agent();
         let sds_socket = match setup {
             "bridge" => {
-                let template = k8s_deploy::install_chart(c, common::free_port(), &[]);
+                // The tests' chart values run the bridge at debug level; a user's default is info.
+                let level =
+                    std::env::var("SB_K8S_BRIDGE_LOG_LEVEL").unwrap_or_else(|_| "debug".into());
+                let set_level = format!("logLevel={level}");
+                let template =
+                    k8s_deploy::install_chart(c, common::free_port(), &["--set", &set_level]);
                 k8s_deploy::start_bridge_pod(c, &template, "svid-bridge-0");
                 "/spiffe-workload-api/socket"
             }
