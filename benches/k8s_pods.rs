@@ -31,7 +31,8 @@
 //!    sampled 10 times over 5 s (median) once 10, 50 and 110 Envoy pods hold their SVIDs
 //!    (`SB_K8S_RSS_AT`); pods beyond the latency ones are created 10 at a time; with them the
 //!    CPU each process has used since the run started it, and its CPU rate over those 5 s
-//!    (`SB_K8S_BRIDGE_LOG_LEVEL` sets the bridge's chart `logLevel`; default debug, as the tests);
+//!    (`SB_K8S_BRIDGE_LOG_LEVEL` sets the bridge's chart `logLevel`, default debug as the tests;
+//!    `SB_K8S_BRIDGE_SET` adds chart values, e.g. `kubernetes.enabled=false`);
 //! 4. everything of the setup removed (pods, plugin, agent), the node left as before.
 //!
 //! Results: benches/results/k8s.md and k8s-runs.json (`SB_BENCH_RESULTS` moves them). Runs as
@@ -257,8 +258,13 @@ impl Node {
                 let level =
                     std::env::var("SB_K8S_BRIDGE_LOG_LEVEL").unwrap_or_else(|_| "debug".into());
                 let set_level = format!("logLevel={level}");
-                let template =
-                    k8s_deploy::install_chart(c, common::free_port(), &["--set", &set_level]);
+                let mut sets = vec!["--set", &set_level];
+                // More chart values, e.g. `kubernetes.enabled=false` (the pod view off).
+                let extra = std::env::var("SB_K8S_BRIDGE_SET").unwrap_or_default();
+                if !extra.is_empty() {
+                    sets.extend(["--set", extra.as_str()]);
+                }
+                let template = k8s_deploy::install_chart(c, common::free_port(), &sets);
                 k8s_deploy::start_bridge_pod(c, &template, "svid-bridge-0");
                 "/spiffe-workload-api/socket"
             }
