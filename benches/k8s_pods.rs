@@ -632,7 +632,6 @@ fn entry_json(spiffe_id: &str, ns: &str, sa: &str) -> serde_json::Value {
     })
 }
 
-/// A free port not handed out before in this run (the kernel may offer a released one again).
 /// A port for a pod's Envoy, chosen when the node starts and bound minutes later: from below
 /// the kernel's ephemeral range (32768–60999), where a port free now cannot be taken in the
 /// meantime by an outgoing connection of the kubelet, containerd or the apiserver's clients (a
@@ -751,16 +750,10 @@ fn read_mem(pid: u32) -> Option<Mem> {
     };
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    // utime and stime: fields 14 and 15 of /proc/<pid>/stat, in clock ticks (100 per second
-    // on Linux), counted after the command's closing parenthesis.
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_comm: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
-    let ticks =
-        after_comm.get(11)?.parse::<u64>().ok()? + after_comm.get(12)?.parse::<u64>().ok()?;
     Some(Mem {
         rss_kib: field(&status, "VmRSS:")?,
         pss_kib: field(&rollup, "Pss:")?,
-        cpu_ms: ticks * 10,
+        cpu_ms: support::sample(pid)?.stat_cpu_ns / 1_000_000,
         cpu_ms_per_s: 0.0,
     })
 }
@@ -810,6 +803,11 @@ struct Run {
 }
 
 impl Run {
+    /// The measurements in order: with no Envoy pod (0), then at each count.
+    fn rows(&self) -> impl Iterator<Item = (usize, &BTreeMap<String, Mem>)> {
+        std::iter::once((0, &self.idle)).chain(self.memory.iter().map(|(n, m)| (*n, m)))
+    }
+
     fn to_json(&self) -> serde_json::Value {
         let memory: serde_json::Map<_, _> = self
             .memory
@@ -881,12 +879,9 @@ fn report(facts: &Facts, runs: &[Run], latency_pods: usize) {
          |---:|---|---:|---:|---:|---:|---:|---:|\n",
     );
     for (i, r) in runs.iter().enumerate() {
-        let rows = std::iter::once((0usize, &r.idle)).chain(r.memory.iter().map(|(n, m)| (*n, m)));
-        for (n, m) in rows {
-            let get = |k: &str| m.get(k).map(|m| m.rss_kib);
-            let agent = get("spire-agent").unwrap_or(0);
-            let plugin = get("svid-bridge").or(get("spiffe-csi-driver")).unwrap_or(0);
-            let reg = get("stand-in-registrar");
+        for (n, m) in r.rows() {
+            let (agent, plugin, reg) = components(m);
+            let (agent, plugin, reg) = (agent.rss_kib, plugin.rss_kib, reg.map(|m| m.rss_kib));
             md.push_str(&format!(
                 "| {} | {} | {n} | {} | {} | {} | {} | {} |\n",
                 i + 1,
@@ -907,14 +902,8 @@ fn report(facts: &Facts, runs: &[Run], latency_pods: usize) {
          |---:|---|---:|---:|---:|---:|---:|---:|\n",
     );
     for (i, r) in runs.iter().enumerate() {
-        let rows = std::iter::once((0usize, &r.idle)).chain(r.memory.iter().map(|(n, m)| (*n, m)));
-        for (n, m) in rows {
-            let get = |k: &str| m.get(k).copied();
-            let agent = get("spire-agent").unwrap_or_default();
-            let plugin = get("svid-bridge")
-                .or(get("spiffe-csi-driver"))
-                .unwrap_or_default();
-            let reg = get("stand-in-registrar");
+        for (n, m) in r.rows() {
+            let (agent, plugin, reg) = components(m);
             let secs = |ms: u64| format!("{:.2}", ms as f64 / 1e3);
             md.push_str(&format!(
                 "| {} | {} | {n} | {} | {} | {} | {} | {:.1} |\n",
@@ -940,6 +929,17 @@ fn report(facts: &Facts, runs: &[Run], latency_pods: usize) {
         &serde_json::to_string_pretty(&json).unwrap(),
     );
     print!("{md}");
+}
+
+/// The agent, the CSI plugin (svid-bridge or spiffe-csi-driver) and the stand-in registrar
+/// (csi setup only) of one measurement.
+fn components(m: &BTreeMap<String, Mem>) -> (Mem, Mem, Option<Mem>) {
+    let get = |k: &str| m.get(k).copied();
+    let agent = get("spire-agent").unwrap_or_default();
+    let plugin = get("svid-bridge")
+        .or(get("spiffe-csi-driver"))
+        .unwrap_or_default();
+    (agent, plugin, get("stand-in-registrar"))
 }
 
 fn label(setup: &str) -> &'static str {

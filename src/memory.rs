@@ -2,9 +2,8 @@
 //!
 //! Start-up (argument parsing, the log filter, TLS and gRPC set-up, the first connection to
 //! the agent) touches code all over the executable and its libraries, and the kernel maps
-//! file pages 64 KiB at a time around each fault, so an idle bridge kept ~8 MiB of its
-//! 15 MiB of code mapped of which serving touches ~2 MiB (BENCHMARKS.md §4.5, measured
-//! with `MADV_PAGEOUT` from outside). [`release_startup_code`] unmaps the read-only file
+//! file pages 64 KiB at a time around each fault, so an idle bridge kept 10.4 MiB of its
+//! executable resident where idle serving needs 3.6 MiB (BENCHMARKS.md §4.5). [`release_startup_code`] unmaps the read-only file
 //! pages once serving has settled; what serving needs comes back as minor faults from the
 //! page cache, and the pages nobody maps any more are the first the kernel reclaims under
 //! pressure.
@@ -80,24 +79,24 @@ fn dont_need(mapping: &Releasable) -> Result<(), MemoryError> {
 
 /// The file mappings in `smaps` text that are not writable and hold no anonymous pages.
 fn releasable_mappings(smaps: &str) -> Vec<Releasable> {
-    // (mapping, no anonymous page seen yet), for the read-only file mappings.
-    let mut candidates: Vec<(Releasable, bool)> = Vec::new();
-    let mut in_candidate = false;
+    let mut found = Vec::new();
+    // The read-only file mapping whose fields are being read, and whether it is still clean
+    // (no anonymous page seen).
+    let mut current: Option<(Releasable, bool)> = None;
     for line in smaps.lines() {
         if let Some(header) = parse_header(line) {
-            in_candidate = false;
-            if let Some(h) = header.filter(|h| !h.writable) {
+            found.extend(current.take().and_then(|(m, clean)| clean.then_some(m)));
+            current = header.filter(|h| !h.writable).map(|h| {
                 let mapping = Releasable {
                     start: h.start,
                     end: h.end,
                     rss_kb: 0,
                 };
-                candidates.push((mapping, true));
-                in_candidate = true;
-            }
+                (mapping, true)
+            });
             continue;
         }
-        let Some((mapping, clean)) = candidates.last_mut().filter(|_| in_candidate) else {
+        let Some((mapping, clean)) = current.as_mut() else {
             continue;
         };
         if let Some(kb) = field_kb(line, "Rss:") {
@@ -106,10 +105,8 @@ fn releasable_mappings(smaps: &str) -> Vec<Releasable> {
             *clean &= kb == 0;
         }
     }
-    candidates
-        .into_iter()
-        .filter_map(|(mapping, clean)| clean.then_some(mapping))
-        .collect()
+    found.extend(current.and_then(|(m, clean)| clean.then_some(m)));
+    found
 }
 
 struct Header {
