@@ -29,10 +29,12 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use common::bridge::{Bridge, spire_options_for_bridge};
 use common::cluster::Cluster;
 use common::proc::LogFiles;
@@ -75,27 +77,14 @@ fn write_private(path: &Path, data: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
-fn run_stdin(cmd: &mut Command, stdin: &[u8]) -> std::process::Output {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
-    child.stdin.take().unwrap().write_all(stdin).unwrap();
-    child.wait_with_output().unwrap()
-}
-
 fn base64_encode(data: &[u8]) -> String {
-    let out = run_stdin(Command::new("base64").arg("-w0"), data);
-    assert!(out.status.success(), "base64 failed");
-    String::from_utf8(out.stdout).unwrap()
+    BASE64.encode(data)
 }
 
 fn base64_decode(text: &str) -> Vec<u8> {
-    let out = run_stdin(Command::new("base64").arg("-d"), text.as_bytes());
-    assert!(out.status.success(), "base64 -d failed");
-    out.stdout
+    BASE64
+        .decode(text.trim())
+        .unwrap_or_else(|e| panic!("not base64 ({e}): {text}"))
 }
 
 /// The DER certificates of a PEM bundle.

@@ -21,6 +21,8 @@ use std::str::FromStr;
 use std::sync::{Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use pem::{EncodeConfig, LineEnding, Pem};
 use rustix::fs::{AtFlags, CWD, Gid, Mode, OFlags};
 use rustix::io::Errno;
@@ -254,7 +256,7 @@ pub fn render(
     if let Some(jwks) = jwt_bundles {
         let by_name: BTreeMap<&str, String> = jwks
             .iter()
-            .map(|(td, keys)| (trust_domain_name(td), base64_standard(keys)))
+            .map(|(td, keys)| (trust_domain_name(td), BASE64.encode(keys)))
             .collect();
         let json = serde_json::to_vec(&by_name).map_err(io_err("encode jwt_bundle.json"))?;
         files.push(OutFile::public("jwt_bundle.json", json));
@@ -318,28 +320,6 @@ fn key_pem(svid: &Svid) -> Vec<u8> {
         pem_config(),
     )
     .into_bytes()
-}
-
-/// RFC 4648 base64 with padding (what Go's encoding/json does with `[]byte`).
-fn base64_standard(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> shift) & 0x3f) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 // === AtomicDir ===
@@ -868,22 +848,6 @@ mod tests {
         let shown = format!("{key:?}");
         assert!(!shown.contains("PRIVATE"), "{shown}");
         assert!(shown.contains("svid_key.pem"), "{shown}");
-    }
-
-    #[test]
-    fn base64_matches_rfc4648_vectors() {
-        for (raw, encoded) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(base64_standard(raw.as_bytes()), encoded);
-        }
-        assert_eq!(base64_standard(&[0xfb, 0xff]), "+/8=");
     }
 
     fn mode(path: &Path) -> (u32, u32) {

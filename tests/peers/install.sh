@@ -85,10 +85,17 @@ export GOTOOLCHAIN=local
 export CGO_ENABLED=1
 command -v cc >/dev/null || command -v gcc >/dev/null || die "a C compiler (cc) is needed: cgo builds SPIRE's sqlite datastore"
 GO_VERSION="$(go env GOVERSION)"
-case "$GO_VERSION" in
-    go1.2[5-9]* | go1.[3-9][0-9]* | go[2-9]*) ;;
-    *) die "Go >= 1.25 is needed, found $GO_VERSION" ;;
-esac
+
+# require_go MINOR WHAT : dies unless the Go on PATH is at least 1.MINOR (GOTOOLCHAIN=local:
+# a module that declares a newer go cannot download one).
+require_go() {
+    local minor=$1 what=$2 major have
+    major="$(sed -nE 's/^go([0-9]+).*/\1/p' <<<"$GO_VERSION")"
+    have="$(sed -nE 's/^go1\.([0-9]+).*/\1/p' <<<"$GO_VERSION")"
+    [[ "${major:-0}" -ge 2 || "${have:-0}" -ge "$minor" ]] ||
+        die "$what needs Go >= 1.$minor, found $GO_VERSION"
+}
+require_go 25 "building the peers"
 
 # go_build NAME MODULE_DIR LDFLAGS PACKAGE... : builds the packages into $BIN through a
 # staging directory, so a half-written binary never replaces a working one.
@@ -167,11 +174,8 @@ key="$(echo "$GO_VERSION" | stamp_key - "$CHART_CHECK_SRC/go.mod" "$CHART_CHECK_
 if up_to_date chart-check "$key" "$BIN/chart-check"; then
     say "chart-check (helm $HELM_VERSION) is up to date"
 else
-    # Helm v4.3 and k8s.io/api v0.37 declare go 1.26 (GOTOOLCHAIN=local: no download).
-    case "$GO_VERSION" in
-        go1.2[6-9]* | go1.[3-9][0-9]* | go[2-9]*) ;;
-        *) die "chart-check needs Go >= 1.26 (helm $HELM_VERSION, k8s.io/api), found $GO_VERSION" ;;
-    esac
+    # Helm v4.3 and k8s.io/api v0.37 declare go 1.26.
+    require_go 26 "chart-check (helm $HELM_VERSION, k8s.io/api)"
     say "building chart-check (helm $HELM_VERSION) with $GO_VERSION"
     start=$SECONDS
     go_build chart-check "$CHART_CHECK_SRC" "" .

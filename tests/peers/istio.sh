@@ -34,10 +34,7 @@ istio_build() {
         say "Istio $version (pilot-discovery, pilot-agent, charts) is up to date"
         return
     fi
-    case "$GO_VERSION" in
-        go1.2[6-9]* | go1.[3-9][0-9]* | go[2-9]*) ;;
-        *) die "Istio $version declares go 1.26; found $GO_VERSION" ;;
-    esac
+    require_go 26 "Istio $version (its go.mod declares go 1.26)"
     say "building Istio $version (pilot-discovery, pilot-agent) with $GO_VERSION; a cold build takes 4-9 minutes"
     start=$SECONDS
     # Resolving the two commands' packages downloads the modules they use (152 of the 448 in
