@@ -46,7 +46,10 @@
 //! `SB_BENCH_RESULTS` (benches/results).
 //! Profiling: `SB_BENCH_SYSTEMS=bridge`, `SB_BENCH_BRIDGE_WRAPPER="heaptrack -o FILE"`,
 //! `SB_BENCH_PERF=FILE` (perf record of the bridge over the renewal and the bundle change),
-//! `SB_BENCH_HOLD_S`.
+//! `SB_BENCH_HOLD_S`, `SB_BENCH_BRIDGE_TRACE=1` (the bridge logs, as JSON at debug, when
+//! each workload's renewed SVIDs arrive from the agent and when it pushes them; the run then
+//! splits the renewal lag of the reference workloads into agent → bridge → push → sidecar,
+//! `trace_*` in the results. The logging costs CPU: not for the headline figures).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -406,7 +409,7 @@ mod orchestrator {
     }
 
     impl RunResult {
-        fn set(&mut self, k: &str, v: Option<f64>) {
+        pub fn set(&mut self, k: &str, v: Option<f64>) {
             if let Some(v) = v {
                 self.metrics.insert(k.to_owned(), v);
             }
@@ -414,7 +417,7 @@ mod orchestrator {
         fn get(&self, k: &str) -> Option<f64> {
             self.metrics.get(k).copied()
         }
-        fn percentiles(&mut self, prefix: &str, v: &[f64]) {
+        pub fn percentiles(&mut self, prefix: &str, v: &[f64]) {
             self.set(&format!("{prefix}_p50_ms"), support::percentile(v, 50.0));
             self.set(&format!("{prefix}_p99_ms"), support::percentile(v, 99.0));
             self.set(&format!("{prefix}_max_ms"), support::max(v));
@@ -836,6 +839,15 @@ mod orchestrator {
                     .notes
                     .push("the SVID rotation did not reach every stream in time".into()),
             }
+            if let (Some(w), Some(p)) = (&wave, bridge.as_ref())
+                && trace_bridge()
+            {
+                let pids: Vec<u32> = handles.iter().map(std::process::Child::id).collect();
+                let log = super::trace::BridgeLog::read(p.log_paths().1);
+                let c = children.lock().unwrap();
+                super::trace::first_stream_split(&log, &c, &pids, &mut r);
+                super::trace::renewal_split(&log, &c, &pids, w.t_cmd).report(&mut r);
+            }
             let svid_lags = svid_lags(
                 &children.lock().unwrap(),
                 wave.as_ref().map_or(0, |w| w.t_cmd),
@@ -1030,6 +1042,13 @@ mod orchestrator {
             ])
             .env_remove("RUST_LOG")
             .env_remove("SPIFFE_ENDPOINT_SOCKET");
+            if trace_bridge() {
+                // Only the two lines the split needs: one per upstream update, one per push.
+                cmd.arg("--log-format=json").env(
+                    "RUST_LOG",
+                    "info,svid_bridge::identity::cache=debug,svid_bridge::sds::stream=debug",
+                );
+            }
             Proc::spawn("svid-bridge", cmd, self.dir.path())
         }
 
@@ -1281,6 +1300,11 @@ mod orchestrator {
 
     /// Per reference workload and new serial: SDS `default` stream time − the agent's
     /// Workload API delivery of that serial to the same process.
+    /// `SB_BENCH_BRIDGE_TRACE=1`: see the module's knobs and `trace`.
+    fn trace_bridge() -> bool {
+        std::env::var("SB_BENCH_BRIDGE_TRACE").is_ok_and(|v| v == "1")
+    }
+
     fn svid_lags(children: &[ChildState], after: u64) -> Vec<f64> {
         let mut lags = Vec::new();
         for c in children.iter().filter(|c| !c.ref_serials.is_empty()) {
@@ -2077,5 +2101,218 @@ mod report {
             (1600, 560),
         )
         .map_err(|e| println!("plot sds_fanout: {e}"));
+    }
+}
+
+// =============================================================================== trace ====
+
+/// `SB_BENCH_BRIDGE_TRACE=1`: where a renewed SVID spends its time on the way to a sidecar,
+/// from the bridge's debug log (its clock is this machine's, as the sidecars' stamps are).
+mod trace {
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    use super::orchestrator::{ChildState, RunResult};
+    use super::support;
+
+    /// Per reference workload, the renewal's four moments (ns since the epoch): the agent's
+    /// Workload API hands out the new SVID (R), the bridge receives it over Delegated
+    /// Identity (U), pushes it on the workload's `default` stream (P), the sidecar reads it
+    /// (S). Over all workloads: when the bridge received the first and the last update.
+    #[derive(Default)]
+    pub struct RenewalSplit {
+        agent_to_bridge: Vec<f64>,
+        bridge: Vec<f64>,
+        bridge_to_sidecar: Vec<f64>,
+        received: Vec<u64>,
+        pushed: Vec<u64>,
+    }
+
+    impl RenewalSplit {
+        pub fn report(&self, r: &mut RunResult) {
+            r.percentiles("trace_agent_to_bridge", &self.agent_to_bridge);
+            r.percentiles("trace_bridge", &self.bridge);
+            r.percentiles("trace_bridge_to_sidecar", &self.bridge_to_sidecar);
+            let span = |v: &[u64]| {
+                let (first, last) = (v.iter().min()?, v.iter().max()?);
+                Some(super::ms(last - first))
+            };
+            r.set("trace_received_span_ms", span(&self.received));
+            r.set("trace_pushed_span_ms", span(&self.pushed));
+            r.set("trace_received", Some(self.received.len() as f64));
+            let p50 = |v: &[f64]| support::percentile(v, 50.0).unwrap_or(f64::NAN);
+            println!(
+                "renewal split ({} reference workloads): agent -> bridge p50 {:.2} ms, \
+                 bridge p50 {:.2} ms, bridge -> sidecar p50 {:.2} ms; the bridge received \
+                 {} updates over {:.1} ms and pushed over {:.1} ms",
+                self.bridge.len(),
+                p50(&self.agent_to_bridge),
+                p50(&self.bridge),
+                p50(&self.bridge_to_sidecar),
+                self.received.len(),
+                span(&self.received).unwrap_or(f64::NAN),
+                span(&self.pushed).unwrap_or(f64::NAN),
+            );
+        }
+    }
+
+    /// The bridge's JSON log: per workload PID, when an SVID update arrived from the agent
+    /// and when a response was pushed on one of its streams, in order.
+    #[derive(Default)]
+    pub struct BridgeLog {
+        received: HashMap<i64, Vec<u64>>,
+        pushed: HashMap<i64, Vec<u64>>,
+    }
+
+    impl BridgeLog {
+        pub fn read(log: &Path) -> Self {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let mut out = Self::default();
+            for line in text.lines().filter(|l| l.starts_with('{')) {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                    continue;
+                };
+                let Some(at) = v["timestamp"].as_str().and_then(rfc3339_ns) else {
+                    continue;
+                };
+                let (events, pid) = match v["message"].as_str() {
+                    Some("SVIDs updated") => (
+                        &mut out.received,
+                        v["workload"].as_str().and_then(pid_in_debug),
+                    ),
+                    Some("pushing secrets") => (
+                        &mut out.pushed,
+                        v["spans"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .find_map(|s| s["pid"].as_i64()),
+                    ),
+                    _ => continue,
+                };
+                if let Some(pid) = pid {
+                    events.entry(pid).or_default().push(at);
+                }
+            }
+            out
+        }
+
+        fn first_after(events: &HashMap<i64, Vec<u64>>, pid: i64, after: u64) -> Option<u64> {
+            events.get(&pid)?.iter().copied().find(|t| *t > after)
+        }
+
+        fn all_first_after(events: &HashMap<i64, Vec<u64>>, after: u64) -> Vec<u64> {
+            events
+                .values()
+                .filter_map(|v| v.iter().copied().find(|t| *t > after))
+                .collect()
+        }
+    }
+
+    /// The renewal that began at `after`; `pids[i]` is child `i`'s process.
+    pub fn renewal_split(
+        log: &BridgeLog,
+        children: &[ChildState],
+        pids: &[u32],
+        after: u64,
+    ) -> RenewalSplit {
+        let mut split = RenewalSplit {
+            received: BridgeLog::all_first_after(&log.received, after),
+            pushed: BridgeLog::all_first_after(&log.pushed, after),
+            ..RenewalSplit::default()
+        };
+        for (child, pid) in children.iter().zip(pids) {
+            let pid = i64::from(*pid);
+            let Some((t_r, serial)) = child.ref_serials.iter().find(|r| r.0 > after) else {
+                continue;
+            };
+            let t_s = child
+                .sds_serials
+                .iter()
+                .find(|s| &s.1 == serial)
+                .map(|s| s.0);
+            let t_u = BridgeLog::first_after(&log.received, pid, after);
+            let t_p = t_u.and_then(|t| BridgeLog::first_after(&log.pushed, pid, t - 1));
+            let (Some(t_u), Some(t_p), Some(t_s)) = (t_u, t_p, t_s) else {
+                continue;
+            };
+            split.agent_to_bridge.push(lag(*t_r, t_u));
+            split.bridge.push(lag(t_u, t_p));
+            split.bridge_to_sidecar.push(lag(t_p, t_s));
+        }
+        split
+    }
+
+    /// A workload's first stream, from the sidecar's connect: until the agent's first
+    /// answer reaches the bridge, until the bridge pushes, until the sidecar reads it.
+    pub fn first_stream_split(
+        log: &BridgeLog,
+        children: &[ChildState],
+        pids: &[u32],
+        r: &mut RunResult,
+    ) {
+        let (mut to_answer, mut to_push, mut to_sidecar) = (Vec::new(), Vec::new(), Vec::new());
+        for (child, pid) in children.iter().zip(pids) {
+            let Some((start, first)) = child.first[0] else {
+                continue;
+            };
+            let pid = i64::from(*pid);
+            let t_u = BridgeLog::first_after(&log.received, pid, 0);
+            let t_p = BridgeLog::first_after(&log.pushed, pid, 0);
+            let (Some(t_u), Some(t_p)) = (t_u, t_p) else {
+                continue;
+            };
+            to_answer.push(lag(start, t_u));
+            to_push.push(lag(t_u.max(start), t_p));
+            to_sidecar.push(lag(t_p, first));
+        }
+        r.percentiles("trace_first_agent_answer", &to_answer);
+        r.percentiles("trace_first_bridge_push", &to_push);
+        r.percentiles("trace_first_to_sidecar", &to_sidecar);
+        let p50 = |v: &[f64]| support::percentile(v, 50.0).unwrap_or(f64::NAN);
+        println!(
+            "first stream split ({} workloads): connect -> agent's answer at the bridge p50 \
+             {:.3} ms, -> bridge pushes p50 {:.3} ms, -> sidecar reads p50 {:.3} ms",
+            to_answer.len(),
+            p50(&to_answer),
+            p50(&to_push),
+            p50(&to_sidecar),
+        );
+    }
+
+    fn lag(from: u64, to: u64) -> f64 {
+        (to as f64 - from as f64) / 1e6
+    }
+
+    /// `Process(ProcessKey { pid: 123, start_time: 456 })` → 123.
+    fn pid_in_debug(workload: &str) -> Option<i64> {
+        let rest = &workload[workload.find("pid: ")? + 5..];
+        rest[..rest.find(|c: char| !c.is_ascii_digit())?]
+            .parse()
+            .ok()
+    }
+
+    /// `2026-12-06T22:30:00.123456Z` (tracing's UTC timestamps) → ns since the epoch.
+    fn rfc3339_ns(t: &str) -> Option<u64> {
+        let (date, time) = t.strip_suffix('Z')?.split_once('T')?;
+        let mut d = date.split('-').map(str::parse::<i64>);
+        let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+        let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+        let mut h = hms.split(':').map(str::parse::<i64>);
+        let (hh, mm, ss) = (h.next()?.ok()?, h.next()?.ok()?, h.next()?.ok()?);
+        let nanos: i64 = format!("{frac:0<9}").get(..9)?.parse().ok()?;
+        let secs = days_from_civil(y, m, day) * 86_400 + hh * 3_600 + mm * 60 + ss;
+        u64::try_from(secs * 1_000_000_000 + nanos).ok()
+    }
+
+    /// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+    fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+        let y = if m <= 2 { y - 1 } else { y };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let mp = (m + 9) % 12;
+        let doy = (153 * mp + 2) / 5 + d - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        era * 146_097 + doe - 719_468
     }
 }
