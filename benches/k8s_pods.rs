@@ -748,12 +748,13 @@ fn read_mem(pid: u32) -> Option<Mem> {
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse::<u64>().ok())
     };
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    // VmRSS and CPU from the shared sampler; PSS only smaps_rollup has.
+    let sample = support::sample(pid)?;
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
     Some(Mem {
-        rss_kib: field(&status, "VmRSS:")?,
+        rss_kib: sample.rss_kib,
         pss_kib: field(&rollup, "Pss:")?,
-        cpu_ms: support::sample(pid)?.stat_cpu_ns / 1_000_000,
+        cpu_ms: sample.stat_cpu_ns / 1_000_000,
         cpu_ms_per_s: 0.0,
     })
 }

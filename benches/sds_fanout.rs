@@ -47,9 +47,9 @@
 //! Profiling: `SB_BENCH_SYSTEMS=bridge`, `SB_BENCH_BRIDGE_WRAPPER="heaptrack -o FILE"`,
 //! `SB_BENCH_PERF=FILE` (perf record of the bridge over the renewal and the bundle change),
 //! `SB_BENCH_HOLD_S`, `SB_BENCH_BRIDGE_TRACE=1` (the bridge logs, as JSON at debug, when
-//! each workload's renewed SVIDs arrive from the agent and when it pushes them; the run then
-//! splits the renewal lag of the reference workloads into agent → bridge → push → sidecar,
-//! `trace_*` in the results. The logging costs CPU: not for the headline figures).
+//! each workload's SVIDs arrive from the agent and when it pushes them; the run then splits a
+//! workload's first stream and the renewal lag of the reference workloads into agent → bridge
+//! → push → sidecar, `trace_*` in the results. The logging costs CPU: not for the headline figures).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -846,7 +846,7 @@ mod orchestrator {
                 let log = super::trace::BridgeLog::read(p.log_paths().1);
                 let c = children.lock().unwrap();
                 super::trace::first_stream_split(&log, &c, &pids, &mut r);
-                super::trace::renewal_split(&log, &c, &pids, w.t_cmd).report(&mut r);
+                super::trace::renewal_split(&log, &c, &pids, w.t_cmd, &mut r);
             }
             let svid_lags = svid_lags(
                 &children.lock().unwrap(),
@@ -2106,55 +2106,14 @@ mod report {
 
 // =============================================================================== trace ====
 
-/// `SB_BENCH_BRIDGE_TRACE=1`: where a renewed SVID spends its time on the way to a sidecar,
-/// from the bridge's debug log (its clock is this machine's, as the sidecars' stamps are).
+/// `SB_BENCH_BRIDGE_TRACE=1`: where a workload's first secret and a renewed SVID spend their
+/// time on the way to a sidecar, from the bridge's debug log (its clock is this machine's, as the sidecars' stamps are).
 mod trace {
     use std::collections::HashMap;
     use std::path::Path;
 
     use super::orchestrator::{ChildState, RunResult};
     use super::support;
-
-    /// Per reference workload, the renewal's four moments (ns since the epoch): the agent's
-    /// Workload API hands out the new SVID (R), the bridge receives it over Delegated
-    /// Identity (U), pushes it on the workload's `default` stream (P), the sidecar reads it
-    /// (S). Over all workloads: when the bridge received the first and the last update.
-    #[derive(Default)]
-    pub struct RenewalSplit {
-        agent_to_bridge: Vec<f64>,
-        bridge: Vec<f64>,
-        bridge_to_sidecar: Vec<f64>,
-        received: Vec<u64>,
-        pushed: Vec<u64>,
-    }
-
-    impl RenewalSplit {
-        pub fn report(&self, r: &mut RunResult) {
-            r.percentiles("trace_agent_to_bridge", &self.agent_to_bridge);
-            r.percentiles("trace_bridge", &self.bridge);
-            r.percentiles("trace_bridge_to_sidecar", &self.bridge_to_sidecar);
-            let span = |v: &[u64]| {
-                let (first, last) = (v.iter().min()?, v.iter().max()?);
-                Some(super::ms(last - first))
-            };
-            r.set("trace_received_span_ms", span(&self.received));
-            r.set("trace_pushed_span_ms", span(&self.pushed));
-            r.set("trace_received", Some(self.received.len() as f64));
-            let p50 = |v: &[f64]| support::percentile(v, 50.0).unwrap_or(f64::NAN);
-            println!(
-                "renewal split ({} reference workloads): agent -> bridge p50 {:.2} ms, \
-                 bridge p50 {:.2} ms, bridge -> sidecar p50 {:.2} ms; the bridge received \
-                 {} updates over {:.1} ms and pushed over {:.1} ms",
-                self.bridge.len(),
-                p50(&self.agent_to_bridge),
-                p50(&self.bridge),
-                p50(&self.bridge_to_sidecar),
-                self.received.len(),
-                span(&self.received).unwrap_or(f64::NAN),
-                span(&self.pushed).unwrap_or(f64::NAN),
-            );
-        }
-    }
 
     /// The bridge's JSON log: per workload PID, when an SVID update arrived from the agent
     /// and when a response was pushed on one of its streams, in order.
@@ -2209,18 +2168,19 @@ mod trace {
         }
     }
 
-    /// The renewal that began at `after`; `pids[i]` is child `i`'s process.
+    /// The renewal that began at `after`, per reference workload (`pids[i]` is child `i`'s
+    /// process): the agent's Workload API hands out the new SVID (R) → the bridge receives it
+    /// over Delegated Identity (U) → pushes it on the workload's `default` stream (P) → the
+    /// sidecar reads it (S). Over all workloads: from the first to the last update received,
+    /// and pushed.
     pub fn renewal_split(
         log: &BridgeLog,
         children: &[ChildState],
         pids: &[u32],
         after: u64,
-    ) -> RenewalSplit {
-        let mut split = RenewalSplit {
-            received: BridgeLog::all_first_after(&log.received, after),
-            pushed: BridgeLog::all_first_after(&log.pushed, after),
-            ..RenewalSplit::default()
-        };
+        r: &mut RunResult,
+    ) {
+        let mut steps: [Vec<f64>; 3] = Default::default();
         for (child, pid) in children.iter().zip(pids) {
             let pid = i64::from(*pid);
             let Some((t_r, serial)) = child.ref_serials.iter().find(|r| r.0 > after) else {
@@ -2236,11 +2196,36 @@ mod trace {
             let (Some(t_u), Some(t_p), Some(t_s)) = (t_u, t_p, t_s) else {
                 continue;
             };
-            split.agent_to_bridge.push(lag(*t_r, t_u));
-            split.bridge.push(lag(t_u, t_p));
-            split.bridge_to_sidecar.push(lag(t_p, t_s));
+            for (step, (from, to)) in steps.iter_mut().zip([(*t_r, t_u), (t_u, t_p), (t_p, t_s)]) {
+                step.push(lag(from, to));
+            }
         }
-        split
+        // When each workload's first update after `after` arrived, and its first push.
+        let received = BridgeLog::all_first_after(&log.received, after);
+        let pushed = BridgeLog::all_first_after(&log.pushed, after);
+        let span = |firsts: &[u64]| {
+            let (first, last) = (firsts.iter().min()?, firsts.iter().max()?);
+            Some(super::ms(last - first))
+        };
+        let (received_span, pushed_span) = (span(&received), span(&pushed));
+        r.set("trace_received_span_ms", received_span);
+        r.set("trace_pushed_span_ms", pushed_span);
+        r.set("trace_received", Some(received.len() as f64));
+        record(
+            r,
+            "renewal",
+            [
+                "trace_agent_to_bridge",
+                "trace_bridge",
+                "trace_bridge_to_sidecar",
+            ],
+            &steps,
+        );
+        println!(
+            "  (the bridge received the N updates over {:.1} ms and pushed them over {:.1} ms)",
+            received_span.unwrap_or(f64::NAN),
+            pushed_span.unwrap_or(f64::NAN),
+        );
     }
 
     /// A workload's first stream, from the sidecar's connect: until the agent's first
@@ -2251,7 +2236,7 @@ mod trace {
         pids: &[u32],
         r: &mut RunResult,
     ) {
-        let (mut to_answer, mut to_push, mut to_sidecar) = (Vec::new(), Vec::new(), Vec::new());
+        let mut steps: [Vec<f64>; 3] = Default::default();
         for (child, pid) in children.iter().zip(pids) {
             let Some((start, first)) = child.first[0] else {
                 continue;
@@ -2262,21 +2247,40 @@ mod trace {
             let (Some(t_u), Some(t_p)) = (t_u, t_p) else {
                 continue;
             };
-            to_answer.push(lag(start, t_u));
-            to_push.push(lag(t_u.max(start), t_p));
-            to_sidecar.push(lag(t_p, first));
+            for (step, (from, to)) in
+                steps
+                    .iter_mut()
+                    .zip([(start, t_u), (t_u.max(start), t_p), (t_p, first)])
+            {
+                step.push(lag(from, to));
+            }
         }
-        r.percentiles("trace_first_agent_answer", &to_answer);
-        r.percentiles("trace_first_bridge_push", &to_push);
-        r.percentiles("trace_first_to_sidecar", &to_sidecar);
+        record(
+            r,
+            "first stream",
+            [
+                "trace_first_agent_answer",
+                "trace_first_bridge_push",
+                "trace_first_to_sidecar",
+            ],
+            &steps,
+        );
+    }
+
+    /// Three consecutive steps' lags into the results (p50, p99, max each) and one line of
+    /// their p50s.
+    fn record(r: &mut RunResult, what: &str, names: [&str; 3], steps: &[Vec<f64>; 3]) {
+        for (name, lags) in names.iter().zip(steps) {
+            r.percentiles(name, lags);
+        }
         let p50 = |v: &[f64]| support::percentile(v, 50.0).unwrap_or(f64::NAN);
         println!(
-            "first stream split ({} workloads): connect -> agent's answer at the bridge p50 \
-             {:.3} ms, -> bridge pushes p50 {:.3} ms, -> sidecar reads p50 {:.3} ms",
-            to_answer.len(),
-            p50(&to_answer),
-            p50(&to_push),
-            p50(&to_sidecar),
+            "{what} split ({} workloads): agent -> bridge p50 {:.3} ms, -> bridge pushes p50 \
+             {:.3} ms, -> sidecar reads p50 {:.3} ms",
+            steps[0].len(),
+            p50(&steps[0]),
+            p50(&steps[1]),
+            p50(&steps[2]),
         );
     }
 

@@ -3,10 +3,10 @@
 //! Start-up (argument parsing, the log filter, TLS and gRPC set-up, the first connection to
 //! the agent) touches code all over the executable and its libraries, and the kernel maps
 //! file pages 64 KiB at a time around each fault, so an idle bridge kept 10.4 MiB of its
-//! executable resident where idle serving needs 3.6 MiB (BENCHMARKS.md §4.5). [`release_startup_code`] unmaps the read-only file
-//! pages once serving has settled; what serving needs comes back as minor faults from the
-//! page cache, and the pages nobody maps any more are the first the kernel reclaims under
-//! pressure.
+//! executable resident where idle serving needs 3.6 MiB (BENCHMARKS.md §4.5).
+//! [`release_startup_code`] unmaps the read-only file pages once serving has settled; what
+//! serving needs comes back as minor faults from the page cache, and the pages nobody maps
+//! any more are the first the kernel reclaims under pressure.
 //!
 //! Only file mappings that are not writable and hold no anonymous (copy-on-write) pages
 //! are touched: their contents are exactly the file's, so a page read again after
