@@ -1,14 +1,14 @@
 # svid-bridge developer entry points. CI runs `make test` (.ci/run).
 #
-#   make peers   install the real peers the integration tests run (SPIRE, Envoy, csi-sanity)
+#   make peers   install the real peers the integration tests run (SPIRE, Envoy, Istio, ...)
 #                into target/peers/ (cached: a second run takes seconds)
 #   make test    peers, then formatting, clippy and every test
 #                (extra `cargo test` arguments: make test CARGO_TEST_ARGS='-- --nocapture')
 #   make demo    SPIRE server + agent, svid-bridge and two Envoys doing mTLS, on this machine
 #   make bench   svid-bridge against the SPIRE agent's SDS and spiffe-csi-driver (BENCHMARKS.md)
 #   make test-istio
-#                real Istio (istiod, injected sidecars, pilot-agent + Envoy) with SPIRE through
-#                svid-bridge: builds Istio first (mk/istio.mk; not part of `make test`)
+#                only the real-Istio tests (istiod, injected sidecars, pilot-agent + Envoy with
+#                SPIRE through svid-bridge; mk/istio.mk); `make test` runs them too
 #   make fresh-check
 #                `make test` in a clone of HEAD with empty Cargo, Go and pip caches, timing
 #                each phase: what a new machine sees (not part of `make test`)
@@ -17,7 +17,8 @@ SHELL := bash
 CARGO ?= cargo
 CARGO_TEST_ARGS ?=
 
-.PHONY: all peers test fmt-check clippy cargo-test rust-components demo bench fresh-check
+.PHONY: all peers test fmt-check clippy cargo-test test-and-release-build rust-components demo \
+	bench fresh-check
 
 all: test
 
@@ -30,8 +31,10 @@ include mk/istio.mk
 peers:
 	bash tests/peers/install.sh
 
-# release-build is the container image's build step (Dockerfile), run here without an engine.
-test: peers fmt-check clippy cargo-test release-build
+# The tests and, beside them at the lowest CPU priority, release-build: the container image's
+# build step (Dockerfile), run here without an engine (tests/test-and-release-build.sh says
+# why beside).
+test: peers fmt-check clippy test-and-release-build
 
 # rustfmt and clippy ship as rustup components; install them when a toolchain lacks them.
 rust-components:
@@ -46,6 +49,9 @@ clippy: rust-components
 
 cargo-test:
 	$(CARGO) test $(CARGO_TEST_ARGS)
+
+test-and-release-build:
+	CARGO="$(CARGO)" MAKE="$(MAKE)" bash tests/test-and-release-build.sh $(CARGO_TEST_ARGS)
 
 fresh-check:
 	bash tests/fresh-check.sh

@@ -40,9 +40,9 @@ export PIP_CACHE_DIR="$WORK/pip-cache"
 unset CARGO_TARGET_DIR SVID_BRIDGE_PEERS_DIR
 # rustup's proxies (cargo, rustc) live in the old CARGO_HOME's bin; keep them on PATH.
 
-# The phases of `make test`, in its order (Makefile: test: peers fmt-check clippy cargo-test
-# release-build).
-phases=("peers" "fmt-check clippy" "cargo-test" "release-build")
+# The phases of `make test`, in its order (Makefile: test: peers fmt-check clippy
+# test-and-release-build: the tests with the release build beside them).
+phases=("peers" "fmt-check clippy" "test-and-release-build")
 names=()
 secs=()
 failed=""
@@ -67,12 +67,15 @@ total=$((SECONDS - total_start))
 
 echo ""
 echo "fresh-check: commit $commit, $(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ)"
-printf '  %-18s %8s\n' "phase" "wall"
+printf '  %-24s %8s\n' "phase" "wall"
 for i in "${!names[@]}"; do
-    printf '  %-18s %5dm%02ds\n' "${names[$i]}" $((secs[i] / 60)) $((secs[i] % 60))
+    printf '  %-24s %5dm%02ds\n' "${names[$i]}" $((secs[i] / 60)) $((secs[i] % 60))
 done
-printf '  %-18s %5dm%02ds\n' "total" $((total / 60)) $((total % 60))
-grep -hE '^test result:' "$WORK/logs/cargo-test.log" 2>/dev/null |
+printf '  %-24s %5dm%02ds\n' "total" $((total / 60)) $((total % 60))
+grep -hE '^peers: (built|installed)' "$WORK/logs/peers.log" 2>/dev/null | sed 's/^/  /'
+grep -hE '^test-and-release-build: the (tests passed|release build was done)|Finished .test.' \
+    "$WORK/logs/test-and-release-build.log" 2>/dev/null | sed 's/^ */  /'
+grep -hE '^test result:' "$WORK/logs/test-and-release-build.log" 2>/dev/null |
     awk '{p += $4; f += $6} END { if (NR) printf "  tests: %d passed, %d failed (%d test binaries)\n", p, f, NR }'
 
 if [ -n "$failed" ]; then

@@ -4,9 +4,8 @@
 //! deploy/istio/istiod-values.yaml against the test bed's real kube-apiserver, pilot-agent
 //! running the test bed's Envoy.
 //!
-//! Every test is `#[ignore]`d: `make test` does not build Istio (its cold cost does not fit
-//! CI's budget); `make test-istio` builds it and runs them. Without the build they fail
-//! saying what to run.
+//! `make peers` builds Istio with the other peers; `make test` runs these tests with the rest
+//! and `make test-istio` runs only them. Without the build they fail saying what to run.
 //!
 //! What differs from a cluster: istiod and pilot-agent run as processes of this host, not in
 //! pods (the control plane has no kubelet); istiod serves on loopback with a serving
@@ -60,8 +59,8 @@ fn istio_file(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{name} is missing at {}: run `make peers-istio` (or `make test-istio`, which builds \
-         Istio and runs these tests)",
+        "{name} is missing at {}: run `make peers` (or `make test-istio`, which builds the \
+         peers and runs these tests)",
         path.display()
     );
     path
@@ -722,7 +721,6 @@ fn assert_spire_sidecar(pod: &serde_json::Value, native: bool) {
 }
 
 #[test]
-#[ignore = "needs real Istio: `make test-istio` builds it and runs this"]
 fn istiod_injects_the_spire_sidecar_in_two_namespaces() {
     let istiod = Istiod::start();
     istiod.mesh_namespace("shop", "httpbin");
@@ -750,7 +748,6 @@ fn istiod_injects_the_spire_sidecar_in_two_namespaces() {
 }
 
 #[test]
-#[ignore = "needs real Istio: `make test-istio` builds it and runs this"]
 fn istiod_configures_a_real_pilot_agent_and_envoy() {
     let istiod = Istiod::start();
     istiod.mesh_namespace("shop", "httpbin");
@@ -796,7 +793,6 @@ fn istiod_configures_a_real_pilot_agent_and_envoy() {
 }
 
 #[test]
-#[ignore = "needs real Istio: `make test-istio` builds it and runs this"]
 fn istio_agent_takes_spire_certificates_from_svid_bridge() {
     let spire = Spire::start(spire_options_for_bridge(TRUST_DOMAIN));
     let bridge = Bridge::start(&spire);
@@ -1115,7 +1111,6 @@ impl SpireMesh {
 }
 
 #[test]
-#[ignore = "needs real Istio: `make test-istio` builds it and runs this"]
 fn strict_mtls_and_authorization_by_principal_between_spire_sidecars() {
     let mesh = SpireMesh::start();
     let server = mesh.sidecar("shop", "server", SERVER_IP, None);
@@ -1179,7 +1174,6 @@ fn default_leaf(proxy: &IstioProxy) -> Vec<u8> {
 }
 
 #[test]
-#[ignore = "needs real Istio: `make test-istio` builds it and runs this"]
 fn rotation_and_a_bridge_restart_fail_no_request_between_istio_sidecars() {
     let mut mesh = SpireMesh::start();
     // Short-lived SVIDs: the agent rotates them at half-life, svid-bridge pushes them.
@@ -1295,7 +1289,6 @@ fn default_verifies_against(proxy: &IstioProxy, roots: &str) -> bool {
 }
 
 #[test]
-#[ignore = "needs real Istio: `make test-istio` builds it and runs this"]
 fn migration_from_istiods_ca_to_spire_without_downtime() {
     let mut mesh = SpireMesh::start_with(MeshMode::Migration);
     let spire_roots = mesh.spire.bundle_pem();
@@ -1375,7 +1368,6 @@ fn migration_from_istiods_ca_to_spire_without_downtime() {
 }
 
 #[test]
-#[ignore = "needs real Istio: `make test-istio` builds it and runs this"]
 fn federation_admits_another_trust_domain_only_through_rootca() {
     let mut mesh = SpireMesh::start_with(MeshMode::Federation);
     let client_addr: std::net::SocketAddr = format!("{CLIENT_IP}:8080").parse().unwrap();

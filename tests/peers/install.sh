@@ -14,10 +14,9 @@
 #   containerd, runc, etcd, busybox              Debian packages, apt-installed when missing
 #   postgresql (server + psql)                   Debian packages, apt-installed when missing; the tests
 #                                                run /usr/lib/postgresql/<version>/bin as `postgres`
-#
-# With SB_PEERS_ISTIO=1 (`make peers-istio`), also real Istio for tests/istio_real.rs:
 #   target/peers/istio/pilot-discovery, pilot-agent, charts/, envoy_bootstrap.json
-#                                                built from tests/peers/istio/ (tests/peers/istio.sh)
+#                                                Istio (1.31-dev), built from tests/peers/istio/
+#                                                (tests/peers/istio.sh) for tests/istio_real.rs
 #
 # Everything comes from the project's own files: the Go modules (with their committed
 # go.sum) and tests/peers/requirements.txt. Each step is keyed on a hash of its inputs and
@@ -98,14 +97,15 @@ require_go() {
 require_go 25 "building the peers"
 
 # go_build NAME MODULE_DIR LDFLAGS PACKAGE... : builds the packages into $BIN through a
-# staging directory, so a half-written binary never replaces a working one.
+# staging directory, so a half-written binary never replaces a working one. GO_TAGS, when
+# set, is passed as -tags.
 go_build() {
     local name=$1 dir=$2 ldflags=$3
     shift 3
     local stage="$BIN/.stage-$name"
     rm -rf "$stage"
     mkdir -p "$stage"
-    (cd "$dir" && go build -ldflags "$ldflags" -o "$stage/" "$@")
+    (cd "$dir" && go build ${GO_TAGS:+-tags "$GO_TAGS"} -ldflags "$ldflags" -o "$stage/" "$@")
     local f
     for f in "$stage"/*; do
         mv -f "$f" "$BIN/"
@@ -148,16 +148,20 @@ fi
 
 # ------------------------------------------------------------------- promtool ----
 # Checks svid-bridge's /metrics exposition the way Prometheus parses it (tests/telemetry.rs).
+# Built without the service-discovery plugins (Prometheus' own `remove_all_sd` build tag):
+# `promtool check metrics` uses none of them, and the cloud SDKs they pull in were most of a
+# cold build's time (docs/testing.md, "Cold cost").
 CURRENT="promtool (tests/peers/promtool)"
 PROMETHEUS_VERSION="$(cd "$PEERS_SRC/promtool" && go list -m -f '{{.Version}}' github.com/prometheus/prometheus)"
-key="$(echo "$GO_VERSION" | stamp_key - "$PEERS_SRC/promtool/go.mod" "$PEERS_SRC/promtool/go.sum")"
+PROMTOOL_TAGS=remove_all_sd
+key="$(echo "$GO_VERSION $PROMTOOL_TAGS" | stamp_key - "$PEERS_SRC/promtool/go.mod" "$PEERS_SRC/promtool/go.sum")"
 if up_to_date promtool "$key" "$BIN/promtool"; then
     say "promtool (prometheus $PROMETHEUS_VERSION) is up to date"
 else
     say "building promtool (prometheus $PROMETHEUS_VERSION) with $GO_VERSION"
     start=$SECONDS
-    go_build promtool "$PEERS_SRC/promtool" \
-        "-X github.com/prometheus/common/version.Version=$PROMETHEUS_VERSION" \
+    GO_TAGS=$PROMTOOL_TAGS go_build promtool "$PEERS_SRC/promtool" \
+        "-s -w -X github.com/prometheus/common/version.Version=$PROMETHEUS_VERSION" \
         github.com/prometheus/prometheus/cmd/promtool
     mark_done promtool "$key"
     say "built promtool in $((SECONDS - start))s"
@@ -226,14 +230,10 @@ CURRENT="kubelet/kube-apiserver (tests/peers/k8s)"
 k8s_build
 
 # ---------------------------------------------------------- Istio (istio.sh) ----
-# Only on request: its cold build costs minutes and GiBs of Go build cache that `make test`
-# does not need (docs/testing.md, "Real Istio").
-if [ "${SB_PEERS_ISTIO:-0}" = 1 ]; then
-    # shellcheck source=tests/peers/istio.sh
-    source "$PEERS_SRC/istio.sh"
-    CURRENT="pilot-discovery/pilot-agent (tests/peers/istio)"
-    istio_build
-fi
+# shellcheck source=tests/peers/istio.sh
+source "$PEERS_SRC/istio.sh"
+CURRENT="pilot-discovery/pilot-agent (tests/peers/istio)"
+istio_build
 
 # ----------------------------------------------------------------- PostgreSQL ----
 # The real consumer of pod files (tests/pod_files_postgres.rs, src/testing/postgres.rs):
@@ -289,10 +289,7 @@ v_python="$(version_of python "$BIN/python" -c \
 v_k8s="$(k8s_versions)"
 v_postgres="$(version_of postgres "$PG_BIN/postgres" --version)"
 v_psql="$(version_of psql "$PG_BIN/psql" --version)"
-v_istio=""
-if [ "${SB_PEERS_ISTIO:-0}" = 1 ]; then
-    v_istio="$(istio_versions)"
-fi
+v_istio="$(istio_versions)"
 CURRENT=""
 
 say "ready in $BIN:"
@@ -306,6 +303,4 @@ echo "  python        $v_python"
 echo "$v_k8s"
 echo "  postgres      ${v_postgres#postgres (PostgreSQL) } ($PG_BIN)"
 echo "  psql          ${v_psql#psql (PostgreSQL) }"
-if [ -n "$v_istio" ]; then
-    echo "$v_istio"
-fi
+echo "$v_istio"

@@ -1,6 +1,5 @@
 # Real Istio for tests/istio_real.rs (docs/testing.md, "Real Istio"). Sourced by
-# tests/peers/install.sh only when SB_PEERS_ISTIO=1 (`make peers-istio`); it uses install.sh's
-# helpers (say, die, stamp_key, up_to_date, mark_done, go_build) and settings
+# tests/peers/install.sh (`make peers`); it uses install.sh's helpers (say, die, stamp_key, up_to_date, mark_done, go_build) and settings
 # (GOFLAGS=-mod=readonly, GOSUMDB=off, GOTOOLCHAIN=local).
 #
 #   target/peers/istio/pilot-discovery     istiod, built from tests/peers/istio/
@@ -43,10 +42,16 @@ istio_build() {
         istio.io/istio/pilot/cmd/pilot-agent >/dev/null)
     say "downloaded what the build needs in $((SECONDS - start))s"
     mkdir -p "$ISTIO_OUT"
-    # Static, as Istio's release binaries; the version is what `pilot-discovery version` says.
-    CGO_ENABLED=0 go_build istio "$src" "-s -w -X istio.io/istio/pkg/version.buildVersion=$ISTIO_DEV_VERSION \
--X istio.io/istio/pkg/version.buildGitRevision=${version##*-} -X istio.io/istio/pkg/version.buildTag=$version" \
-        istio.io/istio/pilot/cmd/pilot-discovery istio.io/istio/pilot/cmd/pilot-agent
+    # Static and with the build tags of Istio's release binaries (its Makefile.core.mk:
+    # STANDARD_TAGS for istiod, AGENT_TAGS for the agent); `disable_pgv` also leaves out the
+    # protoc-gen-validate code of Envoy's API, which Istio does not use and which was a large
+    # part of the build. The version is what `pilot-discovery version` says.
+    local ldflags="-s -w -X istio.io/istio/pkg/version.buildVersion=$ISTIO_DEV_VERSION \
+-X istio.io/istio/pkg/version.buildGitRevision=${version##*-} -X istio.io/istio/pkg/version.buildTag=$version"
+    CGO_ENABLED=0 GO_TAGS=vtprotobuf,disable_pgv go_build istio "$src" "$ldflags" \
+        istio.io/istio/pilot/cmd/pilot-discovery
+    CGO_ENABLED=0 GO_TAGS=agent,disable_pgv,grpcnotrace,retrynotrace go_build istio "$src" "$ldflags" \
+        istio.io/istio/pilot/cmd/pilot-agent
     mv -f "$BIN/pilot-discovery" "$BIN/pilot-agent" "$ISTIO_OUT/"
     # Files of the module: the charts istiod and its injector are installed from, and the
     # bootstrap template. The module cache is read-only: copy, then make the copy writable.
