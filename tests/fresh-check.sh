@@ -73,8 +73,10 @@ for i in "${!names[@]}"; do
 done
 printf '  %-24s %5dm%02ds\n' "total" $((total / 60)) $((total % 60))
 grep -hE '^peers: (built|installed)' "$WORK/logs/peers.log" 2>/dev/null | sed 's/^/  /'
-grep -hE '^test-and-release-build: the (tests passed|release build was done)|Finished .test.' \
-    "$WORK/logs/test-and-release-build.log" 2>/dev/null | sed 's/^ */  /'
+# The first `Finished` is the tests' compilation (tests/test-and-release-build.sh).
+grep -m1 -hE 'Finished .test.' "$WORK/logs/test-and-release-build.log" 2>/dev/null | sed 's/^ */  /'
+grep -hE '^test-and-release-build: the (tests passed|release build was done)' \
+    "$WORK/logs/test-and-release-build.log" 2>/dev/null | sed 's/^/  /'
 grep -hE '^test result:' "$WORK/logs/test-and-release-build.log" 2>/dev/null |
     awk '{p += $4; f += $6} END { if (NR) printf "  tests: %d passed, %d failed (%d test binaries)\n", p, f, NR }'
 

@@ -43,4 +43,4 @@ if ! wait "$release"; then
     exit 1
 fi
 trap - EXIT
-echo "test-and-release-build: the release build was done $((SECONDS - waited))s after the tests: $(grep -h 'Finished' "$log")"
+echo "test-and-release-build: the release build was done $((SECONDS - waited))s after the tests ($(grep -h 'Finished' "$log" | sed 's/^ *//'))"

@@ -34,7 +34,7 @@ istio_build() {
         return
     fi
     require_go 26 "Istio $version (its go.mod declares go 1.26)"
-    say "building Istio $version (pilot-discovery, pilot-agent) with $GO_VERSION; a cold build takes 4-9 minutes"
+    say "building Istio $version (pilot-discovery, pilot-agent) with $GO_VERSION; a cold build takes about 4 minutes"
     start=$SECONDS
     # Resolving the two commands' packages downloads the modules they use (152 of the 448 in
     # the graph), nothing else.
@@ -43,9 +43,9 @@ istio_build() {
     say "downloaded what the build needs in $((SECONDS - start))s"
     mkdir -p "$ISTIO_OUT"
     # Static and with the build tags of Istio's release binaries (its Makefile.core.mk:
-    # STANDARD_TAGS for istiod, AGENT_TAGS for the agent); `disable_pgv` also leaves out the
-    # protoc-gen-validate code of Envoy's API, which Istio does not use and which was a large
-    # part of the build. The version is what `pilot-discovery version` says.
+    # STANDARD_TAGS for istiod, AGENT_TAGS for the agent): what Istio ships, at the cost of a
+    # plain build (docs/testing.md, "Real Istio"). The version is what `pilot-discovery
+    # version` says.
     local ldflags="-s -w -X istio.io/istio/pkg/version.buildVersion=$ISTIO_DEV_VERSION \
 -X istio.io/istio/pkg/version.buildGitRevision=${version##*-} -X istio.io/istio/pkg/version.buildTag=$version"
     CGO_ENABLED=0 GO_TAGS=vtprotobuf,disable_pgv go_build istio "$src" "$ldflags" \
