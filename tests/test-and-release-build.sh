@@ -3,7 +3,7 @@
 # build (`make release-build`, the container image's build step).
 #
 # Why beside: the tests spend most of their time waiting on their peers (SPIRE, Envoy, the
-# Kubernetes node, istiod), one test binary at a time; on CI's 2-core machine the CPU was
+# Kubernetes node, istiod), one test binary at a time; on the 2-core test machine the CPU was
 # 60-90 % idle while they ran, and the release build then needed another 6-7 minutes of both
 # cores after them. Started when the tests start, at the lowest CPU priority, the build only
 # takes what the tests leave idle (docs/testing.md, "Cold cost").

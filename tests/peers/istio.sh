@@ -1,6 +1,7 @@
 # Real Istio for tests/istio_real.rs (docs/testing.md, "Real Istio"). Sourced by
-# tests/peers/install.sh (`make peers`); it uses install.sh's helpers (say, die, stamp_key, up_to_date, mark_done, go_build) and settings
-# (GOFLAGS=-mod=readonly, GOSUMDB=off, GOTOOLCHAIN=local).
+# tests/peers/install.sh (`make peers`); it uses install.sh's helpers (say, die, stamp_key,
+# up_to_date, mark_done, go_build) and settings (GOFLAGS=-mod=readonly, GOSUMDB=off,
+# GOTOOLCHAIN=local).
 #
 #   target/peers/istio/pilot-discovery     istiod, built from tests/peers/istio/
 #   target/peers/istio/pilot-agent         the sidecar's agent (istio-proxy runs it), same module
