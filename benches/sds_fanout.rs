@@ -49,7 +49,8 @@
 //! `SB_BENCH_HOLD_S`, `SB_BENCH_BRIDGE_TRACE=1` (the bridge logs, as JSON at debug, when
 //! each workload's SVIDs arrive from the agent and when it pushes them; the run then splits a
 //! workload's first stream and the renewal lag of the reference workloads into agent → bridge
-//! → push → sidecar, `trace_*` in the results. The logging costs CPU: not for the headline figures).
+//! → push → sidecar, `trace_*` in the results. The logging costs CPU: not for the headline
+//! figures).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -2107,7 +2108,8 @@ mod report {
 // =============================================================================== trace ====
 
 /// `SB_BENCH_BRIDGE_TRACE=1`: where a workload's first secret and a renewed SVID spend their
-/// time on the way to a sidecar, from the bridge's debug log (its clock is this machine's, as the sidecars' stamps are).
+/// time on the way to a sidecar, from the bridge's debug log (its clock is this machine's, as
+/// the sidecars' stamps are).
 mod trace {
     use std::collections::HashMap;
     use std::path::Path;
@@ -2222,7 +2224,8 @@ mod trace {
             &steps,
         );
         println!(
-            "  (the bridge received the N updates over {:.1} ms and pushed them over {:.1} ms)",
+            "  (the bridge received {} updates over {:.1} ms and pushed them over {:.1} ms)",
+            received.len(),
             received_span.unwrap_or(f64::NAN),
             pushed_span.unwrap_or(f64::NAN),
         );
@@ -2268,20 +2271,15 @@ mod trace {
     }
 
     /// Three consecutive steps' lags into the results (p50, p99, max each) and one line of
-    /// their p50s.
+    /// their p50s, each under its result key.
     fn record(r: &mut RunResult, what: &str, names: [&str; 3], steps: &[Vec<f64>; 3]) {
+        let mut line = format!("{what} split ({} workloads), p50:", steps[0].len());
         for (name, lags) in names.iter().zip(steps) {
             r.percentiles(name, lags);
+            let p50 = support::percentile(lags, 50.0).unwrap_or(f64::NAN);
+            line.push_str(&format!(" {name} {p50:.3} ms"));
         }
-        let p50 = |v: &[f64]| support::percentile(v, 50.0).unwrap_or(f64::NAN);
-        println!(
-            "{what} split ({} workloads): agent -> bridge p50 {:.3} ms, -> bridge pushes p50 \
-             {:.3} ms, -> sidecar reads p50 {:.3} ms",
-            steps[0].len(),
-            p50(&steps[0]),
-            p50(&steps[1]),
-            p50(&steps[2]),
-        );
+        println!("{line}");
     }
 
     fn lag(from: u64, to: u64) -> f64 {
