@@ -13,9 +13,11 @@ use tokio::net::{UnixListener, UnixStream};
 
 mod codec;
 mod h2_authority;
+mod inbound;
 
 pub use codec::SmallBufferCodec;
 pub use h2_authority::AuthorityFixingStream;
+pub use inbound::InboundMessages;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

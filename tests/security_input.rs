@@ -437,7 +437,28 @@ async fn every_limit_holds_at_the_limit_and_refuses_just_over_it() {
         err.message()
     );
     figures.push("request_bytes=4096:ok,4097:ResourceExhausted/OutOfRange");
-    drop((at_limit, over, bridge));
+    // The same limit on a stream, whose requests the bridge decodes itself (src/uds/inbound.rs).
+    let mut stream_at_limit = SdsStream::open(&socket, request_of_size(4096))
+        .await
+        .unwrap();
+    assert_eq!(
+        secrets_of(&stream_at_limit.next(WAIT).await.unwrap()).len(),
+        1,
+        "a 4096-byte request on a stream is accepted"
+    );
+    let mut stream_over = SdsStream::open(&socket, request_of_size(4097))
+        .await
+        .unwrap();
+    let err = stream_over.next(WAIT).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+    assert!(
+        err.message()
+            .contains("4097 bytes is over the limit of 4096 bytes"),
+        "the error names the limit: {}",
+        err.message()
+    );
+    figures.push("stream_request_bytes=4096:ok,4097:OutOfRange");
+    drop((at_limit, over, stream_at_limit, stream_over, bridge));
 
     // --max-streams-per-connection: the server advertises it (SETTINGS_MAX_CONCURRENT_STREAMS)
     // and refuses a stream over it with REFUSED_STREAM; the streams under it are served.

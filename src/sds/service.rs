@@ -11,7 +11,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::metrics::{SdsMetrics, StreamGauges};
@@ -23,6 +23,7 @@ use super::workloads::{StreamEntry, StreamOwner, StreamRegistry, WorkloadsReport
 use crate::identity::types::{SharedBundles, SharedSvids};
 use crate::identity::{Cache, PinnedProcess, SelectorSet, Subscription, SvidState, Workload};
 use crate::k8s::{PodRef, Pods};
+use crate::uds::InboundMessages;
 
 /// How a caller is mapped to a workload.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -263,22 +264,22 @@ impl SdsService {
     /// would only add memory and a wake-up per push (BENCHMARKS.md §4.1).
     pub fn stream_secrets(
         &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<ResponseStream<SotwResponse>>, Status> {
+        request: Request<InboundMessages<DiscoveryRequest>>,
+    ) -> Result<ResponseStream<SotwResponse>, Status> {
         self.open_stream::<SotwStream>(request)
     }
 
     pub fn delta_secrets(
         &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<ResponseStream<DeltaResponse>>, Status> {
+        request: Request<InboundMessages<DeltaDiscoveryRequest>>,
+    ) -> Result<ResponseStream<DeltaResponse>, Status> {
         self.open_stream::<DeltaStream>(request)
     }
 
     fn open_stream<P: Protocol>(
         &self,
-        request: Request<Streaming<P::Request>>,
-    ) -> Result<Response<ResponseStream<P::Response>>, Status> {
+        request: Request<InboundMessages<P::Request>>,
+    ) -> Result<ResponseStream<P::Response>, Status> {
         let caller = self.caller_of(&request)?;
         let pod = self.pod_of(&caller);
         let context = self.context(&caller, P::API, pod.as_ref())?;
@@ -299,10 +300,7 @@ impl SdsService {
             ended: false,
             responses: self.metrics.responses_of(P::API),
         };
-        Ok(Response::new(Box::pin(futures::stream::unfold(
-            state,
-            next_response,
-        ))))
+        Ok(Box::pin(futures::stream::unfold(state, next_response)))
     }
 
     /// Unary, for tools: waits briefly for the names to resolve (a first call creates the
@@ -439,20 +437,25 @@ impl WaitLog {
 
 enum Event<R> {
     Request(R),
+    /// A request the bridge could not take (too large, compressed, not decodable).
+    Unreadable(Status),
     IdentityChanged,
     Closed,
 }
 
-async fn next_event<R>(
+async fn next_event<R: prost::Message + Default>(
     context: &mut StreamContext,
-    inbound: &mut Streaming<R>,
+    inbound: &mut InboundMessages<R>,
 ) -> Result<Event<R>, Status> {
     let shutdown = context.shutdown.clone();
     tokio::select! {
         request = inbound.next() => match request {
             Some(Ok(request)) => Ok(Event::Request(request)),
+            // The client is told why (tonic's decoder errors used to end the stream as if
+            // the client had closed it).
+            Some(Err(status)) => Ok(Event::Unreadable(status)),
             // Client closed or cancelled (E15): a clean end, not an error (D-11).
-            Some(Err(_)) | None => Ok(Event::Closed),
+            None => Ok(Event::Closed),
         },
         changed = context.changed() => changed.map(|()| Event::IdentityChanged),
         () = shutdown.cancelled() => Err(Status::unavailable("svid-bridge is shutting down")),
@@ -464,7 +467,7 @@ struct StreamState<P: Protocol> {
     /// This stream in the per-workload report.
     record: StreamEntry,
     context: StreamContext,
-    inbound: Streaming<P::Request>,
+    inbound: InboundMessages<P::Request>,
     protocol: P,
     waits: WaitLog,
     span: tracing::Span,
@@ -508,9 +511,10 @@ impl<P: Protocol> StreamState<P> {
             match event {
                 Event::Closed => return Step::End,
                 Event::IdentityChanged => {}
+                Event::Unreadable(status) => return Step::Fail(self.refuse(status)),
                 Event::Request(request) => {
                     if let Err(status) = self.on_request(&request) {
-                        return Step::Fail(status);
+                        return Step::Fail(self.refuse(status));
                     }
                 }
             }
@@ -534,25 +538,23 @@ impl<P: Protocol> StreamState<P> {
     }
 
     fn on_request(&mut self, request: &P::Request) -> Result<(), Status> {
+        let reaction = self.protocol.on_request(request)?;
         let metrics = self.context.gauges.metrics();
-        match self.protocol.on_request(request) {
-            Ok(reaction) => {
-                count_reaction(metrics, &reaction, P::requested_in(request));
-                if let Reaction::Nacked(message) = &reaction {
-                    self.record.set_nack(message);
-                }
-                if let Some(names) = self.protocol.names() {
-                    self.context.gauges.set_names(names.values());
-                    self.record.set_names(names.keys());
-                }
-                Ok(())
-            }
-            Err(status) => {
-                metrics.refused.inc();
-                tracing::warn!(error = %status.message(), "refused SDS request");
-                Err(status)
-            }
+        count_reaction(metrics, &reaction, P::requested_in(request));
+        if let Reaction::Nacked(message) = &reaction {
+            self.record.set_nack(message);
         }
+        if let Some(names) = self.protocol.names() {
+            self.context.gauges.set_names(names.values());
+            self.record.set_names(names.keys());
+        }
+        Ok(())
+    }
+
+    fn refuse(&self, status: Status) -> Status {
+        self.context.gauges.metrics().refused.inc();
+        tracing::warn!(error = %status.message(), "refused SDS request");
+        status
     }
 }
 

@@ -61,7 +61,7 @@ pub enum Reaction {
 
 /// What the SotW and the delta state machines have in common, for one stream loop.
 pub trait Protocol: Send + 'static {
-    type Request: Send + 'static;
+    type Request: prost::Message + Default + Send + 'static;
     type Response: Send + 'static;
     /// For the `api` label and log lines: `sotw` or `delta`.
     const API: &'static str;
