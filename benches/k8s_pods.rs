@@ -849,6 +849,13 @@ fn report(facts: &Facts, runs: &[Run], latency_pods: usize) {
         facts.load_before,
         facts.load_after
     ));
+    if let Some(binary) = std::env::var_os("SVID_BRIDGE_BIN").filter(|p| !p.is_empty()) {
+        // The commit above is the bench's; the bridge measured is another build.
+        md.push_str(&format!(
+            "svid-bridge binary: `{}` (SVID_BRIDGE_BIN).\n\n",
+            binary.to_string_lossy()
+        ));
+    }
     md.push_str(&format!(
         "**Pod created → its Envoy holds its SVID** ({latency_pods} pods, created one at a time, \
          each once the previous one held its SVID; ms)\n\n\

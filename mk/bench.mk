@@ -7,7 +7,7 @@
 #                     benches/results/ (BENCHMARKS.md shows them)
 #   make bench-sds    only the SDS comparison   (knobs: BENCH_N, BENCH_REPS, BENCH_SVID_TTL)
 #   make bench-csi    only the CSI comparison   (knobs: BENCH_CSI_CYCLES, BENCH_CSI_MOUNTS)
-#   make bench-k8s    pods on the real test node (tests/common/cluster.rs): pod start → Envoy
+#   make bench-k8s    pods on the real test node (src/testing/cluster.rs): pod start → Envoy
 #                     holds its SVID, and the node's memory, svid-bridge vs. spiffe-csi-driver
 #                     + the agent's SDS (knobs: BENCH_K8S_SETUPS, BENCH_K8S_LATENCY_PODS,
 #                     BENCH_K8S_RSS_AT); waits for the node lock like `make test`
