@@ -340,6 +340,46 @@ async fn methods_we_do_not_serve_are_unimplemented() {
     assert_eq!(secrets_of(&response).len(), 1, "still serving");
 }
 
+/// No compression is agreed on the SDS socket: a stream whose requests say they are
+/// compressed is refused with UNIMPLEMENTED naming the encoding, as tonic's generated servers
+/// answer (the bridge reads stream requests with its own decoder, src/uds/inbound.rs), and
+/// the connection's next stream is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_stream_requests_are_refused_saying_why() {
+    let (_spire, bridge) = start_bridge_for_tester();
+    let mut client = sds_client(&bridge.sds_socket());
+
+    // Streams that stay open after their request, as Envoy's do.
+    let open_stream = || {
+        use futures::StreamExt;
+        futures::stream::iter(vec![request(&["default"])]).chain(futures::stream::pending())
+    };
+    let mut compressed = tonic::Request::new(open_stream());
+    compressed.metadata_mut().insert(
+        "grpc-encoding",
+        tonic::metadata::MetadataValue::from_static("gzip"),
+    );
+    let err = client.stream_secrets(compressed).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
+    assert!(
+        err.message().contains("\"gzip\"") && err.message().contains("uncompressed"),
+        "the error names the encoding and the way out: {}",
+        err.message()
+    );
+
+    let mut responses = client
+        .stream_secrets(tonic::Request::new(open_stream()))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = tokio::time::timeout(WAIT, responses.message())
+        .await
+        .expect("a response within the deadline")
+        .unwrap()
+        .expect("a response, not the end of the stream");
+    assert_eq!(secrets_of(&response)[0].name, "default", "still serving");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_limit_holds_at_the_limit_and_refuses_just_over_it() {
     let spire = Spire::start(spire_options_for_bridge("example.org"));

@@ -69,7 +69,6 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let service = Arc::clone(&self.service);
         match request.uri().path() {
             STREAM_SECRETS => Box::pin(ready(Ok(self.open_stream(
                 request,
@@ -84,6 +83,7 @@ where
                 },
             )))),
             FETCH_SECRETS => {
+                let service = Arc::clone(&self.service);
                 let mut grpc = self.grpc::<SotwResponse, DiscoveryRequest>();
                 Box::pin(async move { Ok(grpc.unary(Fetch(service), request).await) })
             }
