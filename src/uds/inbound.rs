@@ -200,10 +200,19 @@ mod tests {
 
     /// A body that yields `chunks` as DATA frames, then ends.
     fn body_of(chunks: Vec<Vec<u8>>) -> InboundMessages<DiscoveryRequest> {
+        body_with_limit(chunks, 1024 * 1024)
+    }
+
+    fn body_with_limit(chunks: Vec<Vec<u8>>, limit: usize) -> InboundMessages<DiscoveryRequest> {
         let frames = chunks
             .into_iter()
             .map(|chunk| Ok::<_, Infallible>(Frame::data(Bytes::from(chunk))));
-        InboundMessages::new(StreamBody::new(futures::stream::iter(frames)), 1024 * 1024)
+        InboundMessages::new(StreamBody::new(futures::stream::iter(frames)), limit)
+    }
+
+    /// The size of the next message, `None` at an error or the end.
+    async fn next_len(stream: &mut InboundMessages<DiscoveryRequest>) -> Option<usize> {
+        stream.next().await?.ok().map(|m| m.version_info.len())
     }
 
     async fn lengths(mut stream: InboundMessages<DiscoveryRequest>) -> Vec<Result<usize, Status>> {
@@ -236,38 +245,21 @@ mod tests {
         chunks.push(framed(&text(200)));
         let mut stream = body_of(chunks);
 
-        assert_eq!(
-            stream
-                .next()
-                .await
-                .map(|r| r.map(|m| m.version_info.len()).ok()),
-            Some(Some(61_000))
-        );
+        assert_eq!(next_len(&mut stream).await, Some(61_000));
         assert!(
             stream.held_bytes() <= RETAINED_BYTES,
             "after the 61 KB message the stream holds {} bytes",
             stream.held_bytes()
         );
-        assert_eq!(
-            stream
-                .next()
-                .await
-                .map(|r| r.map(|m| m.version_info.len()).ok()),
-            Some(Some(200))
-        );
+        assert_eq!(next_len(&mut stream).await, Some(200));
         assert!(stream.held_bytes() <= RETAINED_BYTES);
         assert!(stream.next().await.is_none());
     }
 
     #[tokio::test]
     async fn a_message_over_the_limit_ends_the_stream_naming_the_limit() {
-        let frames = vec![framed(&text(100)), framed(&text(5000)), framed(&text(1))];
-        let frames = frames
-            .into_iter()
-            .map(|chunk| Ok::<_, Infallible>(Frame::data(Bytes::from(chunk))));
-        let stream: InboundMessages<DiscoveryRequest> =
-            InboundMessages::new(StreamBody::new(futures::stream::iter(frames)), 4096);
-        let got = lengths(stream).await;
+        let chunks = vec![framed(&text(100)), framed(&text(5000)), framed(&text(1))];
+        let got = lengths(body_with_limit(chunks, 4096)).await;
         assert_eq!(got.len(), 2, "{got:?}");
         assert_eq!(got[0].as_ref().ok(), Some(&100));
         let err = got[1].as_ref().unwrap_err();
