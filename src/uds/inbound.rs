@@ -18,13 +18,14 @@ use futures::Stream;
 use http_body::Body;
 use http_body_util::BodyExt;
 use tonic::Status;
+use tonic::codegen::StdError;
 
 /// A gRPC message's prefix: a compression flag and a big-endian 32-bit length.
 const PREFIX_BYTES: usize = 5;
 /// The most a stream's buffer keeps between messages: Envoy's ACKs fit.
 const RETAINED_BYTES: usize = 4 * 1024;
 
-type RequestBody = Pin<Box<dyn Body<Data = Bytes, Error = Status> + Send>>;
+type RequestBody = Pin<Box<dyn Body<Data = Bytes, Error = StdError> + Send>>;
 
 /// The decoded request messages of one stream, as a `Stream` (what `tonic::Streaming` is to
 /// a generated server). It ends when the client ends or resets the stream; an error is a
@@ -45,11 +46,11 @@ impl<T: prost::Message + Default> InboundMessages<T> {
     pub fn new<B>(body: B, max_message_bytes: usize) -> Self
     where
         B: Body + Send + 'static,
-        B::Error: Into<tonic::codegen::StdError>,
+        B::Error: Into<StdError>,
     {
         let body = body
             .map_frame(|frame| frame.map_data(|mut data| data.copy_to_bytes(data.remaining())))
-            .map_err(|err| Status::from_error(err.into()));
+            .map_err(Into::into);
         Self {
             body: Box::pin(body),
             buf: Vec::new(),
@@ -148,10 +149,10 @@ impl<T: prost::Message + Default> Stream for InboundMessages<T> {
                         this.buf.extend_from_slice(&data);
                     }
                 }
-                Some(Err(status)) => {
+                Some(Err(error)) => {
                     // The client reset the stream or the connection broke: no one is left
                     // to tell, so the stream simply ends (D-11).
-                    tracing::debug!(error = %status, "request stream ended by the transport");
+                    tracing::debug!(%error, "request stream ended by the transport");
                     this.ended = true;
                     return Poll::Ready(None);
                 }
